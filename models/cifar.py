@@ -1,0 +1,70 @@
+"""torchvision's standard architectures with a CIFAR stem, and the model selector.
+
+The ImageNet stems (7x7 stride-2 convolution, then max-pooling) shrink a 32x32 image to
+8x8 before the first block. Here the first convolution is 3x3 with stride 1 and the early
+max-pooling is removed, so every network sees CIFAR-10 at full resolution.
+"""
+
+import torch.nn as nn
+from torchvision import models as tvm
+from torchvision.models.googlenet import BasicConv2d
+
+
+def _resnet50(num_classes):
+    model = tvm.resnet50(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def _densenet121(num_classes):
+    model = tvm.densenet121(weights=None, num_classes=num_classes)
+    model.features.conv0 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.features.pool0 = nn.Identity()
+    return model
+
+
+def _googlenet(num_classes):
+    model = tvm.googlenet(weights=None, num_classes=num_classes, aux_logits=False,
+                          transform_input=False, init_weights=True)
+    model.conv1 = BasicConv2d(3, 64, kernel_size=3, stride=1, padding=1)
+    model.maxpool1 = nn.Identity()
+    model.maxpool2 = nn.Identity()
+    return model
+
+
+class Selector(nn.Module):
+    """The original's three-block CNN; one logit per student ("route this image there")."""
+
+    def __init__(self, num_students=2, width=32, dropout=0.25):
+        super().__init__()
+        if num_students < 2:
+            raise ValueError(f"a selector chooses between at least 2 students, not {num_students}")
+
+        def block(c_in, c_out):
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                nn.MaxPool2d(2), nn.Dropout(dropout),
+            )
+
+        self.features = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 4 * width))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * width, num_students)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+_BUILDERS = {"resnet50": _resnet50, "densenet121": _densenet121, "googlenet": _googlenet}
+MODEL_NAMES = (*_BUILDERS, "selector")
+
+
+def build_model(name, num_classes=10):
+    """Build ``resnet50``, ``densenet121``, ``googlenet`` (``num_classes`` logits) or
+    ``selector`` (``num_classes`` = number of students), with random weights."""
+    if name == "selector":
+        return Selector(num_students=num_classes)
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    return _BUILDERS[name](num_classes)

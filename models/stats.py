@@ -1,0 +1,33 @@
+"""Parameter count, forward FLOPs and final feature-map size of a model on 32x32 images."""
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@torch.no_grad()
+def model_stats(model, image_size=32):
+    """Return ``{"params", "flops", "feature_map"}`` for one ``3 x image_size^2`` image.
+
+    FLOPs are what ``torch.utils.flop_counter`` counts (a multiply-add is 2 FLOPs);
+    ``feature_map`` is the spatial size of the last activation before global pooling.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    spatial = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: spatial.append(tuple(out.shape[-2:])) if out.dim() == 4 else None)
+             for m in model.modules() if not list(m.children())]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    last = next((s for s in reversed(spatial) if s != (1, 1)), None)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "flops": counter.get_total_flops(),
+        "feature_map": f"{last[0]}x{last[1]}" if last else "1x1",
+    }

@@ -1,0 +1,44 @@
+"""Shared fixtures: a small synthetic CIFAR-10 image tree and the real archive when present."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from utils.data import CLASSES
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def write_tree(root, per_class=(4, 2), fmt="png", classes=CLASSES):
+    """``root/train/<class>/*`` and ``root/test/<class>/*``; every pixel of class k is 20*k+10."""
+    for split, n in zip(("train", "test"), per_class):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.full((32, 32, 3), 20 * CLASSES.index(name) + 10, dtype=np.uint8)
+                pixels[0, 0] = i  # images of one class differ, so none is a duplicate
+                Image.fromarray(pixels).save(folder / f"{i:04d}.{fmt}")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Each test decodes into its own cache, so none depends on another's leftovers."""
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def synthetic_tree(tmp_path):
+    return write_tree(tmp_path / "cifar")
+
+
+@pytest.fixture
+def shared_archive():
+    if not SHARED_ARCHIVE.exists():
+        pytest.skip(f"{SHARED_ARCHIVE} is not here")
+    return SHARED_ARCHIVE

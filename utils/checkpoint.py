@@ -1,0 +1,85 @@
+"""Self-describing checkpoints: written atomically, loaded as data, refused clearly when wrong."""
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+
+from models import build_model
+from utils.cli import UserError
+
+FORMAT = "mskd-checkpoint/1"
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def weights_fingerprint(state_dict):
+    """sha256 of a state_dict's names and values: identifies one set of weights."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        h.update(name.encode())
+        h.update(state_dict[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def clean_state_dict(model):
+    """The plain module's weights: no ``_orig_mod.`` (compile) or ``module.`` (DDP) prefixes."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path, checkpoint):
+    """Write ``checkpoint`` to a temporary file beside ``path``, then rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {"format": FORMAT, "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
+                  **checkpoint}
+    if "model" in checkpoint:
+        checkpoint["weights_sha256"] = weights_fingerprint(checkpoint["model"])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, hint, kind=None, arch=None):
+    """Load a checkpoint as data (``weights_only=True``) and check what it holds.
+
+    ``hint`` is the command that produces the right file; it ends every error message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; run `{hint}` first")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}); "
+                              f"delete it and run `{hint}` again") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this project; run `{hint}`")
+    if kind and checkpoint.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {checkpoint.get('kind')}, not a {kind}; run `{hint}`")
+    if arch and checkpoint.get("arch") != arch:
+        raise CheckpointError(f"{path} holds a {checkpoint.get('arch')}, not a {arch}; run `{hint}`")
+    if "model" in checkpoint and weights_fingerprint(checkpoint["model"]) != checkpoint.get("weights_sha256"):
+        raise CheckpointError(f"{path} is corrupt (its weights do not match their fingerprint); run `{hint}` again")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, path, hint):
+    """Rebuild the network a checkpoint describes and load its weights."""
+    model = build_model(checkpoint["arch"], checkpoint["num_classes"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise CheckpointError(f"{path}: weights do not fit {checkpoint['arch']} ({first[0].strip()}); "
+                              f"run `{hint}` again") from None
+    return model

@@ -1,0 +1,340 @@
+"""CIFAR-10 from any local copy, decoded once and cached; splits; a device-resident loader.
+
+Sources ``load_cifar10`` understands (``data_dir`` may point at any of them, or at a
+folder holding exactly one):
+
+* the official ``cifar-10-batches-py`` folder (what torchvision downloads);
+* an image-folder tree ``train/<class>/*`` and ``test/<class>/*`` of PNG or JPEG files;
+* a ``.tar.gz``, ``.tgz``, ``.tar`` or ``.zip`` archive of such a tree;
+* torchvision's download of the official files, with ``download=True``.
+"""
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from utils.cli import UserError
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+BATCH_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
+FIX_HINT = "point --data-dir (or CIFAR10_DIR) at a CIFAR-10 copy, or add --download"
+
+
+class DataError(UserError):
+    pass
+
+
+@dataclass
+class Cifar10:
+    train_images: torch.Tensor  # uint8 (50000, 3, 32, 32)
+    train_labels: torch.Tensor  # int64 (50000,)
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    fingerprint: str  # sha256 of the decoded pixels and labels, whatever the source
+    classes: tuple = CLASSES
+
+
+def default_cache_dir():
+    return Path(os.environ.get("CIFAR10_CACHE", Path.home() / ".cache" / "mskd-cifar10"))
+
+
+def load_cifar10(data_dir, download=False, cache_dir=None, verbose=True):
+    """Load CIFAR-10 from ``data_dir``; decode once, then serve from a cache keyed by the source."""
+    data_dir = Path(data_dir).expanduser()
+    source = _find_source(data_dir)
+    if source is None and download:
+        _download(data_dir)
+        source = _find_source(data_dir)
+    if source is None:
+        raise DataError(f"no CIFAR-10 found at {data_dir} (looked for cifar-10-batches-py/, train/ and test/ "
+                        f"image folders, or a .tar.gz/.tar/.zip archive); {FIX_HINT}")
+    kind, path = source
+    cache = Path(cache_dir or default_cache_dir()) / f"cifar10-{_source_key(kind, path)}.npz"
+    arrays = _read_cache(cache)
+    if arrays is None:
+        if verbose:
+            print(f"decoding CIFAR-10 from {path} (once; cached in {cache})")
+        arrays = _read_batches(path) if kind == "batches" else _read_tree(kind, path, verbose)
+        arrays["fingerprint"] = np.array(_fingerprint(arrays))
+        _write_cache(cache, arrays)
+    return Cifar10(
+        train_images=torch.from_numpy(arrays["train_images"]),
+        train_labels=torch.from_numpy(arrays["train_labels"]).long(),
+        test_images=torch.from_numpy(arrays["test_images"]),
+        test_labels=torch.from_numpy(arrays["test_labels"]).long(),
+        fingerprint=str(arrays["fingerprint"]),
+    )
+
+
+def _find_source(path):
+    if path.is_file():
+        if path.name.endswith(ARCHIVE_SUFFIXES):
+            return "archive", path
+        raise DataError(f"{path} is not a .tar.gz/.tar/.zip archive; {FIX_HINT}")
+    if not path.is_dir():
+        return None
+    for folder in (path, path / "cifar-10-batches-py"):
+        if (folder / "data_batch_1").exists():
+            return "batches", folder
+    trees = [p for p in (path, *sorted(path.iterdir())) if (p / "train").is_dir() and (p / "test").is_dir()]
+    if trees:
+        return "tree", trees[0]
+    archives = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES))
+    if len(archives) > 1:
+        raise DataError(f"{path} holds several archives ({', '.join(a.name for a in archives)}); "
+                        "point --data-dir at one of them")
+    return ("archive", archives[0]) if archives else None
+
+
+def _download(root):
+    from torchvision.datasets import CIFAR10
+
+    try:
+        CIFAR10(str(root), train=True, download=True)
+    except Exception as e:  # torchvision raises URLError, OSError or RuntimeError, by version
+        raise DataError(f"could not download CIFAR-10 into {root} ({type(e).__name__}: {e}); "
+                        "without internet, point --data-dir or CIFAR10_DIR at a local copy") from None
+
+
+def _source_key(kind, path):
+    h = hashlib.sha256(f"{kind}:{path.resolve()}".encode())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(arrays):
+    h = hashlib.sha256()
+    for key in ("train_images", "train_labels", "test_images", "test_labels"):
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _read_cache(cache):
+    if not cache.exists():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        print(f"warning: ignoring unreadable cache {cache}; decoding again")
+        return None
+
+
+def _write_cache(cache, arrays):
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, cache)
+    except OSError as e:
+        print(f"warning: could not write the CIFAR-10 cache {cache} ({e}); the next load decodes again")
+
+
+def _read_batches(folder):
+    def load(name):
+        try:
+            with open(folder / name, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            return batch["data"].reshape(-1, 3, 32, 32), np.asarray(batch["labels"], dtype=np.int64)
+        except FileNotFoundError:
+            raise DataError(f"{folder / name} is missing: the cifar-10-batches-py folder is incomplete; "
+                            f"{FIX_HINT}") from None
+        except Exception as e:
+            raise DataError(f"{folder / name} is damaged ({type(e).__name__}: {e}); {FIX_HINT}") from None
+
+    train = [load(name) for name in BATCH_FILES[:5]]
+    test_images, test_labels = load(BATCH_FILES[5])
+    return {
+        "train_images": np.concatenate([x for x, _ in train]), "train_labels": np.concatenate([y for _, y in train]),
+        "test_images": test_images, "test_labels": test_labels,
+    }
+
+
+def _tree_members(kind, path):
+    """Yield ``(relative path, read())`` for every file of a tree or archive, in any order."""
+    if kind == "tree":
+        for f in path.rglob("*"):
+            if f.is_file():
+                yield f.relative_to(path).as_posix(), f.read_bytes
+    elif path.name.endswith(".zip"):
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.is_dir():
+                    yield info.filename, lambda info=info: z.read(info)
+    else:
+        with tarfile.open(path, "r:*") as t:
+            for member in t:
+                if member.isfile():
+                    yield member.name, t.extractfile(member).read
+
+
+def _read_tree(kind, path, verbose):
+    images = {"train": {c: [] for c in CLASSES}, "test": {c: [] for c in CLASSES}}
+    try:
+        for name, read in tqdm(_tree_members(kind, path), desc="decoding", unit="img", disable=not verbose):
+            parts = name.split("/")
+            if len(parts) < 3 or not parts[-1].lower().endswith(IMAGE_SUFFIXES) or parts[-3] not in images:
+                continue
+            split, cls, file = parts[-3:]
+            if cls not in images[split]:
+                raise DataError(f"{path}: unexpected class folder {split}/{cls}; CIFAR-10 has {', '.join(CLASSES)}")
+            images[split][cls].append((file, _decode(read(), f"{path}:{name}")))
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
+        raise DataError(f"{path} is damaged or not a valid archive ({type(e).__name__}: {e}); "
+                        "replace it with an intact copy") from None
+    arrays = {}
+    for split, by_class in images.items():
+        missing = [c for c, files in by_class.items() if not files]
+        if missing:
+            raise DataError(f"{path}: {split}/ has no images of class {', '.join(missing)}; "
+                            "the copy is incomplete, so it is not loaded")
+        ordered = [(label, array) for label, c in enumerate(CLASSES) for _, array in sorted(by_class[c])]
+        arrays[f"{split}_images"] = np.stack([a for _, a in ordered]).transpose(0, 3, 1, 2).copy()
+        arrays[f"{split}_labels"] = np.array([label for label, _ in ordered], dtype=np.int64)
+    return arrays
+
+
+def _decode(data, where):
+    try:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"damaged image {where} ({e})") from None
+    if image.size != (32, 32):
+        raise DataError(f"{where} is {image.size[0]}x{image.size[1]}, not a 32x32 CIFAR-10 image")
+    return np.asarray(image, dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------- splits
+
+def stratified_indices(labels, n, seed):
+    """``n`` indices of ``labels``, spread evenly over the classes, chosen with ``seed``; sorted."""
+    if n >= len(labels):
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    quota = [n // len(classes) + (i < n % len(classes)) for i in range(len(classes))]
+    chosen = []
+    for c, q in zip(classes, quota):
+        members = (labels == c).nonzero().flatten()
+        chosen.append(members[torch.randperm(len(members), generator=g)[:q]])
+    return torch.cat(chosen).sort().values
+
+
+def holdout_split(labels, holdout, seed=0):
+    """Split training indices into ``(train, holdout)``: stratified, disjoint, fixed by ``seed``."""
+    if not 0 <= holdout < len(labels):
+        raise UserError(f"--holdout must be between 0 and {len(labels) - 1}, not {holdout}")
+    held = stratified_indices(labels, holdout, seed) if holdout else torch.zeros(0, dtype=torch.long)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held] = False
+    return keep.nonzero().flatten(), held
+
+
+def make_splits(data, holdout, split_seed=0, limit=0):
+    """``{"train", "holdout", "test"}`` -> ``(uint8 images, labels)``; ``limit`` caps each split."""
+    train_idx, holdout_idx = holdout_split(data.train_labels, holdout, split_seed)
+    splits = {
+        "train": (data.train_images[train_idx], data.train_labels[train_idx]),
+        "holdout": (data.train_images[holdout_idx], data.train_labels[holdout_idx]),
+        "test": (data.test_images, data.test_labels),
+    }
+    if limit:
+        for name, (x, y) in splits.items():
+            keep = stratified_indices(y, limit, split_seed + 1)
+            splits[name] = (x[keep], y[keep])
+    return splits
+
+
+# ----------------------------------------------------------------------------- loader
+
+def normalize(images, channels_last=False):
+    """uint8 ``(B, 3, H, W)`` -> float32, standardised with the CIFAR-10 mean and std."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    x = (images.float() / 255 - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def random_crop_flip(images, generator, pad=4):
+    """Random ``pad``-pixel-padded crop and horizontal flip of a uint8 batch, as one gather."""
+    b, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), device=device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), device=device, generator=generator)
+    rows = dy + torch.arange(h, device=device)
+    cols = dx + torch.arange(w, device=device)
+    flip = torch.rand(b, 1, device=device, generator=generator) < 0.5
+    cols = torch.where(flip, cols.flip(1), cols)
+    return padded[torch.arange(b, device=device).view(b, 1, 1, 1), torch.arange(c, device=device).view(1, c, 1, 1),
+                  rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+
+class DeviceLoader:
+    """Batches of a whole split kept on ``device`` as one uint8 tensor.
+
+    Training: a seeded permutation per epoch (each rank takes its shard), random crop and
+    flip on the device. Evaluation: the split in order, each rank a disjoint shard.
+    ``targets`` may be class indices ``(N,)`` or soft targets ``(N, K)``.
+    """
+
+    def __init__(self, images, targets, batch_size, device, train=False, augment=None, seed=0,
+                 rank=0, world_size=1):
+        self.images = images.to(device)
+        self.targets = targets.to(device)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.train = train
+        self.augment = train if augment is None else augment
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _indices(self):
+        n = len(self.images)
+        if not self.train:
+            return torch.arange(self.rank, n, self.world_size)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        if self.world_size > 1:
+            order = torch.cat([order, order[:(-n) % self.world_size]])  # equal shards: every rank, same steps
+        return order[self.rank::self.world_size]
+
+    @property
+    def num_samples(self):
+        return len(self._indices())
+
+    def __len__(self):
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self):
+        indices = self._indices().to(self.device)
+        generator = torch.Generator(self.device).manual_seed((self.seed * 100_003 + self.epoch) * 64 + self.rank)
+        channels_last = self.device.type == "cuda"
+        for start in range(0, len(indices), self.batch_size):
+            idx = indices[start:start + self.batch_size]
+            x = self.images[idx]
+            if self.augment:
+                x = random_crop_flip(x, generator)
+            yield normalize(x, channels_last), self.targets[idx]
