@@ -26,10 +26,12 @@ def write_tree(root, per_class=(4, 2), fmt="png", classes=CLASSES):
     return root
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    """Each test decodes into its own cache, so none depends on another's leftovers."""
-    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "cache"))
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """One decode cache for the whole run (subprocesses inherit it), never the user's own."""
+    cache = tmp_path_factory.mktemp("cifar10-cache")
+    os.environ["CIFAR10_CACHE"] = str(cache)
+    return cache
 
 
 @pytest.fixture
