@@ -35,7 +35,7 @@ def add_data_args(parser):
     g = parser.add_argument_group("data")
     g.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR", "data"),
                    help="CIFAR-10 location: a cifar-10-batches-py folder, a train/ test/ image-folder tree, "
-                        "or a .tar.gz/.tar/.zip archive of one (default: $CIFAR10_DIR, else data/)")
+                        "or a .tar.gz/.tar/.zip archive of one; the environment variable CIFAR10_DIR sets the default")
     g.add_argument("--download", action="store_true",
                    help="download the official CIFAR-10 into --data-dir with torchvision if it is not there")
     g.add_argument("--holdout", type=int, default=5000,

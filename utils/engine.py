@@ -25,6 +25,7 @@ from tqdm import tqdm
 from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from utils.cli import UserError, pick_device
 from utils.data import DeviceLoader
+from utils.plots import plot_history
 
 # Flags that may differ between a run and its --resume without changing the result.
 RUN_CONTROL_FLAGS = {"resume", "time_budget", "log_every", "compile", "device", "download", "data_dir"}
@@ -51,7 +52,8 @@ def add_training_args(parser, checkpoint, epochs, lr, batch_size=512, weight_dec
                    help="steps between updates of the loss and accuracy on the progress bar")
     g.add_argument("--checkpoint", default=checkpoint,
                    help="output: best weights here, resume state beside it as <name>.last.pt, metrics log "
-                        "as <name>.metrics.jsonl, curves as <name>.curves.png")
+                        "as <name>.metrics.jsonl, curves as <name>.curves.png"
+                        + ("" if checkpoint else " (default: checkpoints/student_<arch>.pt, _nokd.pt with --no-kd)"))
     g.add_argument("--resume", action="store_true", help="continue the interrupted run saved at --checkpoint")
     g.add_argument("--time-budget", type=float, default=None,
                    help="save and stop after the first epoch that ends past this many minutes; "
@@ -105,7 +107,7 @@ def teardown_runtime(runtime):
 def prepare_model(model, runtime, compile=False):
     """Move to the device (``channels_last`` on CUDA), optionally compile; returns the callable."""
     model.to(runtime.device, memory_format=torch.channels_last if runtime.device.type == "cuda" else None)
-    return torch.compile(model) if compile else model
+    return torch.compile(model, dynamic=False) if compile else model
 
 
 def predict(model, x, tta=False):
@@ -195,7 +197,7 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
     if runtime.world_size > 1:
         net = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     if args.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, dynamic=False)
     optimizer = _optimizer(model, args, runtime)
 
     steps_per_epoch = len(train_loader)
@@ -214,7 +216,8 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"])
         start_epoch, best_acc, history = state["epoch"], state["best_acc"], state["history"]
-        best_state = load_checkpoint(paths["best"], hint="start the run without --resume")["model"]
+        if best_acc >= 0 or holdout_loader is None:  # else no epoch was evaluated yet, so no best weights
+            best_state = load_checkpoint(paths["best"], hint="start the run without --resume")["model"]
         print(f"resuming {paths['last']} after epoch {start_epoch}/{args.epochs}")
     elif runtime.is_main:
         paths["log"].parent.mkdir(parents=True, exist_ok=True)
@@ -289,31 +292,8 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
                        test_acc=test_acc, complete=True)
     if runtime.is_main:
         save_checkpoint(paths["best"], final)
-        _plot_history(history, paths["plot"], title=f"{meta['kind']} {meta['arch']}")
+        plot_history(history, paths["plot"], title=f"{meta['kind']} {meta['arch']}")
         shown = {k: "n/a" if final[k] is None else f"{final[k]:.4f}" for k in ("holdout_acc", "test_acc")}
         print(f"saved {paths['best']}  hold-out acc {shown['holdout_acc']}  test acc {shown['test_acc']}")
     return final
 
-
-def _plot_history(history, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss")
-    ax_acc.plot(epochs, [r["train_acc"] for r in history], marker="o", label="train (augmented)")
-    held = [(r["epoch"], r["holdout_acc"]) for r in history if "holdout_acc" in r]
-    if held:
-        ax_acc.plot(*zip(*held), marker="o", label="hold-out")
-    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -1,0 +1,414 @@
+"""The training engine through teacherTrain.py and StudentTrain.py on a tiny synthetic CIFAR-10.
+
+Every run uses ``--limit 10`` (one image of each class per split) and one step per epoch, so a
+real architecture trains in seconds on a CPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import StudentTrain
+import teacherTrain
+import utils.checkpoint
+from models import build_model
+from tests.conftest import REPO, write_tree
+from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.cli import UserError, run
+from utils.data import CLASSES, DeviceLoader, load_cifar10, make_splits
+from utils.engine import Runtime, evaluate
+from utils.losses import kd_loss
+
+TEACHER_ARCH = "googlenet"
+STUDENT_ARCH = "densenet121"  # StudentTrain.py --model 1
+SPLIT = {"holdout": 10, "limit": 10}
+TEACHER_HINT = "python teacherTrain.py"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small batches on a shared 2-core machine run much faster without intra-op threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def flags(tree, checkpoint, *extra, epochs=1):
+    return ["--data-dir", str(tree), "--holdout", str(SPLIT["holdout"]), "--limit", str(SPLIT["limit"]),
+            "--batch-size", "10", "--epochs", str(epochs), "--device", "cpu", "--checkpoint", str(checkpoint),
+            *extra]
+
+
+def teacher_flags(tree, checkpoint, *extra, epochs=1):
+    return flags(tree, checkpoint, "--arch", TEACHER_ARCH, *extra, epochs=epochs)
+
+
+def metrics(checkpoint):
+    with open(checkpoint.with_suffix(".metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def subprocess_env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return write_tree(tmp_path_factory.mktemp("data") / "cifar")
+
+
+@pytest.fixture(scope="module")
+def teacher(tree, tmp_path_factory):
+    """One teacher epoch, shared by the tests that read or use its checkpoint."""
+    checkpoint = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    teacherTrain.main(teacher_flags(tree, checkpoint))
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------- teacher
+
+def test_teacher_epoch_writes_a_complete_checkpoint_set(teacher, tree):
+    assert files(teacher.parent) == ["teacher.curves.png", "teacher.last.pt", "teacher.metrics.jsonl", "teacher.pt"]
+    assert teacher.with_suffix(".curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    checkpoint = torch.load(teacher, map_location="cpu", weights_only=True)
+    for key in ("arch", "num_classes", "classes", "model", "config", "epoch", "holdout_acc", "test_acc",
+                "data_fingerprint", "versions"):
+        assert key in checkpoint, key
+    assert checkpoint["kind"] == "teacher" and checkpoint["arch"] == TEACHER_ARCH
+    assert checkpoint["num_classes"] == 10 and list(checkpoint["classes"]) == list(CLASSES)
+    assert checkpoint["epoch"] == 1 and checkpoint["complete"] is True
+    assert 0.0 <= checkpoint["holdout_acc"] <= 1.0 and 0.0 <= checkpoint["test_acc"] <= 1.0
+    assert checkpoint["config"]["arch"] == TEACHER_ARCH and checkpoint["config"]["holdout"] == SPLIT["holdout"]
+    assert checkpoint["split"] == {"holdout": 10, "split_seed": 0, "limit": 10}
+    assert checkpoint["versions"]["torch"] == str(torch.__version__)
+    assert not [k for k in checkpoint["model"] if k.startswith(("_orig_mod.", "module."))]
+    data = load_cifar10(tree, verbose=False)
+    assert checkpoint["data_fingerprint"] == data.fingerprint
+
+    # the rebuilt model evaluates, and reproduces the recorded test accuracy
+    checked = load_checkpoint(teacher, hint=TEACHER_HINT, kind="teacher", arch=TEACHER_ARCH)
+    model = model_from_checkpoint(checked, teacher, TEACHER_HINT).eval()
+    x, y = make_splits(data, SPLIT["holdout"], 0, SPLIT["limit"])["test"]
+    accuracy = evaluate(model, DeviceLoader(x, y, 10, "cpu"), Runtime(torch.device("cpu")))
+    assert accuracy == pytest.approx(checkpoint["test_acc"], abs=1e-6)
+
+    # after one epoch the best weights are the last ones
+    last = torch.load(teacher.with_suffix(".last.pt"), map_location="cpu", weights_only=True)
+    assert last["epoch"] == 1 and last["complete"] is True and "optimizer" in last
+    assert last["model"].keys() == checkpoint["model"].keys()
+    assert all(torch.equal(last["model"][k], checkpoint["model"][k]) for k in last["model"])
+
+    (record,) = metrics(teacher)
+    assert record["epoch"] == 1
+    for key in ("lr", "train_loss", "train_acc", "holdout_acc"):
+        assert isinstance(record[key], float), key
+
+
+# ----------------------------------------------------------------------------- students
+
+def test_kd_student_epoch_uses_the_teacher(teacher, tree, tmp_path, monkeypatch):
+    seen = {"teacher_outputs": [], "kd_calls": []}
+    load_teacher, loss = StudentTrain.load_teacher, StudentTrain.kd_loss
+
+    def spy_load_teacher(*args, **kwargs):
+        model = load_teacher(*args, **kwargs)
+        seen["teacher"] = model
+        model.register_forward_hook(lambda _m, _i, out: seen["teacher_outputs"].append(out.detach().clone()))
+        return model
+
+    def spy_kd_loss(name, student_logits, teacher_logits, targets, **kwargs):
+        seen["kd_calls"].append((name, teacher_logits.detach().clone(), kwargs))
+        return loss(name, student_logits, teacher_logits, targets, **kwargs)
+
+    monkeypatch.setattr(StudentTrain, "load_teacher", spy_load_teacher)
+    monkeypatch.setattr(StudentTrain, "kd_loss", spy_kd_loss)
+    checkpoint = tmp_path / "student.pt"
+    StudentTrain.main(flags(tree, checkpoint, "--teacher", str(teacher), "--temperature", "3", "--alpha", "0.8"))
+
+    # the frozen teacher's logits of each training batch went into the KD loss
+    assert seen["kd_calls"] and len(seen["kd_calls"]) == len(seen["teacher_outputs"])
+    for (name, teacher_logits, kwargs), output in zip(seen["kd_calls"], seen["teacher_outputs"]):
+        assert name == "kl" and kwargs["temperature"] == 3.0 and kwargs["alpha"] == 0.8
+        assert torch.equal(teacher_logits, output)
+    frozen = seen["teacher"]
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    saved_teacher = torch.load(teacher, map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(v, saved_teacher[k]) for k, v in frozen.state_dict().items())
+
+    assert files(tmp_path) == ["student.curves.png", "student.last.pt", "student.metrics.jsonl", "student.pt"]
+    student = load_checkpoint(checkpoint, hint="python StudentTrain.py", kind="student", arch=STUDENT_ARCH)
+    assert student["kd"] is True and student["teacher"] == str(teacher) and student["complete"] is True
+    assert student["config"]["temperature"] == 3.0 and student["config"]["alpha"] == 0.8
+    assert student["data_fingerprint"] == torch.load(teacher, weights_only=True)["data_fingerprint"]
+    model_from_checkpoint(student, checkpoint, "python StudentTrain.py")
+
+
+def test_default_student_checkpoint_names():
+    assert StudentTrain.parse_args([]).checkpoint == "checkpoints/student_densenet121.pt"
+    assert StudentTrain.parse_args(["--no-kd"]).checkpoint == "checkpoints/student_densenet121_nokd.pt"
+    assert StudentTrain.parse_args(["--model", "2"]).checkpoint == "checkpoints/student_googlenet.pt"
+    assert StudentTrain.parse_args(["--model", "2", "--no-kd"]).checkpoint == "checkpoints/student_googlenet_nokd.pt"
+    assert StudentTrain.parse_args(["--model", "resnet50", "--no-kd"]).arch == "resnet50"
+    assert StudentTrain.parse_args(["--no-kd", "--checkpoint", "x.pt"]).checkpoint == "x.pt"
+
+
+def test_student_refuses_a_teacher_with_another_holdout_split(teacher, tree, tmp_path):
+    argv = flags(tree, tmp_path / "s.pt", "--teacher", str(teacher))
+    argv[argv.index("--holdout") + 1] = "20"
+    with pytest.raises(UserError, match="--holdout 10"):
+        StudentTrain.main(argv)
+    assert not (tmp_path / "s.pt").exists()
+
+
+def teacher_agreement_and_kl(student, x, teacher_logits, temperature):
+    with torch.no_grad():
+        s = student(x)
+    p_t = torch.softmax(teacher_logits / temperature, 1)
+    kl = (p_t * (torch.log_softmax(teacher_logits / temperature, 1) - torch.log_softmax(s / temperature, 1))).sum(1)
+    return (s.argmax(1) == teacher_logits.argmax(1)).float().mean().item(), kl.mean().item()
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.0])
+def test_kd_loss_pulls_the_student_towards_the_teacher(alpha):
+    """alpha = 1: the student learns the teacher's (random) function; alpha = 0, the control: it does not."""
+    torch.manual_seed(0)
+    teacher, student = build_model("selector", 10), build_model("selector", 10)
+    for m in student.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # deterministic train-mode forward passes
+    teacher.eval().requires_grad_(False)
+    x = torch.randn(20, 3, 32, 32)
+    with torch.no_grad():
+        t = teacher(x)
+        t = (t - t.mean(0)) / t.std(0)  # a random network's argmax is nearly constant; spread it over classes
+        t = (t - t.mean(1, keepdim=True)) / t.std(1, keepdim=True) * 4  # and make the teacher confident
+    assert len(t.argmax(1).unique()) >= 5
+    labels = (t.argmax(1) + 1) % 10  # the labels contradict the teacher on every image
+    temperature = 2.0
+    agreement_before, kl_before = teacher_agreement_and_kl(student, x, t, temperature)
+    assert agreement_before <= 0.3
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(10):
+        loss = kd_loss("kl", student(x), t, labels, temperature=temperature, alpha=alpha)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    agreement, kl = teacher_agreement_and_kl(student, x, t, temperature)
+    if alpha == 1.0:
+        assert kl < 0.3 * kl_before, (kl_before, kl)
+        assert agreement >= 0.8, (agreement_before, agreement)
+    else:
+        assert kl > kl_before, (kl_before, kl)
+        assert agreement <= 0.3, (agreement_before, agreement)
+
+
+# ----------------------------------------------------------------------------- interrupt and resume
+
+def test_interrupt_and_resume_match_an_uninterrupted_run(tree, tmp_path):
+    checkpoint = tmp_path / "run" / "teacher.pt"
+    last = checkpoint.with_suffix(".last.pt")
+    teacherTrain.main(teacher_flags(tree, checkpoint, "--time-budget", "0", epochs=2))
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1 and state["complete"] is False
+    best = load_checkpoint(checkpoint, hint=TEACHER_HINT, kind="teacher")
+    assert best["complete"] is False and best["test_acc"] is None  # the test set waits for the end
+    assert len(metrics(checkpoint)) == 1
+    before = last.read_bytes()
+
+    with pytest.raises(UserError, match="--lr") as e:
+        teacherTrain.main(teacher_flags(tree, checkpoint, "--resume", "--lr", "0.05", epochs=2))
+    assert "--resume" in str(e.value)
+    assert last.read_bytes() == before  # a refused resume leaves the run as it was
+
+    teacherTrain.main(teacher_flags(tree, checkpoint, "--resume", epochs=2))  # --time-budget may change
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2 and state["complete"] is True and len(state["history"]) == 2
+    final = load_checkpoint(checkpoint, hint=TEACHER_HINT, kind="teacher", arch=TEACHER_ARCH)
+    assert final["complete"] is True and final["test_acc"] is not None and final["epoch"] == 2
+    assert [r["epoch"] for r in metrics(checkpoint)] == [1, 2]
+    model_from_checkpoint(final, checkpoint, TEACHER_HINT)
+
+    # resuming is exact: the same weights as two epochs in one go
+    straight = tmp_path / "straight" / "teacher.pt"
+    teacherTrain.main(teacher_flags(tree, straight, epochs=2))
+    reference = torch.load(straight.with_suffix(".last.pt"), map_location="cpu", weights_only=True)
+    assert reference["model"].keys() == state["model"].keys()
+    differing = [k for k in state["model"] if not torch.equal(state["model"][k], reference["model"][k])]
+    assert not differing, differing[:5]
+    assert [r["train_loss"] for r in reference["history"]] == [r["train_loss"] for r in state["history"]]
+
+
+def test_resume_without_a_saved_run(tree, tmp_path):
+    checkpoint = tmp_path / "teacher.pt"
+    with pytest.raises(UserError) as e:
+        teacherTrain.main(teacher_flags(tree, checkpoint, "--resume"))
+    assert str(checkpoint.with_suffix(".last.pt")) in str(e.value)
+    assert "without --resume" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def small_checkpoint(seed):
+    torch.manual_seed(seed)
+    return {"kind": "teacher", "arch": "selector", "num_classes": 2, "model": build_model("selector", 2).state_dict()}
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure):
+    path = tmp_path / "teacher.pt"
+    save_checkpoint(path, small_checkpoint(0))
+    assert files(tmp_path) == ["teacher.pt"]
+    good = path.read_bytes()
+
+    def partial_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(good[: len(good) // 3])
+        raise failure
+
+    monkeypatch.setattr(utils.checkpoint.torch, "save", partial_save)
+    with pytest.raises(type(failure)):
+        save_checkpoint(path, small_checkpoint(1))
+    monkeypatch.undo()
+
+    assert path.read_bytes() == good
+    assert files(tmp_path) == ["teacher.pt"]  # no temporary file left behind
+    loaded = load_checkpoint(path, hint="x")
+    assert all(torch.equal(v, small_checkpoint(0)["model"][k]) for k, v in loaded["model"].items())
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def test_missing_teacher_checkpoint(tree, tmp_path):
+    missing = tmp_path / "nowhere" / "teacher.pt"
+    with pytest.raises(UserError) as e:
+        StudentTrain.main(flags(tree, tmp_path / "s.pt", "--teacher", str(missing)))
+    assert str(missing) in str(e.value) and TEACHER_HINT in str(e.value)
+
+
+def test_truncated_checkpoint(teacher, tmp_path):
+    truncated = tmp_path / "teacher.pt"
+    content = teacher.read_bytes()
+    truncated.write_bytes(content[: len(content) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
+        load_checkpoint(truncated, hint=TEACHER_HINT, kind="teacher")
+    assert str(truncated) in str(e.value) and TEACHER_HINT in str(e.value)
+
+
+def test_checkpoint_of_another_architecture_or_kind(teacher):
+    with pytest.raises(CheckpointError, match=f"holds a {TEACHER_ARCH}, not a densenet121"):
+        load_checkpoint(teacher, hint=TEACHER_HINT, arch="densenet121")
+    with pytest.raises(CheckpointError, match="not a student"):
+        load_checkpoint(teacher, hint="python StudentTrain.py", kind="student")
+
+
+def test_weights_that_do_not_fit_the_architecture(teacher, tmp_path):
+    checkpoint = load_checkpoint(teacher, hint=TEACHER_HINT)
+    checkpoint["arch"] = "resnet50"
+    with pytest.raises(CheckpointError, match="do not fit resnet50"):
+        model_from_checkpoint(checkpoint, teacher, TEACHER_HINT)
+
+
+def test_tampered_weights_are_detected(tmp_path):
+    path = tmp_path / "teacher.pt"
+    save_checkpoint(path, small_checkpoint(0))
+    checkpoint = torch.load(path, weights_only=True)
+    name = next(k for k, v in checkpoint["model"].items() if v.is_floating_point())
+    checkpoint["model"][name] = checkpoint["model"][name] + 1
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path, hint=TEACHER_HINT)
+
+
+@pytest.mark.parametrize("content", ["text", "tensor", "dict"])
+def test_files_that_are_not_checkpoints(tmp_path, content):
+    path = tmp_path / "teacher.pt"
+    if content == "text":
+        path.write_text("this is not a checkpoint\n")
+        expected = "truncated or corrupt"
+    else:
+        torch.save(torch.zeros(3) if content == "tensor" else {"model": {}, "epoch": 1}, path)
+        expected = "not a checkpoint of this project"
+    with pytest.raises(CheckpointError, match=expected) as e:
+        load_checkpoint(path, hint=TEACHER_HINT)
+    assert TEACHER_HINT in str(e.value)
+
+
+def test_directory_given_as_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path, hint=TEACHER_HINT)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_requested_without_cuda(tree, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(lambda: teacherTrain.main(teacher_flags(tree, tmp_path / "t.pt", "--device", "cuda")))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "no CUDA" in err[0]
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_cli_truncated_teacher_exits_with_one_line(teacher, tree, tmp_path):
+    truncated = tmp_path / "teacher.pt"
+    content = teacher.read_bytes()
+    truncated.write_bytes(content[: len(content) // 2])
+    load_cifar10(tree, verbose=False)  # cached, so the subprocess prints no decoding progress
+    result = subprocess.run([sys.executable, "StudentTrain.py",
+                             *flags(tree, tmp_path / "s.pt", "--teacher", str(truncated))],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert_one_line_error(result, str(truncated), "truncated or corrupt", TEACHER_HINT)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def test_torchrun_two_processes_on_cpu(tree, tmp_path):
+    load_cifar10(tree, verbose=False)
+    out = tmp_path / "ddp"
+    checkpoint = out / "teacher.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+               "teacherTrain.py", *teacher_flags(tree, checkpoint)]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # exactly one checkpoint set, written by rank 0 alone
+    assert files(out) == ["teacher.curves.png", "teacher.last.pt", "teacher.metrics.jsonl", "teacher.pt"]
+    assert result.stdout.count("saved ") == 1
+    assert len(metrics(checkpoint)) == 1
+    final = load_checkpoint(checkpoint, hint=TEACHER_HINT, kind="teacher", arch=TEACHER_ARCH)
+    assert final["complete"] is True and final["epoch"] == 1 and final["test_acc"] is not None
+    assert not [k for k in final["model"] if k.startswith(("module.", "_orig_mod."))]
+    model_from_checkpoint(final, checkpoint, TEACHER_HINT)
+
+
+def test_resume_after_an_epoch_without_evaluation(tree, tmp_path):
+    # with --eval-every 2 the first epoch has no hold-out accuracy, hence no best weights yet
+    checkpoint = tmp_path / "teacher.pt"
+    argv = teacher_flags(tree, checkpoint, "--eval-every", "2", epochs=2)
+    teacherTrain.main([*argv, "--time-budget", "0"])
+    assert torch.load(checkpoint.with_suffix(".last.pt"), weights_only=True)["epoch"] == 1
+    teacherTrain.main([*argv, "--resume"])
+    final = load_checkpoint(checkpoint, hint=TEACHER_HINT, kind="teacher")
+    assert final["complete"] is True and final["epoch"] == 2 and final["holdout_acc"] is not None
+    assert [r["epoch"] for r in metrics(checkpoint)] == [1, 2]
+    assert "holdout_acc" not in metrics(checkpoint)[0] and "holdout_acc" in metrics(checkpoint)[1]

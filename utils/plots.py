@@ -1,0 +1,72 @@
+"""PNG figures: training curves, per-class accuracy, a confusion matrix, routing shares."""
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(history, path, title):
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss")
+    ax_acc.plot(epochs, [r["train_acc"] for r in history], marker="o", label="train (augmented)")
+    held = [(r["epoch"], r["holdout_acc"]) for r in history if "holdout_acc" in r]
+    if held:
+        ax_acc.plot(*zip(*held), marker="o", label="hold-out")
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_grouped_bars(values, classes, path, title, ylabel):
+    """``values``: ``{series name: [one value per class]}``, drawn as grouped bars."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / len(values)
+    x = np.arange(len(classes))
+    for i, (name, ys) in enumerate(values.items()):
+        ax.bar(x + (i - (len(values) - 1) / 2) * width, ys, width, label=name)
+    ax.set_xticks(x, classes, rotation=30)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=min(4, len(values)))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(matrix, classes, path, title):
+    """``matrix[true, predicted]`` counts, shown as row-normalised shares."""
+    plt = _pyplot()
+    matrix = np.asarray(matrix, dtype=float)
+    shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=7,
+                    color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

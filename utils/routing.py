@@ -1,0 +1,103 @@
+"""Students and the selector together: loading, scoring, best-student labels, routed prediction."""
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.cli import UserError
+from utils.data import normalize
+
+STUDENT_HINT = "python StudentTrain.py --model 1 (and --model 2)"
+DEFAULT_STUDENTS = ["checkpoints/student_densenet121.pt", "checkpoints/student_googlenet.pt"]
+
+
+def load_classifier(path, kind, hint, runtime):
+    """``(model on the device in eval mode, checkpoint)`` for a teacher or student checkpoint."""
+    checkpoint = load_checkpoint(path, hint=hint, kind=kind)
+    model = model_from_checkpoint(checkpoint, path, hint).eval().requires_grad_(False)
+    model.to(runtime.device, memory_format=torch.channels_last if runtime.device.type == "cuda" else None)
+    return model, checkpoint
+
+
+def load_students(paths, runtime):
+    if len(paths) < 2:
+        raise UserError(f"the selector chooses between at least 2 students; --students gave {len(paths)}")
+    return [load_classifier(path, "student", STUDENT_HINT, runtime) for path in paths]
+
+
+def student_record(paths, checkpoints):
+    """What a selector checkpoint remembers of the students it was trained for."""
+    return [{"path": str(p), "arch": c["arch"], "weights_sha256": c["weights_sha256"]}
+            for p, c in zip(paths, checkpoints)]
+
+
+def check_selector_students(selector_checkpoint, selector_path, paths, checkpoints):
+    """Refuse a selector paired with students other than those it was trained for."""
+    expected = selector_checkpoint["students"]
+    found = student_record(paths, checkpoints)
+    if [s["weights_sha256"] for s in expected] != [s["weights_sha256"] for s in found]:
+        wanted = " ".join(s["path"] for s in expected)
+        raise UserError(f"{selector_path} was trained for other students ({wanted}, in that order); pass those "
+                        "with --students, or retrain it with `python trainSelector.py`")
+
+
+@torch.no_grad()
+def batched_logits(model, images, runtime, batch_size=1024):
+    """Logits (float32, on the device) of ``model`` for uint8 ``images``, in order."""
+    channels_last = runtime.device.type == "cuda"
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start:start + batch_size].to(runtime.device), channels_last)
+        with runtime.autocast:
+            out.append(model(x).float())
+    return torch.cat(out)
+
+
+def best_student_targets(losses, soft=False, tau=1.0):
+    """Per example, the student with the lowest loss: an index, or ``softmax(-loss / tau)`` over students."""
+    return F.softmax(-losses / tau, dim=1) if soft else losses.argmin(1)
+
+
+@torch.no_grad()
+def routed_predict(selector, students, x):
+    """Route each image of the batch ``x`` to one student; run each student only on its own images.
+
+    Returns ``(logits, choice)``: the chosen student's logits and the chosen index per image.
+    """
+    choice = selector(x).argmax(1)
+    logits = None
+    for k, student in enumerate(students):
+        idx = (choice == k).nonzero().flatten()
+        if len(idx):
+            out = student(x[idx]).float()
+            if logits is None:
+                logits = out.new_empty(len(x), out.shape[1])
+            logits[idx] = out
+    return logits, choice
+
+
+@torch.no_grad()
+def batched_routed(selector, students, images, runtime, batch_size=1024):
+    """``routed_predict`` over uint8 ``images`` in batches: ``(logits, choice)`` on the device."""
+    channels_last = runtime.device.type == "cuda"
+    logits, choices = [], []
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start:start + batch_size].to(runtime.device), channels_last)
+        with runtime.autocast:
+            out, choice = routed_predict(selector, students, x)
+        logits.append(out)
+        choices.append(choice)
+    return torch.cat(logits), torch.cat(choices)
+
+
+def timed(fn, runtime):
+    """``(result, seconds)`` of ``fn()``, synchronising the GPU around it."""
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
+    start = time.perf_counter()
+    result = fn()
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
+    return result, time.perf_counter() - start
