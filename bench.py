@@ -23,7 +23,6 @@ import json
 import platform
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ from teacherTrain import CLASSIFIERS
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import UserError, add_data_args, add_device_args, make_parser, print_config, run
 from utils.data import CLASSES, MEAN, STD, DeviceLoader, load_cifar10, make_splits
-from utils.engine import _optimizer, predict, prepare_model, setup_runtime
+from utils.engine import make_optimizer, predict, prepare_model, setup_runtime, train_step
 from utils.routing import routed_predict
 
 TEACHER = "resnet50"
@@ -131,20 +130,15 @@ def train_ours(arch, images, labels, args, runtime):
     """Images/s of our engine's training step, as ``utils.engine.fit`` runs it."""
     model = build_model(arch, len(CLASSES))
     net = prepare_model(model, runtime, args.compile)
-    optimizer = _optimizer(model, SimpleNamespace(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), runtime)
+    optimizer = make_optimizer(model, LR, MOMENTUM, WEIGHT_DECAY, runtime)
     loader = DeviceLoader(images, labels, args.batch_size, runtime.device, train=True, seed=args.seed)
-    loss_sum = torch.zeros((), device=runtime.device)
-    correct = torch.zeros((), device=runtime.device)
+    metrics = torch.zeros(3, device=runtime.device)
 
-    def step(x, y):  # the body of fit's loop, less the progress bar and the per-step learning rate
-        with runtime.autocast:
-            logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum.add_(loss.detach() * len(y))
-        correct.add_((logits.detach().argmax(1) == y).sum())
+    def loss_fn(logits, x, y):
+        return F.cross_entropy(logits.float(), y, label_smoothing=0.1)
+
+    def step(x, y):
+        train_step(net, optimizer, loss_fn, x, y, runtime, metrics)
 
     model.train()
     return throughput(step, full_batches(loader, args.batch_size), args.steps, args.warmup_steps, runtime.device)

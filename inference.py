@@ -109,32 +109,31 @@ def evaluate_all(args, runtime, teacher, students, selector, images, labels):
         if twin:
             model, _ = load_classifier(twin, "student", f"python StudentTrain.py --model {ckpt['arch']} --no-kd",
                                        runtime)
-            systems[f"Student {k} {ckpt['arch']} without KD"] = batched_logits(model, images, runtime, bs).cpu().argmax(1)
+            logits = batched_logits(model, images, runtime, bs).cpu()
+            systems[f"Student {k} {ckpt['arch']} without KD"] = logits.argmax(1)
 
     correct = {name: preds == labels for name, preds in systems.items()}
     correct["Oracle (any student right)"] = (stacked.argmax(2) == labels).any(0)
     stats["selector"] = model_stats(selector)
-    n_students = len(students)
-    share = torch.bincount(choice, minlength=n_students).double().div(len(choice))
-    student_flops = [stats[f"student {k}"]["flops"] for k in range(1, n_students + 1)]
-    both_seconds = sum(seconds[f"student {k}"] for k in range(1, n_students + 1))
+    share = torch.bincount(choice, minlength=len(students)).double().div(len(choice))
+    names = [f"student {k}" for k in range(1, len(students) + 1)]
     costs = {
         "teacher": stats["teacher"],
-        **{f"student {k}": stats[f"student {k}"] for k in range(1, n_students + 1)},
-        "all students": {"params": sum(stats[f"student {k}"]["params"] for k in range(1, n_students + 1)),
-                         "flops": sum(student_flops)},
-        "routed": {"params": stats["selector"]["params"] + sum(stats[f"student {k}"]["params"]
-                                                               for k in range(1, n_students + 1)),
-                   "flops": stats["selector"]["flops"] + float(share @ torch.tensor(student_flops, dtype=torch.double))},
+        **{name: stats[name] for name in names},
+        "all students": {"params": sum(stats[n]["params"] for n in names),
+                         "flops": sum(stats[n]["flops"] for n in names)},
+        "routed": {"params": stats["selector"]["params"] + sum(stats[n]["params"] for n in names),
+                   "flops": stats["selector"]["flops"]
+                   + sum(fraction * stats[n]["flops"] for fraction, n in zip(share.tolist(), names))},
     }
-    for name in costs:
-        secs = both_seconds if name == "all students" else seconds[name]
-        costs[name]["images_per_s"] = len(labels) / secs
+    seconds["all students"] = sum(seconds[n] for n in names)
+    for name, cost in costs.items():
+        cost["images_per_s"] = len(labels) / seconds[name]
     return {
         "accuracy": {name: c.float().mean().item() for name, c in correct.items()},
         "per_class": {name: per_class(c, labels) for name, c in correct.items()},
         "routing_share": share.tolist(),
-        "routing_share_per_class": [torch.bincount(choice[labels == c], minlength=n_students).double()
+        "routing_share_per_class": [torch.bincount(choice[labels == c], minlength=len(students)).double()
                                     .div(max(1, int((labels == c).sum()))).tolist() for c in range(len(CLASSES))],
         "confusion_routed": torch.bincount(labels * len(CLASSES) + systems["Model selector with students (routed)"],
                                            minlength=len(CLASSES) ** 2).view(len(CLASSES), -1).tolist(),

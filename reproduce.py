@@ -65,7 +65,8 @@ def main(argv=None):
         for (number, arch), path in zip(StudentTrain.STUDENTS.items(), students):
             stages.append((f"student {number} ({arch}) without KD", StudentTrain.main,
                            path.with_name(f"{path.stem}_nokd.pt"), train + ["--model", number, "--no-kd"]))
-    stages.append(("selector", trainSelector.main, selector, train + preset["selector"] + ["--students", *map(str, students)]))
+    stages.append(("selector", trainSelector.main, selector,
+                   train + preset["selector"] + ["--students", *map(str, students)]))
 
     wall = {}
     for name, stage_main, path, stage_args in stages:

@@ -16,8 +16,12 @@ def model_stats(model, image_size=32):
     device = next(model.parameters()).device
     x = torch.zeros(1, 3, image_size, image_size, device=device)
     spatial = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: spatial.append(tuple(out.shape[-2:])) if out.dim() == 4 else None)
-             for m in model.modules() if not list(m.children())]
+
+    def record(_module, _inputs, out):
+        if out.dim() == 4:
+            spatial.append(tuple(out.shape[-2:]))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
     try:
         with FlopCounterMode(display=False) as counter:
             model(x)

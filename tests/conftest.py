@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from utils.data import CLASSES
@@ -44,3 +45,12 @@ def shared_archive():
     if not SHARED_ARCHIVE.exists():
         pytest.skip(f"{SHARED_ARCHIVE} is not here")
     return SHARED_ARCHIVE
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Small batches on a 2-core machine run much faster without intra-op threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,15 +22,6 @@ OFFICIAL_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "fro
 PER_CLASS = (4, 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batches on a shared 2-core machine run much faster without intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def expected_tree_arrays(per_class=PER_CLASS):
     """What ``write_tree`` encodes: class-major, files in name order, pixel (0, 0) = file index."""
     out = {}

@@ -13,14 +13,6 @@ from utils.losses import KD_LOSSES, kd_loss, kl_kd_loss, mse_kd_loss
 CLASSIFIERS = [name for name in MODEL_NAMES if name != "selector"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batches on a shared 2-core machine run much faster without intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # Reference sizes of the CIFAR variants (3x3 stride-1 stem, no early pooling), 10 classes.
 # An ImageNet stem on 32x32 inputs would cost about 16x fewer FLOPs and end on 1x1 maps.
 EXPECTED = {

@@ -30,15 +30,6 @@ SPLIT = {"holdout": 10, "limit": 10}
 TEACHER_HINT = "python teacherTrain.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batches on a shared 2-core machine run much faster without intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def flags(tree, checkpoint, *extra, epochs=1):
     return ["--data-dir", str(tree), "--holdout", str(SPLIT["holdout"]), "--limit", str(SPLIT["limit"]),
             "--batch-size", "10", "--epochs", str(epochs), "--device", "cpu", "--checkpoint", str(checkpoint),

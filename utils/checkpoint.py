@@ -37,8 +37,8 @@ def save_checkpoint(path, checkpoint):
     """Write ``checkpoint`` to a temporary file beside ``path``, then rename: never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = {"format": FORMAT, "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
-                  **checkpoint}
+    versions = {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+    checkpoint = {"format": FORMAT, "versions": versions, **checkpoint}
     if "model" in checkpoint:
         checkpoint["weights_sha256"] = weights_fingerprint(checkpoint["model"])
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -193,6 +193,8 @@ def _read_tree(kind, path, verbose):
     try:
         for name, read in tqdm(_tree_members(kind, path), desc="decoding", unit="img", disable=not verbose):
             parts = name.split("/")
+            if "__MACOSX" in parts or parts[-1].startswith("."):  # macOS metadata, not images
+                continue
             if len(parts) < 3 or not parts[-1].lower().endswith(IMAGE_SUFFIXES) or parts[-3] not in images:
                 continue
             split, cls, file = parts[-3:]

@@ -140,21 +140,36 @@ def _lr_at(step, total_steps, warmup_steps, peak):
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _optimizer(model, args, runtime):
+def make_optimizer(model, lr, momentum, weight_decay, runtime):
+    """SGD with Nesterov momentum; no weight decay on biases and BatchNorm; fused on CUDA."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
     fused = runtime.device.type == "cuda"
-    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
-                           lr=args.lr, momentum=args.momentum, nesterov=True,
+                           lr=lr, momentum=momentum, nesterov=True,
                            fused=fused or None, foreach=None if fused else True)
+
+
+def train_step(net, optimizer, loss_fn, x, y, runtime, metrics):
+    """One optimisation step; adds ``[loss * batch, correct, batch]`` to the device tensor ``metrics``."""
+    with runtime.autocast:
+        logits = net(x)
+        loss = loss_fn(logits, x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    labels = y if y.dim() == 1 else y.argmax(1)
+    metrics[0] += loss.detach().float() * len(y)
+    metrics[1] += (logits.detach().argmax(1) == labels).sum()
+    metrics[2] += len(y)
 
 
 def _paths(checkpoint):
     path = Path(checkpoint)
-    stem = path.with_suffix("")
-    return {"best": path, "last": path.with_suffix(".last.pt"),
-            "log": stem.with_suffix(".metrics.jsonl"), "plot": stem.with_suffix(".curves.png")}
+    name = path.name.removesuffix(".pt")
+    return {"best": path, "last": path.with_name(f"{name}.last.pt"),
+            "log": path.with_name(f"{name}.metrics.jsonl"), "plot": path.with_name(f"{name}.curves.png")}
 
 
 def _check_resumable(state, args, path):
@@ -198,7 +213,7 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
         net = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     if args.compile:
         net = torch.compile(net, dynamic=False)
-    optimizer = _optimizer(model, args, runtime)
+    optimizer = make_optimizer(model, args.lr, args.momentum, args.weight_decay, runtime)
 
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
@@ -207,6 +222,8 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
     config = vars(args)
 
     if args.resume:
+        if not paths["last"].exists():
+            raise UserError(f"nothing to resume: no {paths['last']}; start the run without --resume")
         state = load_checkpoint(paths["last"], hint="start the run without --resume", kind=meta["kind"],
                                 arch=meta["arch"])
         _check_resumable(state, args, paths["last"])
@@ -218,10 +235,11 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
         start_epoch, best_acc, history = state["epoch"], state["best_acc"], state["history"]
         if best_acc >= 0 or holdout_loader is None:  # else no epoch was evaluated yet, so no best weights
             best_state = load_checkpoint(paths["best"], hint="start the run without --resume")["model"]
-        print(f"resuming {paths['last']} after epoch {start_epoch}/{args.epochs}")
-    elif runtime.is_main:
+    if runtime.is_main:
+        if args.resume:
+            print(f"resuming {paths['last']} after epoch {start_epoch}/{args.epochs}")
         paths["log"].parent.mkdir(parents=True, exist_ok=True)
-        paths["log"].unlink(missing_ok=True)
+        paths["log"].write_text("".join(json.dumps(record) + "\n" for record in history))
 
     def checkpoint(**extra):
         return {**meta, "config": config, "epochs": args.epochs, **extra}
@@ -230,9 +248,7 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
     for epoch in range(start_epoch, args.epochs):
         train_loader.set_epoch(epoch)
         model.train()
-        loss_sum = torch.zeros((), device=runtime.device)
-        correct = torch.zeros((), device=runtime.device)
-        seen = torch.zeros((), device=runtime.device)
+        metrics = torch.zeros(3, device=runtime.device)  # loss * batch, correct, images
         epoch_start = time.time()
         bar = tqdm(total=train_loader.num_samples, unit="img", unit_scale=True,
                    desc=f"epoch {epoch + 1}/{args.epochs}", disable=not runtime.is_main, leave=False)
@@ -240,25 +256,17 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, total_steps, warmup_steps, args.lr)
-            with runtime.autocast:
-                logits = net(x)
-                loss = loss_fn(logits, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(net, optimizer, loss_fn, x, y, runtime, metrics)
             if ema:
                 ema.update_parameters(model)
-            labels = y if y.dim() == 1 else y.argmax(1)
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen += len(y)
             bar.update(len(y))
             if (i + 1) % args.log_every == 0:
-                bar.set_postfix(loss=f"{(loss_sum / seen).item():.3f}", acc=f"{(correct / seen).item():.3f}")
+                loss_sum, correct, seen = metrics.tolist()
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         bar.close()
-        runtime.all_sum(loss_sum), runtime.all_sum(correct), runtime.all_sum(seen)
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": (loss_sum / seen).item(),
-                  "train_acc": (correct / seen).item(), "images_per_s": seen.item() / (time.time() - epoch_start)}
+        loss_sum, correct, seen = runtime.all_sum(metrics).tolist()
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / seen,
+                  "train_acc": correct / seen, "images_per_s": seen / (time.time() - epoch_start)}
         last_epoch = epoch + 1 == args.epochs
         if holdout_loader is not None and ((epoch + 1) % args.eval_every == 0 or last_epoch):
             record["holdout_acc"] = evaluate(eval_model, holdout_loader, runtime, args.tta)
@@ -267,8 +275,9 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
         if improved:
             best_acc = record.get("holdout_acc", best_acc)
             best_state = clean_state_dict(eval_model)
-        print(f"epoch {epoch + 1}/{args.epochs}  " + "  ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch"))
+        if runtime.is_main:
+            print(f"epoch {epoch + 1}/{args.epochs}  " + "  ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch"))
         out_of_time = args.time_budget is not None and time.time() - started > 60 * args.time_budget
         out_of_time = runtime.all_sum(torch.tensor(float(out_of_time), device=runtime.device)).item() > 0
         if runtime.is_main:
@@ -282,8 +291,9 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
                 ema=ema.state_dict() if ema else None, rng=torch.get_rng_state(), epoch=epoch + 1,
                 best_acc=best_acc, history=history, complete=last_epoch))
         if out_of_time and not last_epoch:
-            print(f"time budget of {args.time_budget} min spent: stopped after epoch {epoch + 1}/{args.epochs}; "
-                  f"continue with the same command plus --resume")
+            if runtime.is_main:
+                print(f"time budget of {args.time_budget} min spent: stopped after epoch {epoch + 1}/{args.epochs}; "
+                      "continue with the same command plus --resume")
             return None
 
     eval_model.load_state_dict(best_state)
