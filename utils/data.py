@@ -9,6 +9,7 @@ folder holding exactly one):
 * torchvision's download of the official files, with ``download=True``.
 """
 
+import functools
 import hashlib
 import io
 import os
@@ -269,11 +270,17 @@ def make_splits(data, holdout, split_seed=0, limit=0):
 
 # ----------------------------------------------------------------------------- loader
 
+@functools.cache
+def _mean_std(device):
+    """Made once per device: creating them per batch would copy from the host, and wait, every step."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+
+
 def normalize(images, channels_last=False):
     """uint8 ``(B, 3, H, W)`` -> float32, standardised with the CIFAR-10 mean and std."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    x = (images.float() / 255 - mean) / std
+    mean, std = _mean_std(images.device)
+    x = (images.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
