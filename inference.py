@@ -19,7 +19,7 @@ from models import model_stats
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import UserError, add_data_args, add_device_args, make_parser, print_config, run
 from utils.data import CLASSES, load_cifar10, make_splits, normalize
-from utils.engine import setup_runtime
+from utils.engine import prepare_model, setup_runtime
 from utils.plots import plot_confusion, plot_grouped_bars
 from utils.routing import (DEFAULT_STUDENTS, batched_logits, batched_routed, check_selector_students,
                            load_classifier, load_students, routed_predict, timed)
@@ -47,7 +47,7 @@ def load_selector(args, runtime):
     loaded = load_students(args.students, runtime)
     checkpoint = load_checkpoint(args.selector, hint=hint, kind="selector")
     check_selector_students(checkpoint, args.selector, args.students, [c for _, c in loaded])
-    selector = model_from_checkpoint(checkpoint, args.selector, hint).eval().to(runtime.device)
+    selector = prepare_model(model_from_checkpoint(checkpoint, args.selector, hint).eval(), runtime)
     return selector, loaded
 
 

@@ -20,7 +20,7 @@ from utils.cli import make_parser, run
 
 PRESETS = {
     "smoke": {"dir": "smoke", "common": ["--device", "cpu", "--limit", "50", "--holdout", "200"],
-              "train": ["--epochs", "1", "--batch-size", "25", "--lr", "0.02", "--log-every", "1"],
+              "train": ["--epochs", "1", "--batch-size", "25", "--log-every", "1"],
               "selector": ["--views", "1"]},
     "full": {"dir": "", "common": [], "train": ["--compile"], "selector": []},
 }

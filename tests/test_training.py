@@ -403,3 +403,13 @@ def test_resume_after_an_epoch_without_evaluation(tree, tmp_path):
     assert final["complete"] is True and final["epoch"] == 2 and final["holdout_acc"] is not None
     assert [r["epoch"] for r in metrics(checkpoint)] == [1, 2]
     assert "holdout_acc" not in metrics(checkpoint)[0] and "holdout_acc" in metrics(checkpoint)[1]
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine():
+    from utils.engine import _lr_at
+
+    lrs = [_lr_at(step, total_steps=100, warmup_steps=10, peak=0.4) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.04) and lrs[9] == pytest.approx(0.4)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 0.001

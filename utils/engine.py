@@ -36,7 +36,9 @@ def add_training_args(parser, checkpoint, epochs, lr, batch_size=512, weight_dec
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs, help="passes over the training split")
     g.add_argument("--batch-size", type=int, default=batch_size, help="images per step, over all GPUs")
-    g.add_argument("--lr", type=float, default=lr, help="peak learning rate, reached after the warm-up")
+    g.add_argument("--lr", type=float, default=lr,
+                   help="peak learning rate for a batch of 512, reached after the warm-up; scaled linearly "
+                        "with --batch-size")
     g.add_argument("--warmup-epochs", type=float, default=warmup_epochs,
                    help="epochs of linear warm-up from 0 to --lr; a cosine decay to 0 follows")
     g.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum of SGD")
@@ -205,7 +207,7 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
     if train_loader is None:
         raise UserError("the training split is empty; lower --holdout or raise --limit")
 
-    model = model.to(runtime.device, memory_format=torch.channels_last if runtime.device.type == "cuda" else None)
+    model = prepare_model(model, runtime)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     eval_model = ema.module if ema else model
     net = model
@@ -213,7 +215,8 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
         net = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     if args.compile:
         net = torch.compile(net, dynamic=False)
-    optimizer = make_optimizer(model, args.lr, args.momentum, args.weight_decay, runtime)
+    peak_lr = args.lr * args.batch_size / 512
+    optimizer = make_optimizer(model, peak_lr, args.momentum, args.weight_decay, runtime)
 
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
@@ -255,7 +258,7 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
         for i, (x, y) in enumerate(train_loader):
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, total_steps, warmup_steps, args.lr)
+                group["lr"] = _lr_at(step, total_steps, warmup_steps, peak_lr)
             train_step(net, optimizer, loss_fn, x, y, runtime, metrics)
             if ema:
                 ema.update_parameters(model)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import UserError
 from utils.data import normalize
+from utils.engine import prepare_model
 
 STUDENT_HINT = "python StudentTrain.py --model 1 (and --model 2)"
 DEFAULT_STUDENTS = ["checkpoints/student_densenet121.pt", "checkpoints/student_googlenet.pt"]
@@ -17,8 +18,7 @@ def load_classifier(path, kind, hint, runtime):
     """``(model on the device in eval mode, checkpoint)`` for a teacher or student checkpoint."""
     checkpoint = load_checkpoint(path, hint=hint, kind=kind)
     model = model_from_checkpoint(checkpoint, path, hint).eval().requires_grad_(False)
-    model.to(runtime.device, memory_format=torch.channels_last if runtime.device.type == "cuda" else None)
-    return model, checkpoint
+    return prepare_model(model, runtime), checkpoint
 
 
 def load_students(paths, runtime):
