@@ -157,3 +157,34 @@ def test_routed_inference_runs_only_the_chosen_student():
     logits, _ = routed_predict(FixedSelector(route), [a, b], torch.zeros(5, 3, 4, 4))
     assert (a.seen, b.seen) == (2, 3)
     assert logits[:, 0].tolist() == [1, 2, 2, 1, 2]
+
+
+def random_student(path, arch, holdout):
+    """A student checkpoint with untrained weights: enough for the selector's plumbing."""
+    from models import build_model
+    from utils.checkpoint import clean_state_dict, save_checkpoint
+
+    model = build_model(arch)
+    save_checkpoint(path, {"kind": "student", "arch": arch, "num_classes": 10, "model": clean_state_dict(model),
+                           "split": {"holdout": holdout, "split_seed": 0, "limit": 0}, "complete": True})
+    return str(path)
+
+
+def test_selector_without_holdout_falls_back_to_training_images(tmp_path, capsys):
+    import trainSelector
+    from utils.checkpoint import load_checkpoint
+
+    tree = write_tree(tmp_path / "cifar", per_class=(3, 1))
+    students = [random_student(tmp_path / f"s{k}.pt", arch, holdout=0)
+                for k, arch in enumerate(["googlenet", "densenet121"])]
+    out = tmp_path / "selector.pt"
+    trainSelector.main(["--students", *students, "--data-dir", str(tree), "--holdout", "0", "--device", "cpu",
+                        "--views", "1", "--soft-targets", "--epochs", "1", "--batch-size", "16",
+                        "--checkpoint", str(out)])
+    assert "the students have fitted" in capsys.readouterr().out
+    selector = load_checkpoint(out, hint="", kind="selector")
+    assert [s["path"] for s in selector["students"]] == students
+    assert selector["report"]["examples"] == 6 and sum(selector["report"]["routing_share"]) == pytest.approx(1)
+
+    with pytest.raises(UserError, match="--holdout 0"):
+        trainSelector.main(["--students", *students, "--data-dir", str(tree), "--holdout", "5", "--device", "cpu"])
