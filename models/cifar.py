@@ -11,7 +11,7 @@ from torchvision.models.googlenet import BasicConv2d
 
 
 def _resnet50(num_classes):
-    model = tvm.resnet50(weights=None, num_classes=num_classes)
+    model = tvm.resnet50(weights=None, num_classes=num_classes, zero_init_residual=True)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
