@@ -90,7 +90,7 @@ def main(argv=None):
               "fitted; both are right on nearly all of them, so its labels say little about new images")
         images, labels = splits["train"]
     val = torch.zeros(len(labels), dtype=torch.bool)
-    val[stratified_indices(labels, max(1, round(args.val_fraction * len(labels))), args.seed)] = True
+    val[stratified_indices(labels, max(1, round(args.val_fraction * len(labels))), args.split_seed)] = True
     train_images, train_labels = selector_examples(images[~val], labels[~val], args.views, args.seed)
 
     losses, preds = label_examples(students, train_images, train_labels, runtime)
