@@ -3,11 +3,15 @@
 The ImageNet stems (7x7 stride-2 convolution, then max-pooling) shrink a 32x32 image to
 8x8 before the first block. Here the first convolution is 3x3 with stride 1 and the early
 max-pooling is removed, so every network sees CIFAR-10 at full resolution.
+``build_model(name, pretrained=...)`` instead builds the ImageNet-pretrained network of
+``models/pretrained.py``.
 """
 
 import torch.nn as nn
 from torchvision import models as tvm
 from torchvision.models.googlenet import BasicConv2d
+
+from models.pretrained import build_pretrained, model_args
 
 
 def _resnet50(num_classes):
@@ -60,11 +64,22 @@ _BUILDERS = {"resnet50": _resnet50, "densenet121": _densenet121, "googlenet": _g
 MODEL_NAMES = (*_BUILDERS, "selector")
 
 
-def build_model(name, num_classes=10):
+def build_model(name, num_classes=10, pretrained=False, freeze_backbone=False, load_weights=True):
     """Build ``resnet50``, ``densenet121``, ``googlenet`` (``num_classes`` logits) or
-    ``selector`` (``num_classes`` = number of students), with random weights."""
+    ``selector`` (``num_classes`` = number of students), with random weights.
+
+    ``pretrained``: ``True`` (torchvision's ``DEFAULT`` weights) or a weights name such as
+    ``"IMAGENET1K_V1"`` builds the ImageNet network with those weights and a fresh head, fed
+    32x32 batches resized to 224 inside its forward; ``freeze_backbone`` then trains the head
+    only. ``load_weights=False`` builds the same structure with random weights, without any
+    download (to load a checkpoint over it). Record ``model_args(name, pretrained,
+    freeze_backbone)`` to rebuild it.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    args = model_args(name, pretrained, freeze_backbone)
+    if args:
+        return build_pretrained(name, num_classes, load_weights=load_weights, **args)
     if name == "selector":
         return Selector(num_students=num_classes)
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
     return _BUILDERS[name](num_classes)

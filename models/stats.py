@@ -8,8 +8,9 @@ from torch.utils.flop_counter import FlopCounterMode
 def model_stats(model, image_size=32):
     """Return ``{"params", "flops", "feature_map"}`` for one ``3 x image_size^2`` image.
 
-    FLOPs are what ``torch.utils.flop_counter`` counts (a multiply-add is 2 FLOPs);
-    ``feature_map`` is the spatial size of the last activation before global pooling.
+    FLOPs are what ``torch.utils.flop_counter`` counts (a multiply-add is 2 FLOPs) over the
+    whole forward: a pretrained model's resize to 224x224 happens inside it, so they count the
+    224x224 network. ``feature_map`` is the spatial size of the last activation before global pooling.
     """
     was_training = model.training
     model.eval()

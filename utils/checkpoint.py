@@ -74,8 +74,10 @@ def load_checkpoint(path, hint, kind=None, arch=None):
 
 
 def model_from_checkpoint(checkpoint, path, hint):
-    """Rebuild the network a checkpoint describes and load its weights."""
-    model = build_model(checkpoint["arch"], checkpoint["num_classes"])
+    """Rebuild the network a checkpoint describes (``arch``, ``num_classes`` and the
+    ``model_args`` of ``build_model``, if any) and load its weights; never downloads."""
+    model = build_model(checkpoint["arch"], checkpoint["num_classes"], **checkpoint.get("model_args", {}),
+                        load_weights=False)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
