@@ -16,11 +16,9 @@ trained selector with --selector, otherwise an untrained one routes and its shar
     python bench.py --device cpu --limit 64 --batch-size 8 --ref-batch-size 8 --steps 2 --workers 0
 """
 
-import argparse
 import gc
 import itertools
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -36,49 +34,46 @@ from models import build_model
 from StudentTrain import STUDENTS
 from teacherTrain import CLASSIFIERS
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.cli import UserError, add_data_args, add_device_args, make_parser, print_config, run
+from utils.cli import (NON_NEGATIVE_INT, POSITIVE_INT, UserError, add_data_args, add_device_args, make_parser, parse,
+                       print_config, run)
 from utils.data import CLASSES, MEAN, STD, DeviceLoader, load_cifar10, make_splits
 from utils.engine import make_optimizer, predict, prepare_model, setup_runtime, train_step
 from utils.routing import routed_predict
+from utils.runs import device_name
 
 TEACHER = "resnet50"
 STUDENT_ARCHS = tuple(STUDENTS.values())
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4  # both loops; the values do not change the speed
 
 
-def _at_least(minimum):
-    def parse(text):
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
-        return value
-    return parse
-
-
-def parse_args(argv=None):
-    parser = make_parser(__doc__)
+def build_parser():
+    parser = make_parser(__doc__, Path(__file__).name)
     add_data_args(parser)
     parser.set_defaults(holdout=0)  # nothing is selected here: time on the whole training split
     g = parser.add_argument_group("benchmark")
     g.add_argument("--archs", nargs="+", default=[TEACHER, *STUDENT_ARCHS], choices=CLASSIFIERS,
                    help="architectures whose training is timed")
-    g.add_argument("--batch-size", type=_at_least(1), default=512, help="images per training step of our engine")
-    g.add_argument("--ref-batch-size", type=_at_least(1), default=128,
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=512, help="images per training step of our engine")
+    g.add_argument("--ref-batch-size", type=POSITIVE_INT, default=128,
                    help="images per training step of the reference loop")
-    g.add_argument("--steps", type=_at_least(1), default=30, help="timed steps (batches) per measurement")
-    g.add_argument("--warmup-steps", type=_at_least(0), default=5,
+    g.add_argument("--steps", type=POSITIVE_INT, default=30, help="timed steps (batches) per measurement")
+    g.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=5,
                    help="untimed steps before each measurement (with --compile they include compiling); "
                         "when non-zero, inference also runs each of its batches once untimed, so that every "
                         "sub-batch size of routed inference is tuned by cuDNN or compiled before timing")
-    g.add_argument("--workers", type=_at_least(0), default=4, help="DataLoader worker processes of the reference loop")
-    g.add_argument("--infer-batch-size", type=_at_least(1), default=1024, help="images per inference batch")
+    g.add_argument("--workers", type=NON_NEGATIVE_INT, default=4, help="DataLoader worker processes of the reference loop")
+    g.add_argument("--infer-batch-size", type=POSITIVE_INT, default=1024, help="images per inference batch")
     g.add_argument("--selector", default=None,
                    help="selector checkpoint (trainSelector.py) whose choices route the images in routed "
                         "inference, to the student architectures it was trained for; without it an untrained "
                         "selector routes them")
     g.add_argument("--out", default=None, help="also write every figure to this JSON file")
     add_device_args(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return parse(build_parser(), argv)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -132,13 +127,13 @@ def train_ours(arch, images, labels, args, runtime):
     net = prepare_model(model, runtime, args.compile)
     optimizer = make_optimizer(model, LR, MOMENTUM, WEIGHT_DECAY, runtime)
     loader = DeviceLoader(images, labels, args.batch_size, runtime.device, train=True, seed=args.seed)
-    metrics = torch.zeros(3, device=runtime.device)
+    sums = {}
 
     def loss_fn(logits, x, y):
         return F.cross_entropy(logits.float(), y, label_smoothing=0.1)
 
     def step(x, y):
-        train_step(net, optimizer, loss_fn, x, y, runtime, metrics)
+        train_step(net, optimizer, loss_fn, x, y, runtime, sums)
 
     model.train()
     return throughput(step, full_batches(loader, args.batch_size), args.steps, args.warmup_steps, runtime.device)
@@ -226,12 +221,6 @@ def inference(test_images, test_labels, args, runtime):
 
 # ----------------------------------------------------------------------------- report
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
 def _mib(value):
     return "n/a" if value is None else f"{value:.0f}"
 
@@ -240,7 +229,7 @@ def main(argv=None):
     args = parse_args(argv)
     runtime = setup_runtime(args)
     print_config(args, "bench.py")
-    data = load_cifar10(args.data_dir, args.download)
+    data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)
     splits = make_splits(data, args.holdout, args.split_seed, args.limit)
     train_images, train_labels = splits["train"]
     test_images, test_labels = splits["test"]

@@ -8,7 +8,6 @@ results/results.json and PNG plots. With --images, classifies your own image fil
 """
 
 import json
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -17,29 +16,44 @@ from PIL import Image, UnidentifiedImageError
 
 from models import model_stats
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.cli import UserError, add_data_args, add_device_args, make_parser, print_config, run
+from utils.cli import POSITIVE_INT, UserError, add_data_args, add_device_args, make_parser, parse, print_config, run
 from utils.data import CLASSES, load_cifar10, make_splits, normalize
 from utils.engine import prepare_model, setup_runtime
+from utils.runs import RESULTS_ROOT, default_checkpoint, device_name
 from utils.plots import plot_confusion, plot_grouped_bars
-from utils.routing import (DEFAULT_STUDENTS, batched_logits, batched_routed, check_selector_students,
-                           load_classifier, load_students, routed_predict, timed)
+from utils.routing import (batched_logits, batched_routed, check_selector_students,
+                           default_students, load_classifier, load_students, routed_predict, students_split, timed)
 
 ORIGINAL = {"teacher": "81%", "student 1": "74.19%", "student 2": "73.21%", "routed": "79.67%"}
 
 
-def parse_args(argv=None):
-    parser = make_parser(__doc__)
-    parser.add_argument("--teacher", default="checkpoints/teacher.pt", help="teacher checkpoint (teacherTrain.py)")
-    parser.add_argument("--students", nargs="+", default=DEFAULT_STUDENTS,
-                        help="student checkpoints, in the order the selector was trained for")
-    parser.add_argument("--selector", default="checkpoints/selector.pt", help="selector checkpoint (trainSelector.py)")
-    parser.add_argument("--out", default="results", help="folder for results.md, results.json and the plots")
-    parser.add_argument("--batch-size", type=int, default=1024, help="images per forward pass")
+def build_parser():
+    parser = make_parser(__doc__, Path(__file__).name)
+    parser.add_argument("--name", default="",
+                        help="experiment name: read checkpoints/NAME/, write results/NAME/ (default: checkpoints/, "
+                             "results/)")
+    parser.add_argument("--teacher", default=None, help="teacher checkpoint (default: checkpoints/[NAME/]teacher.pt)")
+    parser.add_argument("--students", nargs="+", default=None,
+                        help="student checkpoints, in the order the selector was trained for (default: "
+                             "checkpoints/[NAME/]student_densenet121.pt and student_googlenet.pt)")
+    parser.add_argument("--selector", default=None, help="selector checkpoint (default: checkpoints/[NAME/]selector.pt)")
+    parser.add_argument("--out", default=None, help="folder for results.md, results.json and the plots "
+                                                    "(default: results/[NAME/])")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=1024, help="images per forward pass")
     parser.add_argument("--images", nargs="+", metavar="PATH",
                         help="classify these image files (any size; resized to 32x32) instead of the test set")
-    add_data_args(parser)
-    add_device_args(parser)
-    return parser.parse_args(argv)
+    add_data_args(parser, split=False)
+    add_device_args(parser, compile=False, seed=False)
+    return parser
+
+
+def parse_args(argv=None):
+    args = parse(build_parser(), argv)
+    args.teacher = args.teacher or default_checkpoint(args.name, "teacher")
+    args.students = args.students or default_students(args.name)
+    args.selector = args.selector or default_checkpoint(args.name, "selector")
+    args.out = args.out or str(RESULTS_ROOT / args.name)
+    return args
 
 
 def load_selector(args, runtime):
@@ -202,14 +216,14 @@ def main(argv=None):
         return
     print_config(args, "inference.py")
     teacher = load_classifier(args.teacher, "teacher", "python teacherTrain.py", runtime)
-    data = load_cifar10(args.data_dir, args.download)
-    images, labels = make_splits(data, args.holdout, args.split_seed, args.limit)["test"]
+    split = students_split(args.students)
+    data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)
+    images, labels = make_splits(data, split["holdout"], split["split_seed"], split["limit"])["test"]
     results = evaluate_all(args, runtime, teacher, students, selector, images, labels)
-    device = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else \
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device = device_name(runtime.device)
     results.update(test_images=len(labels), device=device, torch=str(torch.__version__),
-                   data=f"data fingerprint {data.fingerprint}" + (f", stratified --limit {args.limit}" if args.limit
-                                                                  else ""),
+                   data=f"data fingerprint {data.fingerprint}" + (f", stratified --limit {split['limit']}"
+                                                                  if split["limit"] else ""),
                    students=[f"student {k} ({n})" for k, n in enumerate(student_names, 1)],
                    checkpoints={"teacher": args.teacher, "students": args.students, "selector": args.selector})
 

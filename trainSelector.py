@@ -4,37 +4,60 @@ The students are run on the hold-out split, which none of them trained on: on ea
 and on --views augmented copies of it. Each example is labelled with the student of lowest
 cross-entropy (or with soft targets softmax(-loss / tau)). The selector trains on part of the
 hold-out split with the shared engine; the rest (--val-fraction) selects its best epoch and
-gives the report. Writes checkpoints/selector.pt, which records the students it was made for.
+gives the report. The split (--holdout, --split-seed, --limit) is the students' own, read from
+their checkpoints. Writes checkpoints/[NAME/]selector.pt, which records the students it was made for.
 """
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from models import build_model
 from utils.checkpoint import save_checkpoint
-from utils.cli import UserError, add_data_args, add_device_args, make_parser, print_config, run
-from utils.data import load_cifar10, make_splits, random_crop_flip, stratified_indices
-from utils.engine import add_training_args, fit, setup_runtime, teardown_runtime
-from utils.routing import DEFAULT_STUDENTS, batched_logits, best_student_targets, load_students, student_record
+from utils.cli import (FRACTION, NON_NEGATIVE_INT, POSITIVE, add_data_args, add_device_args, make_parser, parse,
+                       print_config, run)
+from utils.data import load_cifar10, make_splits, planned_sizes, random_crop_flip, stratified_indices
+from utils.engine import add_training_args, check_training_args, fit, setup_runtime, teardown_runtime
+from utils.routing import (batched_logits, best_student_targets, default_students, load_students, student_record,
+                           students_split)
+from utils.runs import default_checkpoint, prepare_run
 
 
-def parse_args(argv=None):
-    parser = make_parser(__doc__)
-    parser.add_argument("--students", nargs="+", default=DEFAULT_STUDENTS,
-                        help="student checkpoints (StudentTrain.py), two or more, in routing order")
-    parser.add_argument("--views", type=int, default=4,
+def build_parser():
+    parser = make_parser(__doc__, Path(__file__).name)
+    parser.add_argument("--students", nargs="+", default=None,
+                        help="student checkpoints (StudentTrain.py), two or more, in routing order "
+                             "(default: checkpoints/[NAME/]student_densenet121.pt and student_googlenet.pt)")
+    parser.add_argument("--views", type=NON_NEGATIVE_INT, default=4,
                         help="augmented views (random crop and flip) of each selector-training image, "
                              "besides the clean one")
-    parser.add_argument("--val-fraction", type=float, default=0.2,
+    parser.add_argument("--val-fraction", type=FRACTION, default=0.2,
                         help="share of the hold-out split kept out of selector training, for its model "
                              "selection and report")
     parser.add_argument("--soft-targets", action="store_true",
                         help="train on softmax(-loss / tau) over the students instead of the single best one")
-    parser.add_argument("--tau", type=float, default=1.0, help="temperature of --soft-targets")
-    add_data_args(parser)
-    add_training_args(parser, checkpoint="checkpoints/selector.pt", epochs=30, lr=0.1, label_smoothing=0.0)
+    parser.add_argument("--tau", type=POSITIVE, default=1.0, help="temperature of --soft-targets")
+    add_data_args(parser, split=False)
+    add_training_args(parser, stem="selector", epochs=30, lr=0.1, label_smoothing=0.0)
     add_device_args(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    """The flags, the students' split (``args.split``, from their checkpoints) and the checks that need it."""
+    parser = build_parser()
+    args = parse(parser, argv)
+    args.students = args.students or default_students(args.name)
+    args.checkpoint = args.checkpoint or default_checkpoint(args.name, "selector")
+    args.split = students_split(args.students)
+    examples = None
+    if not args.partial_data:
+        sizes = planned_sizes(args.split["holdout"], args.split["limit"])
+        examples = round(sizes["holdout" if args.split["holdout"] else "train"] * (1 - args.val_fraction))
+        examples *= args.views + 1
+    check_training_args(parser, args, examples)
+    return args
 
 
 def selector_examples(images, labels, views, seed):
@@ -61,8 +84,8 @@ def report(selector, students, images, labels, runtime, majority):
     correct = preds == labels[:, None]
     return {
         "examples": len(labels),
-        "selector_acc": (choice == losses.argmin(1)).float().mean().item(),
-        "majority_acc": (losses.argmin(1) == majority).float().mean().item(),
+        "agreement_with_best_student": (choice == losses.argmin(1)).float().mean().item(),
+        "majority_agreement": (losses.argmin(1) == majority).float().mean().item(),
         "routed_acc": correct.gather(1, choice[:, None]).float().mean().item(),
         "student_accs": correct.float().mean(0).tolist(),
         "oracle_acc": correct.any(1).float().mean().item(),
@@ -72,25 +95,23 @@ def report(selector, students, images, labels, runtime, majority):
 
 def main(argv=None):
     args = parse_args(argv)
+    split = args.split
     runtime = setup_runtime(args)
     print_config(args, "trainSelector.py")
+    files = prepare_run(args)
     loaded = load_students(args.students, runtime)
     students = [model for model, _ in loaded]
-    for path, (_, checkpoint) in zip(args.students, loaded):
-        split = checkpoint["split"]
-        if (split["holdout"], split["split_seed"]) != (args.holdout, args.split_seed):
-            raise UserError(f"{path} was trained with --holdout {split['holdout']} --split-seed "
-                            f"{split['split_seed']}; pass the same to trainSelector.py")
-    data = load_cifar10(args.data_dir, args.download)
-    splits = make_splits(data, args.holdout, args.split_seed, args.limit)
-    if args.holdout:
+    data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)
+    splits = make_splits(data, split["holdout"], split["split_seed"], split["limit"])
+    if split["holdout"]:
         images, labels = splits["holdout"]
     else:
-        print("warning: --holdout 0: the selector learns from the training images, which the students have "
-              "fitted; both are right on nearly all of them, so its labels say little about new images")
+        print("warning: the students were trained with --holdout 0, so the selector learns from the training "
+              "images, which the students have fitted; both are right on nearly all of them, so its labels say "
+              "little about new images")
         images, labels = splits["train"]
     val = torch.zeros(len(labels), dtype=torch.bool)
-    val[stratified_indices(labels, max(1, round(args.val_fraction * len(labels))), args.split_seed)] = True
+    val[stratified_indices(labels, max(1, round(args.val_fraction * len(labels))), split["split_seed"])] = True
     train_images, train_labels = selector_examples(images[~val], labels[~val], args.views, args.seed)
 
     losses, preds = label_examples(students, train_images, train_labels, runtime)
@@ -108,21 +129,21 @@ def main(argv=None):
 
     meta = {"kind": "selector", "arch": "selector", "num_classes": len(students),
             "students": student_record(args.students, [c for _, c in loaded]),
-            "data_fingerprint": data.fingerprint,
-            "split": {"holdout": args.holdout, "split_seed": args.split_seed, "limit": args.limit}}
+            "data_fingerprint": data.fingerprint, "split": split,
+            "loss": "cross-entropy with best-student labels"}
     selector = build_model("selector", len(students))
     final = fit(selector, loss_fn, {"train": (train_images, targets), "holdout": (images[val], val_losses.argmin(1))},
-                args, runtime, meta, augment=False)
+                args, runtime, meta, files, augment=False)
     if final is not None:
         selector.load_state_dict(final["model"])
         selector.eval()
         final["report"] = report(selector, students, images[val], labels[val], runtime, majority)
         save_checkpoint(args.checkpoint, final)
         r = final["report"]
-        print(f"on {r['examples']} held-out images the selector did not train on: selector accuracy "
-              f"{r['selector_acc']:.4f} (always the majority student: {r['majority_acc']:.4f}); routed accuracy "
-              f"{r['routed_acc']:.4f}, students alone " + ", ".join(f"{a:.4f}" for a in r["student_accs"])
-              + f", oracle {r['oracle_acc']:.4f}")
+        print(f"on {r['examples']} held-out images the selector did not train on: agreement with the best-student "
+              f"labels {r['agreement_with_best_student']:.4f} (always the majority student: "
+              f"{r['majority_agreement']:.4f}); routed accuracy {r['routed_acc']:.4f}, students alone "
+              + ", ".join(f"{a:.4f}" for a in r["student_accs"]) + f", oracle {r['oracle_acc']:.4f}")
     teardown_runtime(runtime)
 
 

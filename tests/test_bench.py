@@ -13,7 +13,7 @@ from tests.conftest import write_tree
 from utils.checkpoint import clean_state_dict, save_checkpoint
 from utils.cli import UserError
 
-TINY = ["--device", "cpu", "--limit", "16", "--batch-size", "4", "--ref-batch-size", "4", "--steps", "1",
+TINY = ["--device", "cpu", "--partial-data", "--limit", "16", "--batch-size", "4", "--ref-batch-size", "4", "--steps", "1",
         "--warmup-steps", "0", "--workers", "0", "--infer-batch-size", "8"]
 INFERENCE_ROWS = {"teacher": "teacher resnet50", "densenet121": "student densenet121",
                   "googlenet": "student googlenet", "both_students": "both students",

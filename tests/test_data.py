@@ -98,7 +98,8 @@ def write_batches(folder, per_batch=3, n_test=4, seed=0):
 
 
 def load(path, tmp_path, **kwargs):
-    return load_cifar10(path, cache_dir=tmp_path / "cache", verbose=False, **kwargs)
+    """A small test copy: fewer images than CIFAR-10, so loaded with ``allow_partial``."""
+    return load_cifar10(path, cache_dir=tmp_path / "cache", verbose=False, allow_partial=True, **kwargs)
 
 
 # ----------------------------------------------------------------------------- source formats
@@ -196,7 +197,7 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch, kind):
         source, reader = tmp_path / "cifar-10-batches-py", "_read_batches"
         write_batches(source)
     cache = tmp_path / "cache"
-    first = load_cifar10(source, cache_dir=cache, verbose=False)
+    first = load_cifar10(source, cache_dir=cache, verbose=False, allow_partial=True)
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 1 and files[0].startswith("cifar10-") and files[0].endswith(".npz"), files
 
@@ -204,7 +205,7 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch, kind):
         raise AssertionError("decoded again although the cache is there")
 
     monkeypatch.setattr(data_mod, reader, decode_again)
-    second = load_cifar10(source, cache_dir=cache, verbose=False)
+    second = load_cifar10(source, cache_dir=cache, verbose=False, allow_partial=True)
     assert second.fingerprint == first.fingerprint
     for key in ("train_images", "train_labels", "test_images", "test_labels"):
         assert torch.equal(getattr(first, key), getattr(second, key)), key

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import MODEL_NAMES, build_model, model_stats
-from utils.losses import KD_LOSSES, kd_loss, kl_kd_loss, mse_kd_loss
+from utils.losses import KD_LOSSES, kd_loss, kd_terms
 
 CLASSIFIERS = [name for name in MODEL_NAMES if name != "selector"]
 
@@ -129,7 +129,11 @@ def test_kl_loss_matches_a_hand_computation(temperature, alpha):
     want = alpha * temperature ** 2 * reference_kl(s, t, temperature) + (1 - alpha) * reference_ce(s, TARGETS)
     assert got.dtype == torch.float32 and got.dim() == 0
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    assert torch.equal(got, kl_kd_loss(s, t, TARGETS, temperature=temperature, alpha=alpha))
+    terms = kd_terms("kl", s, t, TARGETS, temperature=temperature, alpha=alpha)
+    assert torch.equal(got, terms["loss"])
+    torch.testing.assert_close(terms["kd"].double(), temperature ** 2 * reference_kl(s, t, temperature), rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(terms["ce"].double(), reference_ce(s, TARGETS), rtol=1e-5, atol=1e-6)
 
 
 def test_kl_gradient_at_temperature_one():
@@ -171,7 +175,7 @@ def test_mse_loss_is_the_mean_squared_logit_difference():
     got = kd_loss("mse", s, t, TARGETS, temperature=4.0, alpha=1.0)
     torch.testing.assert_close(got, ((s - t) ** 2).mean())
     # the temperature does not enter the mse loss
-    torch.testing.assert_close(mse_kd_loss(s, t, TARGETS, temperature=1.0, alpha=1.0), got)
+    torch.testing.assert_close(kd_loss("mse", s, t, TARGETS, temperature=1.0, alpha=1.0), got)
     mixed = kd_loss("mse", s, t, TARGETS, alpha=0.25)
     torch.testing.assert_close(mixed.double(), 0.25 * ((s - t) ** 2).double().mean() + 0.75 * reference_ce(s, TARGETS),
                                rtol=1e-5, atol=1e-6)

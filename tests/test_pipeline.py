@@ -178,13 +178,20 @@ def test_selector_without_holdout_falls_back_to_training_images(tmp_path, capsys
     students = [random_student(tmp_path / f"s{k}.pt", arch, holdout=0)
                 for k, arch in enumerate(["googlenet", "densenet121"])]
     out = tmp_path / "selector.pt"
-    trainSelector.main(["--students", *students, "--data-dir", str(tree), "--holdout", "0", "--device", "cpu",
+    trainSelector.main(["--students", *students, "--data-dir", str(tree), "--partial-data", "--device", "cpu",
                         "--views", "1", "--soft-targets", "--epochs", "1", "--batch-size", "16",
                         "--checkpoint", str(out)])
     assert "the students have fitted" in capsys.readouterr().out
     selector = load_checkpoint(out, hint="", kind="selector")
     assert [s["path"] for s in selector["students"]] == students
+    assert selector["split"] == {"holdout": 0, "split_seed": 0, "limit": 0}
     assert selector["report"]["examples"] == 6 and sum(selector["report"]["routing_share"]) == pytest.approx(1)
 
-    with pytest.raises(UserError, match="--holdout 0"):
-        trainSelector.main(["--students", *students, "--data-dir", str(tree), "--holdout", "5", "--device", "cpu"])
+
+def test_students_of_different_splits_are_refused(tmp_path):
+    import trainSelector
+
+    students = [random_student(tmp_path / "s0.pt", "googlenet", holdout=0),
+                random_student(tmp_path / "s1.pt", "googlenet", holdout=5)]
+    with pytest.raises(UserError, match="different splits"):
+        trainSelector.parse_args(["--students", *students])

@@ -33,7 +33,7 @@ TEACHER_HINT = "python teacherTrain.py"
 def flags(tree, checkpoint, *extra, epochs=1):
     return ["--data-dir", str(tree), "--holdout", str(SPLIT["holdout"]), "--limit", str(SPLIT["limit"]),
             "--batch-size", "10", "--epochs", str(epochs), "--device", "cpu", "--checkpoint", str(checkpoint),
-            *extra]
+            "--partial-data", *extra]
 
 
 def teacher_flags(tree, checkpoint, *extra, epochs=1):
@@ -47,6 +47,11 @@ def metrics(checkpoint):
 
 def files(folder):
     return sorted(p.name for p in folder.iterdir())
+
+
+def run_files(stem):
+    """What one complete training run writes."""
+    return sorted(f"{stem}.{suffix}" for suffix in ("config.json", "curves.png", "last.pt", "metrics.jsonl", "pt"))
 
 
 def subprocess_env():
@@ -79,7 +84,7 @@ def teacher(tree, tmp_path_factory):
 # ----------------------------------------------------------------------------- teacher
 
 def test_teacher_epoch_writes_a_complete_checkpoint_set(teacher, tree):
-    assert files(teacher.parent) == ["teacher.curves.png", "teacher.last.pt", "teacher.metrics.jsonl", "teacher.pt"]
+    assert files(teacher.parent) == run_files("teacher")
     assert teacher.with_suffix(".curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     checkpoint = torch.load(teacher, map_location="cpu", weights_only=True)
@@ -94,15 +99,15 @@ def test_teacher_epoch_writes_a_complete_checkpoint_set(teacher, tree):
     assert checkpoint["split"] == {"holdout": 10, "split_seed": 0, "limit": 10}
     assert checkpoint["versions"]["torch"] == str(torch.__version__)
     assert not [k for k in checkpoint["model"] if k.startswith(("_orig_mod.", "module."))]
-    data = load_cifar10(tree, verbose=False)
+    data = load_cifar10(tree, verbose=False, allow_partial=True)
     assert checkpoint["data_fingerprint"] == data.fingerprint
 
     # the rebuilt model evaluates, and reproduces the recorded test accuracy
     checked = load_checkpoint(teacher, hint=TEACHER_HINT, kind="teacher", arch=TEACHER_ARCH)
     model = model_from_checkpoint(checked, teacher, TEACHER_HINT).eval()
     x, y = make_splits(data, SPLIT["holdout"], 0, SPLIT["limit"])["test"]
-    accuracy = evaluate(model, DeviceLoader(x, y, 10, "cpu"), Runtime(torch.device("cpu")))
-    assert accuracy == pytest.approx(checkpoint["test_acc"], abs=1e-6)
+    scores = evaluate(model, DeviceLoader(x, y, 10, "cpu"), Runtime(torch.device("cpu")))
+    assert scores["acc"] == pytest.approx(checkpoint["test_acc"], abs=1e-6)
 
     # after one epoch the best weights are the last ones
     last = torch.load(teacher.with_suffix(".last.pt"), map_location="cpu", weights_only=True)
@@ -120,20 +125,20 @@ def test_teacher_epoch_writes_a_complete_checkpoint_set(teacher, tree):
 
 def test_kd_student_epoch_uses_the_teacher(teacher, tree, tmp_path, monkeypatch):
     seen = {"teacher_outputs": [], "kd_calls": []}
-    load_teacher, loss = StudentTrain.load_teacher, StudentTrain.kd_loss
+    load_teacher, terms = StudentTrain.load_teacher, StudentTrain.kd_terms
 
     def spy_load_teacher(*args, **kwargs):
-        model = load_teacher(*args, **kwargs)
+        model, checkpoint = load_teacher(*args, **kwargs)
         seen["teacher"] = model
         model.register_forward_hook(lambda _m, _i, out: seen["teacher_outputs"].append(out.detach().clone()))
-        return model
+        return model, checkpoint
 
-    def spy_kd_loss(name, student_logits, teacher_logits, targets, **kwargs):
+    def spy_kd_terms(name, student_logits, teacher_logits, targets, **kwargs):
         seen["kd_calls"].append((name, teacher_logits.detach().clone(), kwargs))
-        return loss(name, student_logits, teacher_logits, targets, **kwargs)
+        return terms(name, student_logits, teacher_logits, targets, **kwargs)
 
     monkeypatch.setattr(StudentTrain, "load_teacher", spy_load_teacher)
-    monkeypatch.setattr(StudentTrain, "kd_loss", spy_kd_loss)
+    monkeypatch.setattr(StudentTrain, "kd_terms", spy_kd_terms)
     checkpoint = tmp_path / "student.pt"
     StudentTrain.main(flags(tree, checkpoint, "--teacher", str(teacher), "--temperature", "3", "--alpha", "0.8"))
 
@@ -147,9 +152,11 @@ def test_kd_student_epoch_uses_the_teacher(teacher, tree, tmp_path, monkeypatch)
     saved_teacher = torch.load(teacher, map_location="cpu", weights_only=True)["model"]
     assert all(torch.equal(v, saved_teacher[k]) for k, v in frozen.state_dict().items())
 
-    assert files(tmp_path) == ["student.curves.png", "student.last.pt", "student.metrics.jsonl", "student.pt"]
+    assert files(tmp_path) == run_files("student")
     student = load_checkpoint(checkpoint, hint="python StudentTrain.py", kind="student", arch=STUDENT_ARCH)
-    assert student["kd"] is True and student["teacher"] == str(teacher) and student["complete"] is True
+    assert student["kd"] is True and student["complete"] is True
+    assert student["teacher"] == {"path": str(teacher), "arch": TEACHER_ARCH,
+                                  "weights_sha256": load_checkpoint(teacher, hint="")["weights_sha256"]}
     assert student["config"]["temperature"] == 3.0 and student["config"]["alpha"] == 0.8
     assert student["data_fingerprint"] == torch.load(teacher, weights_only=True)["data_fingerprint"]
     model_from_checkpoint(student, checkpoint, "python StudentTrain.py")
@@ -229,7 +236,7 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(tree, tmp_path):
 
     with pytest.raises(UserError, match="--lr") as e:
         teacherTrain.main(teacher_flags(tree, checkpoint, "--resume", "--lr", "0.05", epochs=2))
-    assert "--resume" in str(e.value)
+    assert "resume with the same flags" in str(e.value)
     assert last.read_bytes() == before  # a refused resume leaves the run as it was
 
     teacherTrain.main(teacher_flags(tree, checkpoint, "--resume", epochs=2))  # --time-budget may change
@@ -265,8 +272,9 @@ def small_checkpoint(seed):
     return {"kind": "teacher", "arch": "selector", "num_classes": 2, "model": build_model("selector", 2).state_dict()}
 
 
-@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
-def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure):
+@pytest.mark.parametrize("failure,raised", [(OSError(28, "No space left on device"), CheckpointError),
+                                            (KeyboardInterrupt(), KeyboardInterrupt)])
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure, raised):
     path = tmp_path / "teacher.pt"
     save_checkpoint(path, small_checkpoint(0))
     assert files(tmp_path) == ["teacher.pt"]
@@ -278,8 +286,10 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, f
         raise failure
 
     monkeypatch.setattr(utils.checkpoint.torch, "save", partial_save)
-    with pytest.raises(type(failure)):
+    with pytest.raises(raised) as e:
         save_checkpoint(path, small_checkpoint(1))
+    if raised is CheckpointError:
+        assert str(e.value) == f"could not write {path} (No space left on device); the previous file is kept"
     monkeypatch.undo()
 
     assert path.read_bytes() == good
@@ -364,7 +374,7 @@ def test_cli_truncated_teacher_exits_with_one_line(teacher, tree, tmp_path):
     truncated = tmp_path / "teacher.pt"
     content = teacher.read_bytes()
     truncated.write_bytes(content[: len(content) // 2])
-    load_cifar10(tree, verbose=False)  # cached, so the subprocess prints no decoding progress
+    load_cifar10(tree, verbose=False, allow_partial=True)  # cached, so the subprocess prints no decoding progress
     result = subprocess.run([sys.executable, "StudentTrain.py",
                              *flags(tree, tmp_path / "s.pt", "--teacher", str(truncated))],
                             cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
@@ -375,7 +385,7 @@ def test_cli_truncated_teacher_exits_with_one_line(teacher, tree, tmp_path):
 # ----------------------------------------------------------------------------- torchrun
 
 def test_torchrun_two_processes_on_cpu(tree, tmp_path):
-    load_cifar10(tree, verbose=False)
+    load_cifar10(tree, verbose=False, allow_partial=True)
     out = tmp_path / "ddp"
     checkpoint = out / "teacher.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
@@ -383,7 +393,7 @@ def test_torchrun_two_processes_on_cpu(tree, tmp_path):
     result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # exactly one checkpoint set, written by rank 0 alone
-    assert files(out) == ["teacher.curves.png", "teacher.last.pt", "teacher.metrics.jsonl", "teacher.pt"]
+    assert files(out) == run_files("teacher")
     assert result.stdout.count("saved ") == 1
     assert len(metrics(checkpoint)) == 1
     final = load_checkpoint(checkpoint, hint=TEACHER_HINT, kind="teacher", arch=TEACHER_ARCH)

@@ -45,6 +45,9 @@ def save_checkpoint(path, checkpoint):
     try:
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk shows as either, by where torch.save notices it
+        raise CheckpointError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); "
+                              f"{'the previous file is kept' if path.exists() else 'nothing was written'}") from None
     finally:
         tmp.unlink(missing_ok=True)
 

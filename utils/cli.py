@@ -1,7 +1,9 @@
-"""What every script shares: the user-error type, common flags, device choice, printing."""
+"""What every script shares: the user-error type, validated flag types, common flags, device choice, printing."""
 
 import argparse
+import math
 import os
+import shlex
 import sys
 
 import torch
@@ -19,39 +21,120 @@ def run(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\ninterrupted (a training run continues with --resume)", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+# ----------------------------------------------------------------------------- flag types
+
+class Number:
+    """An argparse ``type=`` that accepts a finite int or float within a range, and says the range otherwise.
+
+    ``Number(int, 1)`` is a positive integer, ``Number(float, 0, 1, high_open=True)`` a number in [0, 1).
+    The bounds stay readable as attributes, so tests can derive invalid values from them.
+    """
+
+    def __init__(self, kind, low=None, high=None, low_open=False, high_open=False):
+        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+        self.__name__ = self.describe()
+
+    def describe(self):
+        noun = "an integer" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            return f"{noun} in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{noun} {'>' if self.low_open else '>='} {self.low}"
+        return f"{noun} {'<' if self.high_open else '<='} {self.high}" if self.high is not None else noun
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not self._in_range(value):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, not {text!r}")
+        return value
+
+    def _in_range(self, value):
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
 
 
-def make_parser(description):
-    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+POSITIVE_INT = Number(int, 1)
+NON_NEGATIVE_INT = Number(int, 0)
+POSITIVE = Number(float, 0, low_open=True)
+NON_NEGATIVE = Number(float, 0)
+PROBABILITY = Number(float, 0, 1)
+FRACTION = Number(float, 0, 1, low_open=True, high_open=True)
+UNIT_INTERVAL = Number(float, 0, 1, high_open=True)  # [0, 1): momentum, EMA decay, label smoothing
 
 
-def add_data_args(parser):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default once: appended unless the help text already speaks of it, or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line, ``error: ...``, with exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def make_parser(description, prog):
+    return ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+
+
+def parse(parser, argv=None):
+    """Parse ``argv`` (default: the command line); ``args.command`` is the command that reruns it."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parser.parse_args(argv)
+    args.command = shlex.join(["python", parser.prog, *argv])
+    return args
+
+
+# ----------------------------------------------------------------------------- common flags
+
+def default_data_dir():
+    return os.environ.get("CIFAR10_DIR", "data")
+
+
+def add_data_args(parser, split=True):
     g = parser.add_argument_group("data")
-    g.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR", "data"),
+    g.add_argument("--data-dir", default=default_data_dir(),
                    help="CIFAR-10 location: a cifar-10-batches-py folder, a train/ test/ image-folder tree, "
                         "or a .tar.gz/.tar/.zip archive of one; the environment variable CIFAR10_DIR sets the default")
     g.add_argument("--download", action="store_true",
                    help="download the official CIFAR-10 into --data-dir with torchvision if it is not there")
-    g.add_argument("--holdout", type=int, default=5000,
-                   help="training images held out (stratified) for model selection and the selector; 0 allowed")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the hold-out split (keep it equal across stages)")
-    g.add_argument("--limit", type=int, default=0,
-                   help="use a stratified subset of at most this many images of each split, for quick runs (0: all)")
+    g.add_argument("--partial-data", action="store_true",
+                   help="accept a copy with fewer images than CIFAR-10's 50,000 + 10,000 (refused otherwise)")
+    if split:
+        g.add_argument("--holdout", type=NON_NEGATIVE_INT, default=5000,
+                       help="training images held out (stratified) for model selection and the selector; 0 allowed")
+        g.add_argument("--split-seed", type=NON_NEGATIVE_INT, default=0,
+                       help="seed of the hold-out split (keep it equal across stages)")
+        g.add_argument("--limit", type=NON_NEGATIVE_INT, default=0,
+                       help="use a stratified subset of at most this many images of each split, for quick runs "
+                            "(0: all)")
     return g
 
 
-def add_device_args(parser):
+def add_device_args(parser, compile=True, seed=True):
     g = parser.add_argument_group("device")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto picks CUDA when available")
-    g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
-    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
+    if compile:
+        g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
+    if seed:
+        g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0,
+                       help="seed for initialisation, shuffling and augmentation")
     return g
 
 

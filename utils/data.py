@@ -35,6 +35,7 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BATCH_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
 FIX_HINT = "point --data-dir (or CIFAR10_DIR) at a CIFAR-10 copy, or add --download"
+TRAIN_SIZE, TEST_SIZE = 50_000, 10_000  # the official split sizes
 
 
 class DataError(UserError):
@@ -55,8 +56,12 @@ def default_cache_dir():
     return Path(os.environ.get("CIFAR10_CACHE", Path.home() / ".cache" / "mskd-cifar10"))
 
 
-def load_cifar10(data_dir, download=False, cache_dir=None, verbose=True):
-    """Load CIFAR-10 from ``data_dir``; decode once, then serve from a cache keyed by the source."""
+def load_cifar10(data_dir, download=False, cache_dir=None, verbose=True, allow_partial=False):
+    """Load CIFAR-10 from ``data_dir``; decode once, then serve from a cache keyed by the source.
+
+    A copy with fewer images than the official 50,000 + 10,000 (a cut archive, a partial tree)
+    is refused unless ``allow_partial``.
+    """
     data_dir = Path(data_dir).expanduser()
     source = _find_source(data_dir)
     if source is None and download:
@@ -74,6 +79,11 @@ def load_cifar10(data_dir, download=False, cache_dir=None, verbose=True):
         arrays = _read_batches(path) if kind == "batches" else _read_tree(kind, path, verbose)
         arrays["fingerprint"] = np.array(_fingerprint(arrays))
         _write_cache(cache, arrays)
+    counts = len(arrays["train_labels"]), len(arrays["test_labels"])
+    if counts != (TRAIN_SIZE, TEST_SIZE) and not allow_partial:
+        raise DataError(f"{path} holds {counts[0]:,} training and {counts[1]:,} test images, not CIFAR-10's "
+                        f"{TRAIN_SIZE:,} and {TEST_SIZE:,}: the copy is incomplete; use an intact copy, or add "
+                        "--partial-data to train on it as it is")
     return Cifar10(
         train_images=torch.from_numpy(arrays["train_images"]),
         train_labels=torch.from_numpy(arrays["train_labels"]).long(),
@@ -253,6 +263,21 @@ def holdout_split(labels, holdout, seed=0):
     return keep.nonzero().flatten(), held
 
 
+def planned_sizes(holdout, limit, train_size=TRAIN_SIZE, test_size=TEST_SIZE):
+    """``{"train", "holdout", "test"}`` -> number of images ``make_splits`` will give, known before decoding."""
+    sizes = {"train": train_size - holdout, "holdout": holdout, "test": test_size}
+    return {name: min(n, limit) if limit else n for name, n in sizes.items()}
+
+
+def check_split_flags(parser, args):
+    """The split sizes ``--holdout`` and ``--limit`` ask for, checked before decoding (None with --partial-data)."""
+    if args.partial_data:
+        return None
+    if args.holdout >= TRAIN_SIZE:
+        parser.error(f"--holdout {args.holdout} leaves no training images: CIFAR-10 has {TRAIN_SIZE:,}")
+    return planned_sizes(args.holdout, args.limit)
+
+
 def make_splits(data, holdout, split_seed=0, limit=0):
     """``{"train", "holdout", "test"}`` -> ``(uint8 images, labels)``; ``limit`` caps each split."""
     train_idx, holdout_idx = holdout_split(data.train_labels, holdout, split_seed)
@@ -303,7 +328,9 @@ class DeviceLoader:
     """Batches of a whole split kept on ``device`` as one uint8 tensor.
 
     Training: a seeded permutation per epoch (each rank takes its shard), random crop and
-    flip on the device. Evaluation: the split in order, each rank a disjoint shard.
+    flip on the device, drawn from a generator seeded per batch, so that iterating from a
+    batch in mid-epoch (``batches(start)``, for an exact resume) gives what a whole epoch
+    would have given there. Evaluation: the split in order, each rank a disjoint shard.
     ``targets`` may be class indices ``(N,)`` or soft targets ``(N, K)``.
     """
 
@@ -338,12 +365,17 @@ class DeviceLoader:
         return -(-self.num_samples // self.batch_size)
 
     def __iter__(self):
+        return self.batches()
+
+    def batches(self, start=0):
+        """The epoch's batches from batch number ``start`` on."""
         indices = self._indices().to(self.device)
-        generator = torch.Generator(self.device).manual_seed((self.seed * 100_003 + self.epoch) * 64 + self.rank)
+        generator = torch.Generator(self.device)
         channels_last = self.device.type == "cuda"
-        for start in range(0, len(indices), self.batch_size):
-            idx = indices[start:start + self.batch_size]
+        for batch in range(start, len(self)):
+            idx = indices[batch * self.batch_size:(batch + 1) * self.batch_size]
             x = self.images[idx]
             if self.augment:
+                generator.manual_seed(((self.seed * 100_003 + self.epoch) * 100_003 + batch) * 64 + self.rank)
                 x = random_crop_flip(x, generator)
             yield normalize(x, channels_last), self.targets[idx]

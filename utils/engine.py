@@ -3,64 +3,100 @@
 SGD with Nesterov momentum, linear warm-up then cosine decay stepped per batch, bf16
 autocast and ``channels_last`` on CUDA (fp32 on CPU), optional ``torch.compile`` and weight
 EMA, DistributedDataParallel under ``torchrun``. Metrics stay on the device during an
-epoch. Every epoch ``<name>.last.pt`` (resume state) is rewritten atomically, and
-``<name>.pt`` holds the best weights by hold-out accuracy; at the end the test set is
+epoch. Every epoch ``<stem>.last.pt`` (resume state) is rewritten atomically, and
+``<stem>.pt`` holds the best weights by hold-out accuracy; at the end the test set is
 evaluated once, on those weights.
+
+Nothing is lost: SIGINT or SIGTERM finishes the current step, saves a mid-epoch resume
+state and exits; ``--resume`` then ends exactly where an uninterrupted run ends. A
+non-finite loss stops the run with one line, before anything is saved from it.
 """
 
 import json
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
-from utils.cli import UserError, pick_device
+from utils.cli import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_INTERVAL, UserError,
+                       pick_device)
 from utils.data import DeviceLoader
 from utils.plots import plot_history
+from utils.runs import check_free_space, device_name, provenance, write_config
 
+WARMUP_EPOCHS = 2.0
 # Flags that may differ between a run and its --resume without changing the result.
-RUN_CONTROL_FLAGS = {"resume", "time_budget", "log_every", "compile", "device", "download", "data_dir"}
+RUN_CONTROL_FLAGS = {"resume", "force", "time_budget", "log_every", "compile", "device", "download", "data_dir",
+                     "checkpoint", "name", "command"}
 
 
-def add_training_args(parser, checkpoint, epochs, lr, batch_size=512, weight_decay=5e-4, label_smoothing=0.1,
-                      warmup_epochs=2.0):
+def add_training_args(parser, stem, epochs, lr, batch_size=512, weight_decay=5e-4, label_smoothing=0.1):
+    """The flags of every training script; ``stem`` names its default checkpoint, ``checkpoints/[NAME/]<stem>.pt``."""
     g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs, help="passes over the training split")
-    g.add_argument("--batch-size", type=int, default=batch_size, help="images per step, over all GPUs")
-    g.add_argument("--lr", type=float, default=lr,
+    g.add_argument("--epochs", type=POSITIVE_INT, default=epochs, help="passes over the training split")
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=batch_size, help="images per step, over all GPUs")
+    g.add_argument("--lr", type=POSITIVE, default=lr,
                    help="peak learning rate for a batch of 512, reached after the warm-up; scaled linearly "
                         "with --batch-size")
-    g.add_argument("--warmup-epochs", type=float, default=warmup_epochs,
-                   help="epochs of linear warm-up from 0 to --lr; a cosine decay to 0 follows")
-    g.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum of SGD")
-    g.add_argument("--weight-decay", type=float, default=weight_decay,
+    g.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=None,
+                   help="epochs of linear warm-up from 0 to the peak learning rate; a cosine decay to 0 follows "
+                        f"(default: {WARMUP_EPOCHS:g}, or the whole run if it is shorter)")
+    g.add_argument("--momentum", type=UNIT_INTERVAL, default=0.9, help="Nesterov momentum of SGD")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=weight_decay,
                    help="L2 weight decay (not applied to biases and BatchNorm)")
-    g.add_argument("--label-smoothing", type=float, default=label_smoothing, help="label smoothing of cross-entropy")
-    g.add_argument("--ema", type=float, default=0.0,
+    g.add_argument("--label-smoothing", type=UNIT_INTERVAL, default=label_smoothing,
+                   help="label smoothing of cross-entropy")
+    g.add_argument("--ema", type=UNIT_INTERVAL, default=0.0,
                    help="decay of an exponential moving average of the weights, evaluated and saved instead "
                         "of the raw weights (0: off; try 0.999)")
     g.add_argument("--tta", action="store_true", help="evaluate on each image and its mirror image, averaged")
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate on the hold-out split every k epochs")
-    g.add_argument("--log-every", type=int, default=50,
-                   help="steps between updates of the loss and accuracy on the progress bar")
-    g.add_argument("--checkpoint", default=checkpoint,
-                   help="output: best weights here, resume state beside it as <name>.last.pt, metrics log "
-                        "as <name>.metrics.jsonl, curves as <name>.curves.png"
-                        + ("" if checkpoint else " (default: checkpoints/student_<arch>.pt, _nokd.pt with --no-kd)"))
+    g.add_argument("--eval-every", type=POSITIVE_INT, default=1, help="evaluate on the hold-out split every k epochs")
+    g.add_argument("--log-every", type=POSITIVE_INT, default=50,
+                   help="steps between updates of the progress bar (and, under torchrun, between checks for a "
+                        "stop signal)")
+    g = parser.add_argument_group("output")
+    g.add_argument("--name", default="",
+                   help="experiment name: every stage reads and writes its checkpoints in checkpoints/NAME/ "
+                        "(default: checkpoints/)")
+    g.add_argument("--checkpoint", default=None,
+                   help=f"output path of the best weights (default: checkpoints/[NAME/]{stem}.pt); beside it "
+                        "<stem>.last.pt (resume state), .metrics.jsonl, .curves.png and .config.json")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run saved at --checkpoint")
-    g.add_argument("--time-budget", type=float, default=None,
+    g.add_argument("--force", action="store_true", help="replace an existing run at --checkpoint")
+    g.add_argument("--time-budget", type=NON_NEGATIVE, default=None,
                    help="save and stop after the first epoch that ends past this many minutes; "
                         "continue with --resume")
     return g
+
+
+def check_training_args(parser, args, train_images=None):
+    """Checks across flags, before any data is decoded; each failure is ``parser.error``'s one line.
+
+    ``train_images``: the size the training split will have, where it is known in advance.
+    """
+    if args.resume and args.force:
+        parser.error("--resume continues a run and --force replaces it: give one of them")
+    if args.warmup_epochs is None:
+        args.warmup_epochs = min(WARMUP_EPOCHS, args.epochs)
+    elif args.warmup_epochs > args.epochs:
+        parser.error(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs})")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size < world_size:
+        parser.error(f"--batch-size {args.batch_size} cannot be shared by {world_size} processes; give at least "
+                     "one image per process")
+    if train_images is not None and args.batch_size > train_images:
+        parser.error(f"--batch-size {args.batch_size} is larger than the training split ({train_images} images); "
+                     "lower it, or raise --limit")
 
 
 @dataclass
@@ -97,7 +133,7 @@ def setup_runtime(args):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)
+    torch.manual_seed(getattr(args, "seed", 0))
     return Runtime(device, rank, world_size)
 
 
@@ -119,20 +155,23 @@ def predict(model, x, tta=False):
 
 @torch.no_grad()
 def evaluate(model, loader, runtime, tta=False):
-    """Accuracy of ``model`` on a loader's split (the argmax of soft targets counts as the label)."""
+    """``{"acc", "loss"}`` of ``model`` on a loader's split: accuracy and mean cross-entropy.
+
+    With soft targets the argmax counts as the label.
+    """
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), device=runtime.device)
-    count = torch.zeros((), device=runtime.device)
+    sums = torch.zeros(3, device=runtime.device)  # correct, loss * images, images
     for x, y in loader:
         with runtime.autocast:
-            logits = predict(model, x, tta)
+            logits = predict(model, x, tta).float()
         labels = y if y.dim() == 1 else y.argmax(1)
-        correct += (logits.argmax(1) == labels).sum()
-        count += len(y)
+        sums[0] += (logits.argmax(1) == labels).sum()
+        sums[1] += F.cross_entropy(logits, labels, reduction="sum")
+        sums[2] += len(y)
     model.train(was_training)
-    runtime.all_sum(correct), runtime.all_sum(count)
-    return (correct / count.clamp(min=1)).item()
+    correct, loss, count = runtime.all_sum(sums).tolist()
+    return {"acc": correct / max(count, 1), "loss": loss / max(count, 1)}
 
 
 def _lr_at(step, total_steps, warmup_steps, peak):
@@ -153,25 +192,74 @@ def make_optimizer(model, lr, momentum, weight_decay, runtime):
                            fused=fused or None, foreach=None if fused else True)
 
 
-def train_step(net, optimizer, loss_fn, x, y, runtime, metrics):
-    """One optimisation step; adds ``[loss * batch, correct, batch]`` to the device tensor ``metrics``."""
+def _accumulate(sums, name, value, device):
+    if name not in sums:
+        sums[name] = torch.zeros((), device=device)
+    sums[name] += value
+
+
+def train_step(net, optimizer, loss_fn, x, y, runtime, sums):
+    """One optimisation step; returns the loss.
+
+    ``loss_fn(logits, x, y)`` returns the loss, or a dict of named terms whose ``"loss"`` is
+    optimised. Each term times the batch size, the correct predictions and the batch size are
+    added to the device tensors in ``sums``: no host synchronisation.
+    """
     with runtime.autocast:
         logits = net(x)
-        loss = loss_fn(logits, x, y)
+        terms = loss_fn(logits, x, y)
+    terms = terms if isinstance(terms, dict) else {"loss": terms}
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    terms["loss"].backward()
     optimizer.step()
     labels = y if y.dim() == 1 else y.argmax(1)
-    metrics[0] += loss.detach().float() * len(y)
-    metrics[1] += (logits.detach().argmax(1) == labels).sum()
-    metrics[2] += len(y)
+    for name, value in terms.items():
+        _accumulate(sums, name, value.detach().float() * len(y), runtime.device)
+    _accumulate(sums, "correct", (logits.detach().argmax(1) == labels).sum(), runtime.device)
+    _accumulate(sums, "images", len(y), runtime.device)
+    return terms["loss"]
 
 
-def _paths(checkpoint):
-    path = Path(checkpoint)
-    name = path.name.removesuffix(".pt")
-    return {"best": path, "last": path.with_name(f"{name}.last.pt"),
-            "log": path.with_name(f"{name}.metrics.jsonl"), "plot": path.with_name(f"{name}.curves.png")}
+class StopSignal:
+    """While active, SIGINT and SIGTERM only ask the loop to stop; a second signal acts as usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        try:
+            self.previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: signals cannot be caught here
+            self.previous = {}
+        return self
+
+    def _request(self, signum, frame):
+        self.signum = signum
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class NonFiniteWatch:
+    """Notices a non-finite loss without a host synchronisation per step, and tells which step it was."""
+
+    def __init__(self, device):
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        self.finite_steps = torch.zeros((), dtype=torch.long, device=device)
+
+    def update(self, loss):
+        self.finite &= torch.isfinite(loss.detach())
+        self.finite_steps += self.finite
+
+    def first_bad_step(self, runtime):
+        """None while every loss was finite on every process, else the count of good steps before the first bad one."""
+        bad = runtime.all_sum((~self.finite).float())
+        return int(self.finite_steps.item()) if bad.item() > 0 else None
 
 
 def _check_resumable(state, args, path):
@@ -180,21 +268,23 @@ def _check_resumable(state, args, path):
     if changed:
         k = changed[0]
         raise UserError(f"{path} was started with --{k.replace('_', '-')} {old[k]}, not {getattr(args, k)}; "
-                        "resume with the same flags, or start afresh without --resume")
+                        "resume with the same flags, or start afresh with --force")
 
 
-def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
+def _round(record):
+    return {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in record.items()}
+
+
+def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True):
     """Train ``model`` on ``splits["train"]``, select on ``splits["holdout"]``, test once on ``splits["test"]``.
 
-    ``loss_fn(logits, x, y)`` returns the batch loss; ``splits`` maps a split name to
-    ``(uint8 images, targets)`` (``holdout`` and ``test`` may be missing or empty).
-    ``meta`` (kind, arch, num_classes, ...) is stored in every checkpoint.
+    ``loss_fn(logits, x, y)`` returns the batch loss, or a dict of named terms (``"loss"``
+    is optimised, every term is logged); ``splits`` maps a split name to ``(uint8 images,
+    targets)`` (``holdout`` and ``test`` may be missing or empty). ``meta`` (kind, arch,
+    num_classes, ...) is stored in every checkpoint; ``files`` comes from ``prepare_run``.
     Returns the final checkpoint dict, or ``None`` when ``--time-budget`` stopped the run early.
     """
-    paths = _paths(args.checkpoint)
     bs = args.batch_size // runtime.world_size
-    if bs < 1:
-        raise UserError(f"--batch-size {args.batch_size} is smaller than the number of processes")
 
     def loader(name, train=False):
         if name not in splits or len(splits[name][0]) == 0:
@@ -206,6 +296,9 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
     train_loader, holdout_loader, test_loader = loader("train", train=True), loader("holdout"), loader("test")
     if train_loader is None:
         raise UserError("the training split is empty; lower --holdout or raise --limit")
+    if args.batch_size > len(splits["train"][0]):
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training split "
+                        f"({len(splits['train'][0])} images); lower it")
 
     model = prepare_model(model, runtime)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
@@ -217,96 +310,164 @@ def fit(model, loss_fn, splits, args, runtime, meta, augment=True):
         net = torch.compile(net, dynamic=False)
     peak_lr = args.lr * args.batch_size / 512
     optimizer = make_optimizer(model, peak_lr, args.momentum, args.weight_decay, runtime)
-
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    start_epoch, best_acc, best_state, history = 0, -1.0, None, []
-    config = vars(args)
 
+    def lr_at(step):
+        return _lr_at(step, total_steps, warmup_steps, peak_lr)
+
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if runtime.is_main:  # best + last (weights, momentum, EMA) + the temporary copy of the largest
+        check_free_space(files.best.parent, weight_bytes * (6 if ema else 4))
+
+    start_epoch, start_step, sums, history = 0, 0, {}, []
+    best_acc, best_state, elapsed, epoch_seconds = -1.0, None, 0.0, 0.0
     if args.resume:
-        if not paths["last"].exists():
-            raise UserError(f"nothing to resume: no {paths['last']}; start the run without --resume")
-        state = load_checkpoint(paths["last"], hint="start the run without --resume", kind=meta["kind"],
+        state = load_checkpoint(files.last, hint="start the run without --resume", kind=meta["kind"],
                                 arch=meta["arch"])
-        _check_resumable(state, args, paths["last"])
+        _check_resumable(state, args, files.last)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema:
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"])
-        start_epoch, best_acc, history = state["epoch"], state["best_acc"], state["history"]
-        if best_acc >= 0 or holdout_loader is None:  # else no epoch was evaluated yet, so no best weights
-            best_state = load_checkpoint(paths["best"], hint="start the run without --resume")["model"]
-    if runtime.is_main:
-        if args.resume:
-            print(f"resuming {paths['last']} after epoch {start_epoch}/{args.epochs}")
-        paths["log"].parent.mkdir(parents=True, exist_ok=True)
-        paths["log"].write_text("".join(json.dumps(record) + "\n" for record in history))
+        if runtime.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], runtime.device)
+        start_epoch, start_step, history = state["epoch"], state.get("step", 0), state["history"]
+        sums = {k: v.to(runtime.device) for k, v in state.get("sums", {}).items()}
+        elapsed, epoch_seconds = state.get("elapsed", 0.0), state.get("epoch_seconds", 0.0)
+        if files.best.exists():  # its weights and their hold-out accuracy always go together
+            best = load_checkpoint(files.best, hint="start the run afresh with --force")
+            best_state, best_acc = best["model"], best["holdout_acc"] if best["holdout_acc"] is not None else -1.0
 
-    def checkpoint(**extra):
-        return {**meta, "config": config, "epochs": args.epochs, **extra}
+    run_meta = {**meta, "config": vars(args), "epochs": args.epochs, "provenance": provenance(runtime.device)}
+    if runtime.is_main:
+        print(f"device: {device_name(runtime.device)}" + (f" x {runtime.world_size} processes"
+                                                          if runtime.world_size > 1 else ""))
+        print(f"peak learning rate {peak_lr:g} (--lr {args.lr:g} x batch {args.batch_size} / 512), "
+              f"{steps_per_epoch} steps per epoch, {warmup_steps} warm-up steps")
+        if args.resume:
+            print(f"resuming {files.last} at epoch {start_epoch + 1}/{args.epochs}, step {start_step}")
+        write_config(files.config, args, runtime.device, meta["kind"])
+        files.log.write_text("".join(json.dumps(record) + "\n" for record in history))
+
+    def resume_state(epoch, step, sums, seconds_in_epoch):
+        return {**run_meta, "model": clean_state_dict(model), "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict() if ema else None, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(runtime.device) if runtime.device.type == "cuda" else None,
+                "epoch": epoch, "step": step, "sums": {k: v.detach().cpu() for k, v in sums.items()},
+                "history": history, "elapsed": elapsed + time.time() - started,
+                "epoch_seconds": seconds_in_epoch, "complete": epoch == args.epochs}
+
+    def check_finite(watch, epoch, first_step):
+        bad = watch.first_bad_step(runtime)
+        if bad is not None:
+            step = first_step + bad
+            kept = (f"the last good state is {files.last} (epoch {history[-1]['epoch']})" if history
+                    else "nothing was saved")
+            raise UserError(f"training diverged: non-finite loss at epoch {epoch + 1}, step {step + 1}/"
+                            f"{steps_per_epoch}, learning rate {lr_at(epoch * steps_per_epoch + step):.4g}; "
+                            f"{kept}; lower --lr (or raise --warmup-epochs) and start again with --force")
 
     started = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        train_loader.set_epoch(epoch)
-        model.train()
-        metrics = torch.zeros(3, device=runtime.device)  # loss * batch, correct, images
-        epoch_start = time.time()
-        bar = tqdm(total=train_loader.num_samples, unit="img", unit_scale=True,
-                   desc=f"epoch {epoch + 1}/{args.epochs}", disable=not runtime.is_main, leave=False)
-        for i, (x, y) in enumerate(train_loader):
-            step = epoch * steps_per_epoch + i
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, total_steps, warmup_steps, peak_lr)
-            train_step(net, optimizer, loss_fn, x, y, runtime, metrics)
-            if ema:
-                ema.update_parameters(model)
-            bar.update(len(y))
-            if (i + 1) % args.log_every == 0:
-                loss_sum, correct, seen = metrics.tolist()
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        bar.close()
-        loss_sum, correct, seen = runtime.all_sum(metrics).tolist()
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / seen,
-                  "train_acc": correct / seen, "images_per_s": seen / (time.time() - epoch_start)}
-        last_epoch = epoch + 1 == args.epochs
-        if holdout_loader is not None and ((epoch + 1) % args.eval_every == 0 or last_epoch):
-            record["holdout_acc"] = evaluate(eval_model, holdout_loader, runtime, args.tta)
-        history.append(record)
-        improved = holdout_loader is None or record.get("holdout_acc", -1.0) > best_acc
-        if improved:
-            best_acc = record.get("holdout_acc", best_acc)
-            best_state = clean_state_dict(eval_model)
-        if runtime.is_main:
-            print(f"epoch {epoch + 1}/{args.epochs}  " + "  ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch"))
-        out_of_time = args.time_budget is not None and time.time() - started > 60 * args.time_budget
-        out_of_time = runtime.all_sum(torch.tensor(float(out_of_time), device=runtime.device)).item() > 0
-        if runtime.is_main:
-            with open(paths["log"], "a") as f:
-                f.write(json.dumps(record) + "\n")
+    with StopSignal() as stop:
+        for epoch in range(start_epoch, args.epochs):
+            train_loader.set_epoch(epoch)
+            model.train()
+            first_step = start_step if epoch == start_epoch else 0
+            if epoch != start_epoch:
+                sums, epoch_seconds = {}, 0.0
+            watch = NonFiniteWatch(runtime.device)
+            epoch_start = time.time() - epoch_seconds
+            bar = tqdm(total=train_loader.num_samples, initial=min(first_step * bs, train_loader.num_samples),
+                       unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       disable=not runtime.is_main, leave=False)
+            for i, (x, y) in enumerate(train_loader.batches(first_step), first_step):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(epoch * steps_per_epoch + i)
+                watch.update(train_step(net, optimizer, loss_fn, x, y, runtime, sums))
+                if ema:
+                    ema.update_parameters(model)
+                bar.update(len(y))
+                at_log_point = (i + 1) % args.log_every == 0
+                if at_log_point:
+                    check_finite(watch, epoch, first_step)
+                    bar.set_postfix(loss=f"{sums['loss'].item() / sums['images'].item():.3f}",
+                                    acc=f"{sums['correct'].item() / sums['images'].item():.3f}")
+                stopping = stop.signum is not None
+                if runtime.world_size > 1:  # every process must stop after the same step
+                    stopping = at_log_point and runtime.all_sum(
+                        torch.tensor(float(stopping), device=runtime.device)).item() > 0
+                if stopping and i + 1 < steps_per_epoch:
+                    check_finite(watch, epoch, first_step)
+                    bar.close()
+                    if runtime.is_main:
+                        save_checkpoint(files.last, resume_state(epoch, i + 1, sums, time.time() - epoch_start))
+                        name = signal.Signals(stop.signum or signal.SIGTERM).name
+                        print(f"\n{name}: stopped at epoch {epoch + 1}/{args.epochs}, step {i + 1}/"
+                              f"{steps_per_epoch}; saved {files.last}\ncontinue with: {args.command} --resume")
+                    raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+            bar.close()
+            check_finite(watch, epoch, first_step)
+            totals = dict(zip(sums, runtime.all_sum(torch.stack([sums[k].float() for k in sums])).tolist()))
+            images = totals.pop("images")
+            record = {"epoch": epoch + 1,
+                      "lr": sum(map(lr_at, range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)))
+                      / steps_per_epoch,
+                      "train_loss": totals.pop("loss") / images,
+                      **{f"train_{k}": v / images for k, v in totals.items() if k != "correct"},
+                      "train_acc": totals["correct"] / images,
+                      "images_per_s": images / (time.time() - epoch_start)}
+            last_epoch = epoch + 1 == args.epochs
+            if holdout_loader is not None and ((epoch + 1) % args.eval_every == 0 or last_epoch):
+                scores = evaluate(eval_model, holdout_loader, runtime, args.tta)
+                record.update(holdout_loss=scores["loss"], holdout_acc=scores["acc"])
+            record["elapsed_s"] = elapsed + time.time() - started
+            record = _round(record)
+            history.append(record)
+            improved = holdout_loader is None or record.get("holdout_acc", -1.0) > best_acc
             if improved:
-                save_checkpoint(paths["best"], checkpoint(model=best_state, epoch=epoch + 1, holdout_acc=best_acc,
-                                                          test_acc=None, complete=False))
-            save_checkpoint(paths["last"], checkpoint(
-                model=clean_state_dict(model), optimizer=optimizer.state_dict(),
-                ema=ema.state_dict() if ema else None, rng=torch.get_rng_state(), epoch=epoch + 1,
-                best_acc=best_acc, history=history, complete=last_epoch))
-        if out_of_time and not last_epoch:
+                best_acc = record.get("holdout_acc", best_acc)
+                best_state = clean_state_dict(eval_model)
             if runtime.is_main:
-                print(f"time budget of {args.time_budget} min spent: stopped after epoch {epoch + 1}/{args.epochs}; "
-                      "continue with the same command plus --resume")
-            return None
+                print(f"epoch {epoch + 1}/{args.epochs}  " + "  ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                    if k != "epoch"))
+            out_of_time = args.time_budget is not None and time.time() - started > 60 * args.time_budget
+            out_of_time = runtime.all_sum(torch.tensor(float(out_of_time), device=runtime.device)).item() > 0
+            if runtime.is_main:
+                with open(files.log, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if improved:
+                    save_checkpoint(files.best, {**run_meta, "model": best_state, "epoch": epoch + 1,
+                                                 "holdout_acc": best_acc if best_acc >= 0 else None,
+                                                 "test_acc": None, "complete": False})
+                save_checkpoint(files.last, resume_state(epoch + 1, 0, {}, 0.0))
+            if out_of_time and not last_epoch:
+                if runtime.is_main:
+                    print(f"time budget of {args.time_budget:g} min spent: stopped after epoch {epoch + 1}/"
+                          f"{args.epochs}; continue with: {args.command} --resume")
+                return None
+            if stop.signum is not None and not last_epoch:
+                if runtime.is_main:
+                    print(f"{signal.Signals(stop.signum).name}: stopped after epoch {epoch + 1}/{args.epochs}; "
+                          f"continue with: {args.command} --resume")
+                raise SystemExit(128 + stop.signum)
 
     eval_model.load_state_dict(best_state)
-    test_acc = evaluate(eval_model, test_loader, runtime, args.tta) if test_loader is not None else None
-    final = checkpoint(model=best_state, epoch=len(history), holdout_acc=best_acc if best_acc >= 0 else None,
-                       test_acc=test_acc, complete=True)
+    test_acc = evaluate(eval_model, test_loader, runtime, args.tta)["acc"] if test_loader is not None else None
+    final = {**run_meta, "model": best_state, "epoch": len(history),
+             "holdout_acc": best_acc if best_acc >= 0 else None, "test_acc": test_acc, "complete": True}
     if runtime.is_main:
-        save_checkpoint(paths["best"], final)
-        plot_history(history, paths["plot"], title=f"{meta['kind']} {meta['arch']}")
+        save_checkpoint(files.best, final)
+        plot_history(history, files.plot, title=run_title(meta, files.best), loss_name=meta.get("loss", "loss"))
         shown = {k: "n/a" if final[k] is None else f"{final[k]:.4f}" for k in ("holdout_acc", "test_acc")}
-        print(f"saved {paths['best']}  hold-out acc {shown['holdout_acc']}  test acc {shown['test_acc']}")
+        print(f"saved {files.best}  hold-out acc {shown['holdout_acc']}  test acc {shown['test_acc']}")
     return final
 
+
+def run_title(meta, path):
+    """``student densenet121, with KD — checkpoints/cpu/student_densenet121.pt``: tells runs apart."""
+    kd = {True: ", with KD", False: ", without KD"}.get(meta.get("kd"), "")
+    return f"{meta['kind']} {meta['arch']}{kd} — {path}"

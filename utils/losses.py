@@ -1,32 +1,38 @@
-"""Knowledge-distillation losses on raw logits, chosen by name."""
+"""Knowledge-distillation losses on raw logits, chosen by name.
+
+``loss = alpha * soft + (1 - alpha) * CE(s, y)``, where the soft term compares the student's
+logits ``s`` with the teacher's ``t``:
+
+* ``kl`` (Hinton et al.): ``T^2 * KL(softmax(t/T) || softmax(s/T))``; the ``T^2`` factor keeps
+  the soft term's gradient scale independent of ``T``;
+* ``mse`` (Caruana-style logit matching): ``mean((s - t)^2)``; no temperature.
+"""
 
 import torch.nn.functional as F
 
 
-def kl_kd_loss(student_logits, teacher_logits, targets, temperature=4.0, alpha=0.9, label_smoothing=0.0):
-    """Hinton et al.: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``.
+def kl_term(student_logits, teacher_logits, temperature):
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    return temperature ** 2 * F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
 
-    The ``T^2`` factor keeps the soft term's gradient scale independent of ``T``.
-    """
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+
+def mse_term(student_logits, teacher_logits, temperature=None):
+    return F.mse_loss(student_logits, teacher_logits)
+
+
+SOFT_TERMS = {"kl": kl_term, "mse": mse_term}
+KD_LOSSES = tuple(SOFT_TERMS)
+
+
+def kd_terms(name, student_logits, teacher_logits, targets, temperature=4.0, alpha=0.9, label_smoothing=0.0):
+    """``{"loss", "kd", "ce"}``: the loss and its two unweighted terms, all in float32."""
+    if name not in SOFT_TERMS:
+        raise ValueError(f"unknown KD loss {name!r}; valid names: {', '.join(SOFT_TERMS)}")
+    soft = SOFT_TERMS[name](student_logits.float(), teacher_logits.float(), temperature)
     ce = F.cross_entropy(student_logits.float(), targets, label_smoothing=label_smoothing)
-    return alpha * temperature ** 2 * kl + (1 - alpha) * ce
-
-
-def mse_kd_loss(student_logits, teacher_logits, targets, temperature=None, alpha=0.9, label_smoothing=0.0):
-    """Caruana-style logit matching: ``alpha * mean((s - t)^2) + (1 - alpha) * CE(s, y)``; no temperature."""
-    mse = F.mse_loss(student_logits.float(), teacher_logits.float())
-    ce = F.cross_entropy(student_logits.float(), targets, label_smoothing=label_smoothing)
-    return alpha * mse + (1 - alpha) * ce
-
-
-KD_LOSSES = {"kl": kl_kd_loss, "mse": mse_kd_loss}
+    return {"loss": alpha * soft + (1 - alpha) * ce, "kd": soft, "ce": ce}
 
 
 def kd_loss(name, student_logits, teacher_logits, targets, temperature=4.0, alpha=0.9, label_smoothing=0.0):
-    if name not in KD_LOSSES:
-        raise ValueError(f"unknown KD loss {name!r}; valid names: {', '.join(KD_LOSSES)}")
-    return KD_LOSSES[name](student_logits, teacher_logits, targets, temperature=temperature, alpha=alpha,
-                           label_smoothing=label_smoothing)
+    return kd_terms(name, student_logits, teacher_logits, targets, temperature, alpha, label_smoothing)["loss"]

@@ -12,21 +12,49 @@ def _pyplot():
     return plt
 
 
-def plot_history(history, path, title):
+def plot_history(history, path, title, loss_name="loss"):
+    """Loss (and its terms, and the hold-out cross-entropy) and accuracy per epoch."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss")
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", label=f"train: {loss_name}")
+    for key in ("train_kd", "train_ce"):
+        if key in history[0]:
+            term = "KD term" if key == "train_kd" else "cross-entropy term"
+            ax_loss.plot(epochs, [r[key] for r in history], marker=".", linestyle="--", label=f"train: {term}")
     ax_acc.plot(epochs, [r["train_acc"] for r in history], marker="o", label="train (augmented)")
-    held = [(r["epoch"], r["holdout_acc"]) for r in history if "holdout_acc" in r]
-    if held:
-        ax_acc.plot(*zip(*held), marker="o", label="hold-out")
+    for ax, key, label in ((ax_loss, "holdout_loss", "hold-out: cross-entropy"), (ax_acc, "holdout_acc", "hold-out")):
+        held = [(r["epoch"], r[key]) for r in history if key in r]
+        if held:
+            ax.plot(*zip(*held), marker="o", label=label)
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_per_class_gain(gains, classes, path, title, reference):
+    """``gains``: ``{system: [accuracy gain in points over `reference`, one per class]}``, as grouped bars."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(13, 4.5))
+    width = 0.8 / max(1, len(gains))
+    x = np.arange(len(classes))
+    for i, (name, ys) in enumerate(gains.items()):
+        ax.bar(x + (i - (len(gains) - 1) / 2) * width, ys, width, label=name)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, classes, rotation=30)
+    ax.set_ylabel(f"accuracy minus {reference}'s (points)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -43,7 +71,7 @@ def plot_grouped_bars(values, classes, path, title, ylabel):
     ax.set_xticks(x, classes, rotation=30)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8, ncol=min(4, len(values)))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

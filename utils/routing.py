@@ -9,9 +9,25 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import UserError
 from utils.data import normalize
 from utils.engine import prepare_model
+from utils.runs import default_checkpoint
 
 STUDENT_HINT = "python StudentTrain.py --model 1 (and --model 2)"
-DEFAULT_STUDENTS = ["checkpoints/student_densenet121.pt", "checkpoints/student_googlenet.pt"]
+DEFAULT_STUDENT_ARCHS = ("densenet121", "googlenet")
+
+
+def default_students(name=""):
+    """The two default student checkpoints of experiment ``name``."""
+    return [default_checkpoint(name, f"student_{arch}") for arch in DEFAULT_STUDENT_ARCHS]
+
+
+def students_split(paths):
+    """The hold-out split (``{"holdout", "split_seed", "limit"}``) the students share; refused if they differ."""
+    splits = [load_checkpoint(path, hint=STUDENT_HINT, kind="student")["split"] for path in paths]
+    for path, split in zip(paths[1:], splits[1:]):
+        if split != splits[0]:
+            raise UserError(f"{paths[0]} and {path} were trained on different splits ({splits[0]} and {split}); "
+                            "train both students with the same --holdout, --split-seed and --limit")
+    return splits[0]
 
 
 def load_classifier(path, kind, hint, runtime):

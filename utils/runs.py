@@ -1,0 +1,140 @@
+"""Where a run's files live, and what keeps them safe.
+
+A training run writes, beside its checkpoint ``<stem>.pt``: ``<stem>.last.pt`` (resume
+state), ``<stem>.metrics.jsonl``, ``<stem>.curves.png`` and ``<stem>.config.json`` (flags,
+versions, git commit, device). ``--name NAME`` puts every stage of an experiment in
+``checkpoints/NAME/``. Before any data is decoded, ``prepare_run`` makes sure the folder can be
+written and refuses to replace an existing run unless ``--resume`` or ``--force`` says what to do.
+"""
+
+import json
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+
+from utils.cli import UserError
+
+CHECKPOINT_ROOT = Path("checkpoints")
+RESULTS_ROOT = Path("results")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def default_checkpoint(name, stem):
+    """``checkpoints/<name>/<stem>.pt`` (``checkpoints/<stem>.pt`` without a name)."""
+    return str(CHECKPOINT_ROOT / name / f"{stem}.pt")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    best: Path
+    last: Path
+    log: Path
+    plot: Path
+    config: Path
+
+    @classmethod
+    def of(cls, checkpoint):
+        best = Path(checkpoint)
+        stem = best.name.removesuffix(".pt")
+        return cls(best, *(best.with_name(f"{stem}.{suffix}")
+                           for suffix in ("last.pt", "metrics.jsonl", "curves.png", "config.json")))
+
+    def __iter__(self):
+        return iter((self.best, self.last, self.log, self.plot, self.config))
+
+
+def check_writable(folder):
+    """Create ``folder`` if needed and write a probe file in it; a failure is one clear line."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {folder} ({e.strerror or e}); choose another "
+                        "--checkpoint or --name") from None
+    probe = folder / f".write-probe-{id(folder)}"
+    try:
+        probe.write_bytes(b"ok")
+    except OSError as e:
+        raise UserError(f"cannot write in {folder} ({e.strerror or e}); free some space or choose another "
+                        "--checkpoint or --name") from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def check_free_space(folder, needed_bytes):
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise UserError(f"only {free / 2**20:.0f} MiB free in {folder}, and this run's checkpoints need about "
+                        f"{needed_bytes / 2**20:.0f} MiB; free some space or choose another --checkpoint or --name")
+
+
+def _is_complete(path):
+    try:
+        return bool(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("complete"))
+    except Exception:  # unreadable: not a complete run, whatever it is
+        return False
+
+
+def prepare_run(args, is_main=True):
+    """The run's files, after checking that they may be written; call before decoding data.
+
+    Without ``--resume`` or ``--force`` an existing run is never replaced. With ``--force`` the
+    old run's files are removed first, so that nothing of it mixes with the new one.
+    """
+    files = RunFiles.of(args.checkpoint)
+    check_writable(files.best.parent)
+    if args.resume:
+        if not files.last.exists():
+            raise UserError(f"nothing to resume: no {files.last}; start the run without --resume")
+    elif files.best.exists() or files.last.exists():
+        if not args.force:
+            what = "a complete run" if _is_complete(files.best) else "an unfinished run"
+            raise UserError(f"{files.best.parent / files.best.stem}.* already holds {what}; add --resume to "
+                            "continue it, --force to replace it, or write elsewhere with --name or --checkpoint")
+        if is_main:
+            for path in files:
+                path.unlink(missing_ok=True)
+    if is_main:  # temporary files that a killed save left behind
+        for path in (files.best, files.last):
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+    return files
+
+
+def git_commit():
+    """The repository's commit, with ``-dirty`` if tracked files changed; None outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def provenance(device):
+    """What produced a result: versions, code and hardware."""
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "git_commit": git_commit(), "device": device_name(device)}
+
+
+def write_config(path, args, device, script):
+    """``<stem>.config.json``: the command, every flag, versions, git commit and device."""
+    config = {"script": script, "command": getattr(args, "command", None), "flags": vars(args),
+              **provenance(device)}
+    Path(path).write_text(json.dumps(config, indent=2, default=str) + "\n")
+    return config
