@@ -98,3 +98,24 @@ def plot_confusion(matrix, classes, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_accuracy_vs_flops(curves, points, path, title):
+    """Accuracy against GFLOPs per image: ``curves`` ``{name: (gflops, accuracy)}`` as lines (one
+    point per threshold of a routing policy), ``points`` ``{name: (gflops, accuracy)}`` as markers
+    (each student, the ensemble, random routing, the oracle). Accuracies are fractions, drawn in %."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name, (gflops, accuracy) in curves.items():
+        ax.plot(np.asarray(gflops), 100 * np.asarray(accuracy), label=name, linewidth=1.5)
+    markers = "osD^v<>px*"
+    for i, (name, (gflops, accuracy)) in enumerate(points.items()):
+        ax.plot(gflops, 100 * accuracy, markers[i % len(markers)], markersize=8, label=name)
+    ax.set_xlabel("GFLOPs per image")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
