@@ -28,7 +28,7 @@ def student_stem(arch, kd=True):
     return f"student_{arch}{'' if kd else '_nokd'}"
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = make_parser(__doc__, Path(__file__).name)
     parser.add_argument("--model", default="1", choices=[*STUDENTS, *CLASSIFIERS],
                         help="student: 1 = densenet121, 2 = googlenet, or an architecture name")
@@ -45,6 +45,11 @@ def parse_args(argv=None):
     add_data_args(parser)
     add_training_args(parser, stem="student_<arch>[_nokd]", epochs=30, lr=0.2)
     add_device_args(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parse(parser, argv)
     args.arch = STUDENTS.get(args.model, args.model)
     if args.teacher is None:

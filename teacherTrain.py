@@ -45,13 +45,18 @@ def finish_training_args(parser, args, stem):
     return args
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = make_parser(__doc__, Path(__file__).name)
     parser.add_argument("--arch", default="resnet50", choices=CLASSIFIERS, help="teacher architecture")
     add_model_args(parser)
     add_data_args(parser)
     add_training_args(parser, stem="teacher", epochs=30, lr=0.2)
     add_device_args(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     return finish_training_args(parser, parse(parser, argv), "teacher")
 
 
