@@ -1,30 +1,47 @@
-"""Evaluate the teacher, the students and the routed system on the CIFAR-10 test set.
+"""Evaluate the teacher, the students and the routed systems on the CIFAR-10 test set.
 
-Routed inference runs the selector, then only the chosen student on each image. For
-comparison: the students' averaged logits (ensemble), confidence routing (the student with
-the higher top probability) and the oracle (an image counts if any student is right); the
-no-KD twins too, where StudentTrain.py --no-kd wrote them. Writes results/results.md,
-results/results.json and PNG plots. With --images, classifies your own image files instead.
+Every network's logits on the hold-out and test splits are computed once per checkpoint
+(``<stem>.logits.pt``). The routing policies of utils/routers.py are fitted on the hold-out
+split only — the cascade and learned deferral on all of it, the selector on its validation
+images, which it never trained on — and then applied to the test split:
+  cascade   run the cheaper student; where its (temperature-scaled) confidence is low, also
+            run the other and average both
+  deferral  the same, with a learned decision (logistic regression on the first student's
+            probabilities)
+  selector  the selector CNN looks at the image and sends it to one student, by predicted gain
+--router and --budget (a multiple of the cheaper student's GFLOPs) choose the routed system of
+the headline row and of --images. For comparison: each student, the no-KD twins where
+StudentTrain.py --no-kd wrote them, the ensemble, random routing at the selector's shares, the
+selector trained on shuffled labels (selector_shuffled.pt, if present) and the oracle, with paired
+bootstrap intervals and McNemar tests. Writes results/[NAME/]results.md, results.json and plots.
+With --images, classifies your own image files with the routed system instead.
 """
 
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from models import model_stats
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.cli import POSITIVE_INT, UserError, add_data_args, add_device_args, make_parser, parse, print_config, run
+from utils.cli import (POSITIVE, POSITIVE_INT, UserError, add_data_args, add_device_args, make_parser, parse,
+                       print_config, run)
 from utils.data import CLASSES, load_cifar10, make_splits, normalize
 from utils.engine import prepare_model, setup_runtime
+from utils.logits import split_logits
+from utils.plots import plot_accuracy_vs_flops, plot_confusion, plot_grouped_bars, plot_per_class_gain
+from utils.routers import ROUTERS, EnsembleRouter, RandomRouter, Routing, StudentOutputs, build_router, oracle_routing
+from utils.routing import (batched_logits, batched_routed, check_selector_students, default_students,
+                           run_routed, students_split, timed, validation_mask)
 from utils.runs import RESULTS_ROOT, default_checkpoint, device_name
-from utils.plots import plot_confusion, plot_grouped_bars
-from utils.routing import (batched_logits, batched_routed, check_selector_students,
-                           default_students, load_classifier, load_students, routed_predict, students_split, timed)
+from utils.stats import expected_calibration_error, mcnemar, paired_bootstrap
 
 ORIGINAL = {"teacher": "81%", "student 1": "74.19%", "student 2": "73.21%", "routed": "79.67%"}
+BUDGETS = (1.0, 1.25, 1.5)
 
 
 def build_parser():
@@ -37,6 +54,11 @@ def build_parser():
                         help="student checkpoints, in the order the selector was trained for (default: "
                              "checkpoints/[NAME/]student_densenet121.pt and student_googlenet.pt)")
     parser.add_argument("--selector", default=None, help="selector checkpoint (default: checkpoints/[NAME/]selector.pt)")
+    parser.add_argument("--router", default="cascade", choices=list(ROUTERS),
+                        help="the routing policy of the headline 'routed' row and of --images")
+    parser.add_argument("--budget", type=POSITIVE, default=1.25,
+                        help="compute budget of the routed system: at most this many times the cheaper student's "
+                             "GFLOPs per image on the hold-out split")
     parser.add_argument("--out", default=None, help="folder for results.md, results.json and the plots "
                                                     "(default: results/[NAME/])")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=1024, help="images per forward pass")
@@ -56,31 +78,30 @@ def parse_args(argv=None):
     return args
 
 
-def load_selector(args, runtime):
-    hint = "python trainSelector.py"
-    loaded = load_students(args.students, runtime)
-    checkpoint = load_checkpoint(args.selector, hint=hint, kind="selector")
-    check_selector_students(checkpoint, args.selector, args.students, [c for _, c in loaded])
-    selector = prepare_model(model_from_checkpoint(checkpoint, args.selector, hint).eval(), runtime)
-    return selector, loaded
+# ----------------------------------------------------------------------------- networks
 
+class Network:
+    """A trained network, its checkpoint and its logits on the hold-out and test splits."""
 
-def classify_images(paths, selector, students, student_names, runtime):
-    for path in paths:
-        try:
-            image = Image.open(path).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-            raise UserError(f"cannot read image {path} ({type(e).__name__})") from None
-        x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].to(runtime.device)
-        with runtime.autocast:
-            logits, choice = routed_predict(selector, students, normalize(x, runtime.device.type == "cuda"))
-        confidence, label = logits.float().softmax(1).max(1)
-        print(f"{path}: {CLASSES[label.item()]}  (student {choice.item() + 1}, {student_names[choice.item()]}; "
-              f"confidence {confidence.item():.3f})")
+    def __init__(self, role, path, kind, hint, runtime, data):
+        self.role, self.path = role, str(path)
+        self.checkpoint = load_checkpoint(path, hint=hint, kind=kind)
+        model = model_from_checkpoint(self.checkpoint, path, hint).eval().requires_grad_(False)
+        self.model = prepare_model(model, runtime)
+        self.stats = model_stats(self.model)
+        self.gflops = self.stats["flops"] / 1e9
+        self.logits = split_logits(path, self.checkpoint, self.model, data, runtime)
+        if not self.checkpoint.get("complete"):
+            print(f"warning: {path} comes from an unfinished run ({self.checkpoint['epoch']}/"
+                  f"{self.checkpoint['epochs']} epochs); its row is marked")
 
-
-def per_class(correct, labels):
-    return [correct[labels == c].float().mean().item() for c in range(len(CLASSES))]
+    @property
+    def label(self):
+        arch = self.checkpoint["arch"]
+        kd = {True: " (KD)", False: " without KD"}.get(self.checkpoint.get("kd"), "")
+        done = "" if self.checkpoint.get("complete") else \
+            f" [unfinished: {self.checkpoint['epoch']}/{self.checkpoint['epochs']} epochs]"
+        return f"{self.role} {arch}{kd}{done}"
 
 
 def nokd_twin(path):
@@ -88,158 +109,347 @@ def nokd_twin(path):
     return twin if twin.exists() else None
 
 
-def evaluate_all(args, runtime, teacher, students, selector, images, labels):
-    """Accuracies, per-class accuracies, routing shares, costs and throughput of every system."""
-    bs = args.batch_size
-    systems, seconds, stats = {}, {}, {}
+def load_networks(args, runtime, data):
+    """The teacher, the students, their no-KD twins, the selector and its shuffled-label control."""
+    student_hint = "python StudentTrain.py" + (f" --name {args.name}" if args.name else "")
+    teacher = Network("Teacher", args.teacher, "teacher", "python teacherTrain.py", runtime, data)
+    students = [Network(f"Student {k}", path, "student", student_hint, runtime, data)
+                for k, path in enumerate(args.students, 1)]
+    twins = [Network(f"Student {k}", twin, "student", student_hint + " --no-kd", runtime, data)
+             for k, twin in enumerate(map(nokd_twin, args.students), 1) if twin]
+    selector = load_selector(args.selector, students, runtime, data)
+    control_path = Path(args.selector).with_name(Path(args.selector).stem + "_shuffled.pt")
+    control = load_selector(control_path, students, runtime, data) if control_path.exists() else None
+    return teacher, students, twins, selector, control
 
-    warm_up = runtime.device.type == "cuda"  # cuDNN picks its kernels on the first batch
 
-    def run_model(name, model):
-        if warm_up:
-            batched_logits(model, images[:bs], runtime, bs)
-        logits, seconds[name] = timed(lambda: batched_logits(model, images, runtime, bs), runtime)
-        stats[name] = model_stats(model)
-        return logits.cpu()
+def load_selector(path, students, runtime, data):
+    selector = Network("Selector", path, "selector", "python trainSelector.py", runtime, data)
+    check_selector_students(selector.checkpoint, path, [s.path for s in students], [s.checkpoint for s in students])
+    return selector
 
-    teacher_model, teacher_ckpt = teacher
-    systems[f"Teacher {teacher_ckpt['arch']}"] = run_model("teacher", teacher_model).argmax(1)
-    student_logits = []
-    for k, (model, ckpt) in enumerate(students, 1):
-        student_logits.append(run_model(f"student {k}", model))
-        systems[f"Student {k} {ckpt['arch']} ({'KD' if ckpt.get('kd') else 'no KD'})"] = student_logits[-1].argmax(1)
-    if warm_up:
-        batched_routed(selector, [m for m, _ in students], images[:bs], runtime, bs)
-    (routed_logits, choice), seconds["routed"] = timed(
-        lambda: batched_routed(selector, [m for m, _ in students], images, runtime, bs), runtime)
-    choice = choice.cpu()
-    systems["Model selector with students (routed)"] = routed_logits.cpu().argmax(1)
-    stacked = torch.stack(student_logits)
-    systems["Ensemble (mean of student logits)"] = stacked.mean(0).argmax(1)
-    confident = stacked.softmax(2).amax(2).argmax(0)
-    systems["Confidence routing"] = stacked.argmax(2).gather(0, confident[None]).squeeze(0)
-    for k, (path, (_, ckpt)) in enumerate(zip(args.students, students), 1):
-        twin = nokd_twin(path)
-        if twin:
-            model, _ = load_classifier(twin, "student", f"python StudentTrain.py --model {ckpt['arch']} --no-kd",
-                                       runtime)
-            logits = batched_logits(model, images, runtime, bs).cpu()
-            systems[f"Student {k} {ckpt['arch']} without KD"] = logits.argmax(1)
 
-    correct = {name: preds == labels for name, preds in systems.items()}
-    correct["Oracle (any student right)"] = (stacked.argmax(2) == labels).any(0)
-    stats["selector"] = model_stats(selector)
-    share = torch.bincount(choice, minlength=len(students)).double().div(len(choice))
-    names = [f"student {k}" for k in range(1, len(students) + 1)]
-    costs = {
-        "teacher": stats["teacher"],
-        **{name: stats[name] for name in names},
-        "all students": {"params": sum(stats[n]["params"] for n in names),
-                         "flops": sum(stats[n]["flops"] for n in names)},
-        "routed": {"params": stats["selector"]["params"] + sum(stats[n]["params"] for n in names),
-                   "flops": stats["selector"]["flops"]
-                   + sum(fraction * stats[n]["flops"] for fraction, n in zip(share.tolist(), names))},
-    }
-    seconds["all students"] = sum(seconds[n] for n in names)
-    for name, cost in costs.items():
-        cost["images_per_s"] = len(labels) / seconds[name]
+# ----------------------------------------------------------------------------- routing
+
+def outputs_of(students, selector, split, mask=None):
+    logits = torch.stack([s.logits[split][0] for s in students], 1)
+    scores = selector.logits[split][0] if selector else None
+    labels = students[0].logits[split][1]
+    if mask is not None:
+        logits, labels, scores = logits[mask], labels[mask], None if scores is None else scores[mask]
+    return StudentOutputs(logits, scores), labels
+
+
+def fit_router(name, budget, students, selector, val_fraction):
+    """A router fitted on the hold-out split; the selector's routing on its validation images only."""
+    flops = [s.gflops for s in students]
+    cheap = min(range(len(students)), key=lambda k: flops[k])
+    order = (cheap, min((k for k in range(len(students)) if k != cheap), key=lambda k: flops[k]))
+    router = build_router(name, flops=flops, router_flops=selector.gflops if selector else 0.0, order=order)
+    holdout, labels = outputs_of(students, selector if router.uses_selector else None, "holdout")
+    if len(labels) == 0:
+        raise UserError("the students were trained with --holdout 0: there is no hold-out split to fit routing on")
+    if router.uses_selector:
+        mask = validation_mask(labels, val_fraction, selector.checkpoint["split"]["split_seed"])
+        holdout, labels = StudentOutputs(holdout.logits[mask], holdout.selector_scores[mask]), labels[mask]
+    return router.fit(holdout, labels, budget)
+
+
+def try_fit(name, budget, students, selector, val_fraction):
+    try:
+        return fit_router(name, budget, students, selector, val_fraction)
+    except ValueError:  # no threshold fits this budget
+        return None
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def single(net, split="test"):
+    """One network on every image, as a ``Routing``."""
+    logits = net.logits[split][0]
+    return Routing(torch.ones(len(logits), 1, dtype=torch.bool), logits.softmax(1), (net.gflops,))
+
+
+def compare(correct_a, correct_b):
+    """``a - b`` in accuracy, its 95% paired bootstrap interval and McNemar's p-value."""
+    interval, test = paired_bootstrap(correct_a, correct_b), mcnemar(correct_a, correct_b)
+    return {"difference": interval.estimate, "low": interval.low, "high": interval.high,
+            "p_value": test.p_value, "only_a_right": test.b, "only_b_right": test.c}
+
+
+def calibration(net, labels):
+    logits = net.logits["test"][0]
+    return {"accuracy": (logits.argmax(1) == labels).double().mean().item(),
+            "nll": F.cross_entropy(logits, labels).item(),
+            "ece": expected_calibration_error(logits.softmax(1), labels)}
+
+
+def evaluate_all(args, networks):
+    """Every system's test-split outcome, the budget table, the curves and the comparisons."""
+    teacher, students, twins, selector, control = networks
+    test, labels = outputs_of(students, selector, "test")
+    fit = functools.partial(try_fit, students=students, val_fraction=selector.checkpoint["config"]["val_fraction"])
+    flops = [s.gflops for s in students]
+
+    systems = {net.label: single(net) for net in [teacher, *students]}
+    headline = fit(args.router, args.budget, selector=selector)
+    if headline is None:
+        raise UserError(f"no {args.router} routing fits --budget {args.budget:g} on the hold-out split; raise it")
+    routed = f"Routed: {args.router}, at most {args.budget:g}x student {headline.order[0] + 1}'s GFLOPs"
+    systems[routed] = headline.route(test)
+    systems.update({net.label: single(net) for net in twins})
+    systems["Ensemble (both students, probabilities averaged)"] = \
+        EnsembleRouter(flops).fit(*outputs_of(students, None, "holdout")).route(test)
+    selector_routing = fit("selector", None, selector=selector).route(test)
+    systems["Selector routing (threshold with the best hold-out accuracy)"] = selector_routing
+    systems["Random routing at the selector's shares"] = RandomRouter(flops, selector_routing.share.tolist()) \
+        .fit(*outputs_of(students, None, "holdout")).route(test)
+    if control:
+        control_test, _ = outputs_of(students, control, "test")
+        systems["Selector trained on shuffled labels (control)"] = \
+            fit("selector", None, selector=control).route(control_test)
+    systems["Oracle (any student right)"] = oracle_routing(test, labels, flops)
+    correct = {name: routing.correct(labels) for name, routing in systems.items()}
+
+    budgets, curves = {}, {}
+    for name in ROUTERS:
+        for budget in BUDGETS:
+            router = fit(name, budget, selector=selector)
+            if router:
+                routing = router.route(test)
+                budgets.setdefault(name, {})[f"{budget:g}"] = {"accuracy": routing.accuracy(labels),
+                                                               "gflops": routing.gflops}
+        curve = fit(name, None, selector=selector).curve(test, labels)
+        curves[name] = (curve.gflops.tolist(), curve.accuracy.tolist())
+
+    comparisons = {f"{routed} vs {s.label}": compare(correct[routed], correct[s.label]) for s in students}
+    comparisons["Selector routing vs random routing at its shares"] = compare(
+        correct["Selector routing (threshold with the best hold-out accuracy)"],
+        correct["Random routing at the selector's shares"])
+    kd_gain = {}
+    for twin in twins:
+        kd = next((s for s in students if s.checkpoint["arch"] == twin.checkpoint["arch"]), None)
+        if kd:
+            kd_gain[kd.checkpoint["arch"]] = comparisons[f"{kd.label} vs {twin.label}"] = \
+                compare(correct[kd.label], correct[twin.label])
+
+    ran = systems[routed].ran
     return {
-        "accuracy": {name: c.float().mean().item() for name, c in correct.items()},
+        "accuracy": {name: c.double().mean().item() for name, c in correct.items()},
+        "gflops": {name: routing.gflops for name, routing in systems.items()},
+        "routed": {"name": routed, "router": args.router, "budget": args.budget, "order": list(headline.order),
+                   "budget_gflops": args.budget * min(flops), "share": ran.double().mean(0).tolist(),
+                   "threshold": headline.threshold_},
+        "budgets": budgets, "curves": curves, "comparisons": comparisons, "kd_gain": kd_gain,
+        "calibration": {net.label: calibration(net, labels) for net in [teacher, *students, *twins]},
         "per_class": {name: per_class(c, labels) for name, c in correct.items()},
-        "routing_share": share.tolist(),
-        "routing_share_per_class": [torch.bincount(choice[labels == c], minlength=len(students)).double()
-                                    .div(max(1, int((labels == c).sum()))).tolist() for c in range(len(CLASSES))],
-        "confusion_routed": torch.bincount(labels * len(CLASSES) + systems["Model selector with students (routed)"],
+        "routing_share_per_class": [ran[labels == c].double().mean(0).tolist() for c in range(len(CLASSES))],
+        "confusion_routed": torch.bincount(labels * len(CLASSES) + systems[routed].prediction,
                                            minlength=len(CLASSES) ** 2).view(len(CLASSES), -1).tolist(),
-        "costs": costs,
-    }
+    }, headline
 
+
+def per_class(correct, labels):
+    return [correct[labels == c].double().mean().item() for c in range(len(CLASSES))]
+
+
+def measure_speed(args, runtime, networks, headline, images):
+    """Parameters, GFLOPs and images/s of each network and of the routed system, timed alike on every device."""
+    teacher, students, _, selector, _ = networks
+    bs, models = args.batch_size, [s.model for s in students]
+
+    def speed(fn):
+        return len(images) / timed(fn, runtime)[1]
+
+    costs = {net.role.lower(): {"params": net.stats["params"], "gflops": net.gflops,
+                                "images_per_s": speed(lambda m=net.model: batched_logits(m, images, runtime, bs))}
+             for net in [teacher, *students]}
+    costs["both students"] = {"params": sum(s.stats["params"] for s in students),
+                              "gflops": sum(s.gflops for s in students),
+                              "images_per_s": speed(lambda: [batched_logits(m, images, runtime, bs) for m in models])}
+    routed_params = sum(s.stats["params"] for s in students) + (selector.stats["params"] if headline.uses_selector
+                                                                  else 0)
+    costs[f"routed ({headline.name})"] = {
+        "params": routed_params, "gflops": None,
+        "images_per_s": speed(lambda: batched_routed(headline, models, selector.model, images, runtime, bs))}
+    return costs
+
+
+# ----------------------------------------------------------------------------- report
 
 def original_of(name):
     for key, role in (("Teacher", "teacher"), ("Student 1", "student 1"), ("Student 2", "student 2"),
-                      ("Model selector", "routed")):
+                      ("Routed", "routed")):
         if name.startswith(key) and "without KD" not in name:
             return ORIGINAL[role]
     return "—"
 
 
+def _pct(x):
+    return f"{100 * x:.2f}%"
+
+
+def _gflops(value):
+    return "as in its row above" if value is None else f"{value:.3f}"
+
+
+def _points(c):
+    return f"{100 * c['difference']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]"
+
+
+def provenance_rows(networks):
+    teacher, students, twins, selector, control = networks
+    rows = []
+    for net in [teacher, *students, *twins, selector, *([control] if control else [])]:
+        c = net.checkpoint
+        config, prov = c.get("config", {}), c.get("provenance", {})
+        kd = "—" if c["kind"] != "student" else ("no" if not c.get("kd") else
+                                                  f"{config.get('kd_loss')} T={config.get('temperature')} "
+                                                  f"alpha={config.get('alpha')}")
+        rows.append(f"| {net.role} | `{net.path}` | {c['epoch']}/{c['epochs']} | {'yes' if c.get('complete') else '**no**'}"
+                    f" | {config.get('seed', '—')} | {kd} | {prov.get('device', '—')} | {prov.get('git_commit', '—')} |")
+    return rows
+
+
 def write_markdown(results, path):
     r = results
+    routed = r["routed"]
+    notes = []
+    if r["split"]["limit"]:
+        notes.append(f"**A quick run on a subset** (`--limit {r['split']['limit']}` images per split, such as "
+                     "`reproduce.py --preset smoke`): these numbers only show that every stage runs.")
+    notes.append("Not comparable with the original's numbers: it fine-tuned ImageNet-pretrained backbones on "
+                 "images upsampled to 224x224 (and had the flaws listed in the README); here every network is "
+                 "trained from scratch on 32x32 CIFAR-10 unless its checkpoint says otherwise.")
+    if r["unfinished"]:
+        notes.append("**Unfinished checkpoints** (marked in the rows): " + ", ".join(f"`{p}`" for p in r["unfinished"]))
     lines = [
-        "# Results",
-        "",
-        f"CIFAR-10 test set, {r['test_images']} images ({r['data']}). Device: {r['device']}; "
-        f"torch {r['torch']}. Written by `python inference.py`.",
-        "",
-        "| Model | Original (reported by the original repository) | Ours (measured) |",
-        "|---|---|---|",
-        *[f"| {name} | {original_of(name)} | {100 * acc:.2f}% |" for name, acc in r["accuracy"].items()],
-        "",
-        "## Cost per image",
-        "",
-        "FLOPs counted by `torch.utils.flop_counter` (a multiply-add is 2 FLOPs); the routed system's FLOPs "
-        "are the selector's plus each student's weighted by its routing share. All students' images/s comes "
-        "from the sum of their timed passes.",
-        "",
-        "| System | Parameters | GFLOPs / image | Images/s |",
+        "# Results", "",
+        f"CIFAR-10 test set, {r['test_images']} images ({r['data']}). Device: {r['device']}; torch {r['torch']}. "
+        f"Written by `{r['command']}`.", "",
+        *[f"- {n}" for n in notes], "",
+        "| Model | Original (reported by the original repository) | Ours (measured) | GFLOPs / image |",
         "|---|---|---|---|",
-        *[f"| {name} | {c['params'] / 1e6:.2f} M | {c['flops'] / 1e9:.3f} | {c['images_per_s']:.0f} |"
-          for name, c in r["costs"].items()],
+        *[f"| {name} | {original_of(name)} | {_pct(acc)} | {r['gflops'][name]:.3f} |"
+          for name, acc in r["accuracy"].items()], "",
+        f"The routed row is the `{routed['router']}` policy with its threshold fitted on the hold-out split for at "
+        f"most {routed['budget_gflops']:.3f} GFLOPs per image; it ran the students on "
+        + ", ".join(f"{100 * s:.1f}%" for s in routed["share"]) + " of the test images.", "",
+        "## Routing policies at fixed compute budgets", "",
+        "Test accuracy (GFLOPs per image) of each policy with its threshold fitted on the hold-out split for a "
+        "budget of k times the cheaper student's GFLOPs; — where no threshold fits.", "",
+        "| Policy | " + " | ".join(f"{b:g}x" for b in BUDGETS) + " |", "|---|" + "---|" * len(BUDGETS),
+        *[f"| {name} | " + " | ".join(f"{_pct(cells[f'{b:g}']['accuracy'])} ({cells[f'{b:g}']['gflops']:.3f})"
+                                      if f"{b:g}" in cells else "—" for b in BUDGETS) + " |"
+          for name, cells in r["budgets"].items()], "",
+        "Curves over every threshold: `accuracy_vs_gflops.png`.", "",
+        "## Comparisons on the same test images", "",
+        "Difference in accuracy (points), its 95% paired bootstrap interval, and McNemar's test (p-value; images "
+        "only the first / only the second gets right).", "",
+        "| Comparison | Difference [95% interval] | McNemar p | Only first right | Only second right |",
+        "|---|---|---|---|---|",
+        *[f"| {name} | {_points(c)} | {c['p_value']:.3g} | {c['only_a_right']} | {c['only_b_right']} |"
+          for name, c in r["comparisons"].items()], "",
+        "## Calibration", "",
+        "| Network | Accuracy | NLL | ECE (15 bins) |", "|---|---|---|---|",
+        *[f"| {name} | {_pct(c['accuracy'])} | {c['nll']:.3f} | {c['ece']:.4f} |" for name, c in r["calibration"].items()],
         "",
-        "## Routing share",
-        "",
-        "| Class | " + " | ".join(r["students"]) + " |",
-        "|---|" + "---|" * len(r["students"]),
-        "| **all** | " + " | ".join(f"{100 * s:.1f}%" for s in r["routing_share"]) + " |",
+        "## Cost and speed", "",
+        f"Images/s: the second of two passes over the test set (the first, untimed, sees every batch shape), batch "
+        f"{r['batch_size']}, on {r['device']}. GFLOPs counted by `torch.utils.flop_counter` (a multiply-add is 2).", "",
+        "| System | Parameters | GFLOPs / image | Images/s |", "|---|---|---|---|",
+        *[f"| {name} | {c['params'] / 1e6:.2f} M | {_gflops(c['gflops'])} | {c['images_per_s']:.0f} |"
+          for name, c in r["costs"].items()], "",
+        "## Routed system: share of each class's images each student ran on", "",
+        "| Class | " + " | ".join(r["students"]) + " |", "|---|" + "---|" * len(r["students"]),
         *[f"| {c} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + " |"
-          for c, shares in zip(CLASSES, r["routing_share_per_class"])],
-        "",
-        "## Per-class accuracy",
-        "",
-        "| System | " + " | ".join(CLASSES) + " |",
-        "|---|" + "---|" * len(CLASSES),
+          for c, shares in zip(CLASSES, r["routing_share_per_class"])], "",
+        "## Per-class accuracy (%)", "",
+        "| System | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES),
         *[f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + " |" for name, accs in r["per_class"].items()],
         "",
-        "Plots: `per_class_accuracy.png`, `routed_confusion.png`, `routing_share.png`.",
-        "",
+        "## Where these numbers come from", "",
+        "| Network | Checkpoint | Epochs | Complete | Seed | KD | Trained on | Git commit |",
+        "|---|---|---|---|---|---|---|---|",
+        *r["provenance"], "",
+        "Plots: `accuracy_vs_gflops.png`, `per_class_gain.png`, `routed_confusion.png`, `routing_share.png`.", "",
     ]
     path.write_text("\n".join(lines))
+
+
+def write_plots(results, out):
+    curves = {name: tuple(curve) for name, curve in results["curves"].items()}
+    points = {name: (results["gflops"][name], acc) for name, acc in results["accuracy"].items()
+              if not name.startswith("Teacher")}
+    plot_accuracy_vs_flops(curves, points, out / "accuracy_vs_gflops.png",
+                           "Test accuracy against compute (thresholds fitted on hold-out; curves: every threshold)")
+    students = [name for name in results["accuracy"] if name.startswith("Student") and "without KD" not in name]
+    best = max(students, key=lambda name: results["accuracy"][name])
+    gains = {name: [100 * (a - b) for a, b in zip(accs, results["per_class"][best])]
+             for name, accs in results["per_class"].items() if name != best and not name.startswith("Oracle")}
+    plot_per_class_gain(gains, CLASSES, out / "per_class_gain.png",
+                        f"Per-class test accuracy against the best single student ({best})", "the best student")
+    plot_confusion(results["confusion_routed"], CLASSES, out / "routed_confusion.png",
+                   f"{results['routed']['name']}: confusion matrix (test set)")
+    plot_grouped_bars({name: [s[k] for s in results["routing_share_per_class"]]
+                       for k, name in enumerate(results["students"])},
+                      CLASSES, out / "routing_share.png", "Share of each class's images each student ran on", "share")
+
+
+# ----------------------------------------------------------------------------- main
+
+def classify_images(paths, router, students, selector, runtime):
+    for path in paths:
+        try:
+            image = Image.open(path).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+            raise UserError(f"cannot read image {path} ({type(e).__name__})") from None
+        x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].to(runtime.device)
+        with runtime.autocast:
+            routing = run_routed(router, [s.model for s in students], selector.model,
+                                 normalize(x, runtime.device.type == "cuda"), len(CLASSES))
+        confidence, label = routing.probs.float().max(1)
+        ran = ", ".join(f"student {k + 1} ({students[k].checkpoint['arch']})"
+                        for k in routing.ran[0].nonzero().flatten().tolist())
+        print(f"{path}: {CLASSES[label.item()]}  (ran {ran}; confidence {confidence.item():.3f})")
 
 
 def main(argv=None):
     args = parse_args(argv)
     runtime = setup_runtime(args)
-    selector, students = load_selector(args, runtime)
-    student_names = [c["arch"] for _, c in students]
-    if args.images:
-        classify_images(args.images, selector, [m for m, _ in students], student_names, runtime)
-        return
-    print_config(args, "inference.py")
-    teacher = load_classifier(args.teacher, "teacher", "python teacherTrain.py", runtime)
+    if not args.images:
+        print_config(args, "inference.py")
     split = students_split(args.students)
-    data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)
+    data = load_cifar10(args.data_dir, args.download, verbose=not args.images, allow_partial=args.partial_data)
+    networks = load_networks(args, runtime, data)
+    teacher, students, twins, selector, control = networks
+    if args.images:
+        val_fraction = selector.checkpoint["config"]["val_fraction"]
+        router = try_fit(args.router, args.budget, students, selector, val_fraction)
+        if router is None:
+            raise UserError(f"no {args.router} routing fits --budget {args.budget:g} on the hold-out split; raise it")
+        classify_images(args.images, router, students, selector, runtime)
+        return
+    results, headline = evaluate_all(args, networks)
     images, labels = make_splits(data, split["holdout"], split["split_seed"], split["limit"])["test"]
-    results = evaluate_all(args, runtime, teacher, students, selector, images, labels)
-    device = device_name(runtime.device)
-    results.update(test_images=len(labels), device=device, torch=str(torch.__version__),
-                   data=f"data fingerprint {data.fingerprint}" + (f", stratified --limit {split['limit']}"
-                                                                  if split["limit"] else ""),
-                   students=[f"student {k} ({n})" for k, n in enumerate(student_names, 1)],
-                   checkpoints={"teacher": args.teacher, "students": args.students, "selector": args.selector})
-
+    results["costs"] = measure_speed(args, runtime, networks, headline, images)
+    all_networks = [teacher, *students, *twins, selector, *([control] if control else [])]
+    results.update(
+        test_images=len(labels), device=device_name(runtime.device), torch=str(torch.__version__),
+        batch_size=args.batch_size, command=args.command, split=split,
+        data=f"data fingerprint {data.fingerprint}" + (f", stratified --limit {split['limit']}" if split["limit"]
+                                                       else ""),
+        students=[f"student {k} ({s.checkpoint['arch']})" for k, s in enumerate(students, 1)],
+        unfinished=[net.path for net in all_networks if not net.checkpoint.get("complete")],
+        provenance=provenance_rows(networks),
+        checkpoints={net.role: net.path for net in all_networks})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, out / "results.md")
-    plot_grouped_bars(results["per_class"], CLASSES, out / "per_class_accuracy.png", "Per-class test accuracy",
-                      "accuracy")
-    plot_confusion(results["confusion_routed"], CLASSES, out / "routed_confusion.png",
-                   "Routed system: confusion matrix (test set)")
-    plot_grouped_bars({name: [s[k] for s in results["routing_share_per_class"]]
-                       for k, name in enumerate(results["students"])},
-                      CLASSES, out / "routing_share.png", "Share of each class routed to each student", "share")
+    write_plots(results, out)
     print((out / "results.md").read_text())
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and three plots in {out}/")
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and four plots in {out}/")
 
 
 if __name__ == "__main__":

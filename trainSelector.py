@@ -1,11 +1,15 @@
-"""Train the model selector: a small CNN that picks, per image, the student that classifies it best.
+"""Train the model selector: a small CNN that predicts, for each image, which students will be right.
 
 The students are run on the hold-out split, which none of them trained on: on each clean image
-and on --views augmented copies of it. Each example is labelled with the student of lowest
-cross-entropy (or with soft targets softmax(-loss / tau)). The selector trains on part of the
-hold-out split with the shared engine; the rest (--val-fraction) selects its best epoch and
-gives the report. The split (--holdout, --split-seed, --limit) is the students' own, read from
-their checkpoints. Writes checkpoints/[NAME/]selector.pt, which records the students it was made for.
+and on --views augmented copies of it. The selector has one output per student, trained with
+binary cross-entropy on "this student is right" (not on "the student of lowest loss": both
+students are right on most images, and that label then separates two right answers by noise,
+so a selector learns to name the majority student everywhere). Routing then follows the
+predicted gain, with a threshold fitted by inference.py. The selector trains on part of the
+hold-out split with the shared engine; the rest (--val-fraction) selects its best epoch by the
+accuracy of the student it picks, gives the report, and is where inference.py fits its routing.
+The split is the students' own, read from their checkpoints. Writes
+checkpoints/[NAME/]selector.pt, which records the students it was made for.
 """
 
 from pathlib import Path
@@ -15,12 +19,13 @@ import torch.nn.functional as F
 
 from models import build_model
 from utils.checkpoint import save_checkpoint
-from utils.cli import (FRACTION, NON_NEGATIVE_INT, POSITIVE, add_data_args, add_device_args, make_parser, parse,
+from utils.cli import (FRACTION, NON_NEGATIVE_INT, UserError, add_data_args, add_device_args, make_parser, parse,
                        print_config, run)
-from utils.data import load_cifar10, make_splits, planned_sizes, random_crop_flip, stratified_indices
+from utils.data import load_cifar10, make_splits, planned_sizes, random_crop_flip
 from utils.engine import add_training_args, check_training_args, fit, setup_runtime, teardown_runtime
-from utils.routing import (batched_logits, best_student_targets, default_students, load_students, student_record,
-                           students_split)
+from utils.routers import selector_targets, shuffled_labels, students_disagree
+from utils.routing import (batched_logits, default_students, load_students, student_record, students_split,
+                           validation_mask)
 from utils.runs import default_checkpoint, prepare_run
 
 
@@ -34,10 +39,13 @@ def build_parser():
                              "besides the clean one")
     parser.add_argument("--val-fraction", type=FRACTION, default=0.2,
                         help="share of the hold-out split kept out of selector training, for its model "
-                             "selection and report")
-    parser.add_argument("--soft-targets", action="store_true",
-                        help="train on softmax(-loss / tau) over the students instead of the single best one")
-    parser.add_argument("--tau", type=POSITIVE, default=1.0, help="temperature of --soft-targets")
+                             "selection, its report and the fitting of its routing threshold")
+    parser.add_argument("--disagreement-only", action="store_true",
+                        help="train only on examples where some student is right and some is wrong, the only "
+                             "ones whose routing matters")
+    parser.add_argument("--shuffle-labels", action="store_true",
+                        help="control run: compute the targets from randomly permuted class labels, so the "
+                             "selector can learn nothing real (write it to another --checkpoint)")
     add_data_args(parser, split=False)
     add_training_args(parser, stem="selector", epochs=30, lr=0.1, label_smoothing=0.0)
     add_device_args(parser)
@@ -49,10 +57,11 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parse(parser, argv)
     args.students = args.students or default_students(args.name)
-    args.checkpoint = args.checkpoint or default_checkpoint(args.name, "selector")
+    stem = "selector_shuffled" if args.shuffle_labels else "selector"
+    args.checkpoint = args.checkpoint or default_checkpoint(args.name, stem)
     args.split = students_split(args.students)
     examples = None
-    if not args.partial_data:
+    if not args.partial_data and not args.disagreement_only:
         sizes = planned_sizes(args.split["holdout"], args.split["limit"])
         examples = round(sizes["holdout" if args.split["holdout"] else "train"] * (1 - args.val_fraction))
         examples *= args.views + 1
@@ -67,29 +76,35 @@ def selector_examples(images, labels, views, seed):
     return torch.cat([images, *augmented]), labels.repeat(views + 1)
 
 
-def label_examples(students, images, labels, runtime):
-    """Per-sample cross-entropy ``(N, S)`` and predictions ``(N, S)`` of every student."""
-    losses, preds = [], []
-    for student in students:
-        logits = batched_logits(student, images, runtime).cpu()
-        losses.append(F.cross_entropy(logits, labels, reduction="none"))
-        preds.append(logits.argmax(1))
-    return torch.stack(losses, 1), torch.stack(preds, 1)
+def student_logits(students, images, runtime):
+    """``(N, S, C)``: every student's logits on uint8 ``images``, on the CPU."""
+    return torch.stack([batched_logits(student, images, runtime).cpu() for student in students], 1)
 
 
-def report(selector, students, images, labels, runtime, majority):
-    """Selector and routed accuracy on images the selector did not train on."""
-    losses, preds = label_examples(students, images, labels, runtime)
+def routed_metric(logits, right):
+    """``(images whose picked student is right, summed per-student binary cross-entropy)``.
+
+    ``right`` is ``(N, S)``: 1 where student k is right. The selector picks its highest output.
+    """
+    picked = right.gather(1, logits.argmax(1, keepdim=True))
+    loss = F.binary_cross_entropy_with_logits(logits.float(), right.float(), reduction="sum") / right.shape[1]
+    return picked.sum(), loss
+
+
+def report(selector, logits, images, labels, runtime):
+    """What the selector does on held-out images it did not train on."""
+    right = logits.argmax(-1) == labels[:, None]
     choice = batched_logits(selector, images, runtime).argmax(1).cpu()
-    correct = preds == labels[:, None]
+    best = F.cross_entropy(logits.transpose(1, 2), labels[:, None].expand(-1, logits.shape[1]),
+                           reduction="none").argmin(1)
     return {
         "examples": len(labels),
-        "agreement_with_best_student": (choice == losses.argmin(1)).float().mean().item(),
-        "majority_agreement": (losses.argmin(1) == majority).float().mean().item(),
-        "routed_acc": correct.gather(1, choice[:, None]).float().mean().item(),
-        "student_accs": correct.float().mean(0).tolist(),
-        "oracle_acc": correct.any(1).float().mean().item(),
-        "routing_share": torch.bincount(choice, minlength=len(students)).div(len(choice)).tolist(),
+        "routed_acc": right.gather(1, choice[:, None]).float().mean().item(),
+        "student_accs": right.float().mean(0).tolist(),
+        "oracle_acc": right.any(1).float().mean().item(),
+        "disagreement_share": students_disagree(logits, labels).float().mean().item(),
+        "agreement_with_lowest_loss_student": (choice == best).float().mean().item(),
+        "routing_share": torch.bincount(choice, minlength=logits.shape[1]).div(len(choice)).tolist(),
     }
 
 
@@ -107,43 +122,47 @@ def main(argv=None):
         images, labels = splits["holdout"]
     else:
         print("warning: the students were trained with --holdout 0, so the selector learns from the training "
-              "images, which the students have fitted; both are right on nearly all of them, so its labels say "
+              "images, which the students have fitted; both are right on nearly all of them, so its targets say "
               "little about new images")
         images, labels = splits["train"]
-    val = torch.zeros(len(labels), dtype=torch.bool)
-    val[stratified_indices(labels, max(1, round(args.val_fraction * len(labels))), split["split_seed"])] = True
+    val = validation_mask(labels, args.val_fraction, split["split_seed"])
     train_images, train_labels = selector_examples(images[~val], labels[~val], args.views, args.seed)
+    if args.shuffle_labels:
+        train_labels = shuffled_labels(train_labels, args.seed)
+    logits = student_logits(students, train_images, runtime)
+    targets = selector_targets(logits, train_labels)
+    if args.disagreement_only:
+        keep = students_disagree(logits, train_labels)
+        train_images, targets = train_images[keep], targets[keep]
+        if len(targets) < args.batch_size:
+            raise UserError(f"only {len(targets)} selector examples where the students disagree, fewer than "
+                            f"--batch-size {args.batch_size}; lower it, or add --views")
+    print(f"selector examples: {len(targets)} for training ({args.views} augmented views per image"
+          + (", only where the students disagree" if args.disagreement_only else "") + f"), {int(val.sum())} for "
+          "validation; share of examples each student gets right: "
+          + ", ".join(f"{p}: {s:.3f}" for p, s in zip(args.students, targets.mean(0).tolist())))
+    val_logits = student_logits(students, images[val], runtime)
 
-    losses, preds = label_examples(students, train_images, train_labels, runtime)
-    targets = best_student_targets(losses, args.soft_targets, args.tau)
-    best = losses.argmin(1)
-    majority = best.bincount(minlength=len(students)).argmax()
-    print(f"selector examples: {len(train_labels)} for training ({args.views} augmented views per image), "
-          f"{int(val.sum())} for validation; best-student shares "
-          + ", ".join(f"{p}: {s:.3f}" for p, s in zip(args.students, best.bincount(minlength=len(students))
-                                                       .div(len(best)).tolist())))
-    val_losses, _ = label_examples(students, images[val], labels[val], runtime)
-
-    def loss_fn(logits, x, y):
-        return F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+    def loss_fn(out, x, y):
+        return F.binary_cross_entropy_with_logits(out.float(), y)
 
     meta = {"kind": "selector", "arch": "selector", "num_classes": len(students),
             "students": student_record(args.students, [c for _, c in loaded]),
             "data_fingerprint": data.fingerprint, "split": split,
-            "loss": "cross-entropy with best-student labels"}
+            "loss": "binary cross-entropy of 'this student is right'" + (" (shuffled labels)" * args.shuffle_labels)}
     selector = build_model("selector", len(students))
-    final = fit(selector, loss_fn, {"train": (train_images, targets), "holdout": (images[val], val_losses.argmin(1))},
-                args, runtime, meta, files, augment=False)
+    holdout = (images[val], selector_targets(val_logits, labels[val]))
+    final = fit(selector, loss_fn, {"train": (train_images, targets), "holdout": holdout}, args, runtime, meta,
+                files, augment=False, metric=routed_metric)
     if final is not None:
         selector.load_state_dict(final["model"])
         selector.eval()
-        final["report"] = report(selector, students, images[val], labels[val], runtime, majority)
+        final["report"] = r = report(selector, val_logits, images[val], labels[val], runtime)
         save_checkpoint(args.checkpoint, final)
-        r = final["report"]
-        print(f"on {r['examples']} held-out images the selector did not train on: agreement with the best-student "
-              f"labels {r['agreement_with_best_student']:.4f} (always the majority student: "
-              f"{r['majority_agreement']:.4f}); routed accuracy {r['routed_acc']:.4f}, students alone "
-              + ", ".join(f"{a:.4f}" for a in r["student_accs"]) + f", oracle {r['oracle_acc']:.4f}")
+        print(f"on {r['examples']} held-out images it did not train on, the student the selector picks is right on "
+              f"{r['routed_acc']:.4f}; students alone " + ", ".join(f"{a:.4f}" for a in r["student_accs"])
+              + f", oracle {r['oracle_acc']:.4f}; the students disagree on {r['disagreement_share']:.3f} of them; "
+              "shares " + ", ".join(f"{s:.3f}" for s in r["routing_share"]))
     teardown_runtime(runtime)
 
 

@@ -153,21 +153,24 @@ def predict(model, x, tta=False):
     return (logits + model(x.flip(3))) / 2 if tta else logits
 
 
-@torch.no_grad()
-def evaluate(model, loader, runtime, tta=False):
-    """``{"acc", "loss"}`` of ``model`` on a loader's split: accuracy and mean cross-entropy.
+def classification_metric(logits, targets):
+    """``(correct predictions, summed cross-entropy)`` of a batch; soft targets count by their argmax."""
+    labels = targets if targets.dim() == 1 else targets.argmax(1)
+    return (logits.argmax(1) == labels).sum(), F.cross_entropy(logits.float(), labels, reduction="sum")
 
-    With soft targets the argmax counts as the label.
-    """
+
+@torch.no_grad()
+def evaluate(model, loader, runtime, tta=False, metric=classification_metric):
+    """``{"acc", "loss"}`` of ``model`` on a loader's split: ``metric``'s correct share and mean loss."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=runtime.device)  # correct, loss * images, images
     for x, y in loader:
         with runtime.autocast:
             logits = predict(model, x, tta).float()
-        labels = y if y.dim() == 1 else y.argmax(1)
-        sums[0] += (logits.argmax(1) == labels).sum()
-        sums[1] += F.cross_entropy(logits, labels, reduction="sum")
+        correct, loss = metric(logits, y)
+        sums[0] += correct
+        sums[1] += loss
         sums[2] += len(y)
     model.train(was_training)
     correct, loss, count = runtime.all_sum(sums).tolist()
@@ -198,12 +201,12 @@ def _accumulate(sums, name, value, device):
     sums[name] += value
 
 
-def train_step(net, optimizer, loss_fn, x, y, runtime, sums):
+def train_step(net, optimizer, loss_fn, x, y, runtime, sums, metric=classification_metric):
     """One optimisation step; returns the loss.
 
     ``loss_fn(logits, x, y)`` returns the loss, or a dict of named terms whose ``"loss"`` is
-    optimised. Each term times the batch size, the correct predictions and the batch size are
-    added to the device tensors in ``sums``: no host synchronisation.
+    optimised. Each term times the batch size, the correct predictions (by ``metric``) and the
+    batch size are added to the device tensors in ``sums``: no host synchronisation.
     """
     with runtime.autocast:
         logits = net(x)
@@ -212,10 +215,9 @@ def train_step(net, optimizer, loss_fn, x, y, runtime, sums):
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     optimizer.step()
-    labels = y if y.dim() == 1 else y.argmax(1)
     for name, value in terms.items():
         _accumulate(sums, name, value.detach().float() * len(y), runtime.device)
-    _accumulate(sums, "correct", (logits.detach().argmax(1) == labels).sum(), runtime.device)
+    _accumulate(sums, "correct", metric(logits.detach(), y)[0], runtime.device)
     _accumulate(sums, "images", len(y), runtime.device)
     return terms["loss"]
 
@@ -275,14 +277,15 @@ def _round(record):
     return {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in record.items()}
 
 
-def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True):
+def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True, metric=classification_metric):
     """Train ``model`` on ``splits["train"]``, select on ``splits["holdout"]``, test once on ``splits["test"]``.
 
     ``loss_fn(logits, x, y)`` returns the batch loss, or a dict of named terms (``"loss"``
     is optimised, every term is logged); ``splits`` maps a split name to ``(uint8 images,
     targets)`` (``holdout`` and ``test`` may be missing or empty). ``meta`` (kind, arch,
-    num_classes, ...) is stored in every checkpoint; ``files`` comes from ``prepare_run``.
-    Returns the final checkpoint dict, or ``None`` when ``--time-budget`` stopped the run early.
+    num_classes, ...) is stored in every checkpoint; ``files`` comes from ``prepare_run``;
+    ``metric(logits, targets)`` gives the correct count and summed loss behind the accuracies
+    and the hold-out loss. Returns the final checkpoint dict, or ``None`` when ``--time-budget`` stopped the run early.
     """
     bs = args.batch_size // runtime.world_size
 
@@ -386,7 +389,7 @@ def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True):
             for i, (x, y) in enumerate(train_loader.batches(first_step), first_step):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(epoch * steps_per_epoch + i)
-                watch.update(train_step(net, optimizer, loss_fn, x, y, runtime, sums))
+                watch.update(train_step(net, optimizer, loss_fn, x, y, runtime, sums, metric))
                 if ema:
                     ema.update_parameters(model)
                 bar.update(len(y))
@@ -421,7 +424,7 @@ def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True):
                       "images_per_s": images / (time.time() - epoch_start)}
             last_epoch = epoch + 1 == args.epochs
             if holdout_loader is not None and ((epoch + 1) % args.eval_every == 0 or last_epoch):
-                scores = evaluate(eval_model, holdout_loader, runtime, args.tta)
+                scores = evaluate(eval_model, holdout_loader, runtime, args.tta, metric)
                 record.update(holdout_loss=scores["loss"], holdout_acc=scores["acc"])
             record["elapsed_s"] = elapsed + time.time() - started
             record = _round(record)
@@ -456,7 +459,7 @@ def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True):
                 raise SystemExit(128 + stop.signum)
 
     eval_model.load_state_dict(best_state)
-    test_acc = evaluate(eval_model, test_loader, runtime, args.tta)["acc"] if test_loader is not None else None
+    test_acc = evaluate(eval_model, test_loader, runtime, args.tta, metric)["acc"] if test_loader is not None else None
     final = {**run_meta, "model": best_state, "epoch": len(history),
              "holdout_acc": best_acc if best_acc >= 0 else None, "test_acc": test_acc, "complete": True}
     if runtime.is_main:

@@ -1,4 +1,4 @@
-"""Students and the selector together: loading, scoring, best-student labels, routed prediction."""
+"""Students and the selector together: loading, scoring, selector labels, routed prediction and its timing."""
 
 import time
 
@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import UserError
-from utils.data import normalize
+from utils.data import normalize, stratified_indices
 from utils.engine import prepare_model
+from utils.routers import StudentOutputs
 from utils.runs import default_checkpoint
 
 STUDENT_HINT = "python StudentTrain.py --model 1 (and --model 2)"
@@ -76,40 +77,60 @@ def best_student_targets(losses, soft=False, tau=1.0):
     return F.softmax(-losses / tau, dim=1) if soft else losses.argmin(1)
 
 
-@torch.no_grad()
-def routed_predict(selector, students, x):
-    """Route each image of the batch ``x`` to one student; run each student only on its own images.
+def validation_mask(labels, fraction, seed):
+    """The selector's validation images among the hold-out ``labels``: a stratified ``fraction``, fixed by ``seed``.
 
-    Returns ``(logits, choice)``: the chosen student's logits and the chosen index per image.
+    The selector never trains on them, so they are where its routing is fitted and judged.
     """
-    choice = selector(x).argmax(1)
-    logits = None
-    for k, student in enumerate(students):
-        idx = (choice == k).nonzero().flatten()
-        if len(idx):
-            out = student(x[idx]).float()
-            if logits is None:
-                logits = out.new_empty(len(x), out.shape[1])
-            logits[idx] = out
-    return logits, choice
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    mask[stratified_indices(labels, max(1, round(fraction * len(labels))), seed)] = True
+    return mask
 
 
 @torch.no_grad()
-def batched_routed(selector, students, images, runtime, batch_size=1024):
-    """``routed_predict`` over uint8 ``images`` in batches: ``(logits, choice)`` on the device."""
+def run_routed(router, students, selector, x, num_classes):
+    """A fitted router's system on the batch ``x``, running each network only where the router needs it.
+
+    The students that both of the router's options run go first, on every image (with the selector,
+    if the router reads it); the score decides the rest. Returns the router's ``Routing``.
+    """
+    n = len(x)
+    logits = torch.zeros(n, len(students), num_classes, device=x.device)
+    scores = selector(x).float() if router.uses_selector else None
+    keep, switch = (option.ran[0] for option in router.options(
+        StudentOutputs(logits[:1], None if scores is None else scores[:1])))
+    for k in (keep & switch).nonzero().flatten().tolist():
+        logits[:, k] = students[k](x).float()
+    switched = router.score(StudentOutputs(logits, scores)) > router.threshold_
+    for k, mask in [(k, ~switched) for k in (keep & ~switch).nonzero().flatten().tolist()] + \
+                   [(k, switched) for k in (switch & ~keep).nonzero().flatten().tolist()]:
+        idx = mask.nonzero().flatten()
+        if len(idx):
+            logits[idx, k] = students[k](x[idx]).float()
+    return router.route(StudentOutputs(logits, scores))
+
+
+@torch.no_grad()
+def batched_routed(router, students, selector, images, runtime, batch_size=1024, num_classes=10):
+    """``run_routed`` over uint8 ``images`` in batches: ``(probs (N, C), ran (N, S))`` on the device."""
     channels_last = runtime.device.type == "cuda"
-    logits, choices = [], []
+    probs, ran = [], []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start:start + batch_size].to(runtime.device), channels_last)
         with runtime.autocast:
-            out, choice = routed_predict(selector, students, x)
-        logits.append(out)
-        choices.append(choice)
-    return torch.cat(logits), torch.cat(choices)
+            routing = run_routed(router, students, selector, x, num_classes)
+        probs.append(routing.probs)
+        ran.append(routing.ran)
+    return torch.cat(probs), torch.cat(ran)
 
 
 def timed(fn, runtime):
-    """``(result, seconds)`` of ``fn()``, synchronising the GPU around it."""
+    """``(result, seconds)`` of the second of two calls of ``fn()``: the same on every device.
+
+    The first, untimed call sees every batch shape once, so neither cuDNN's kernel search nor
+    any other first-call cost is timed.
+    """
+    fn()
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)
     start = time.perf_counter()

@@ -1,0 +1,50 @@
+"""A network's logits on the hold-out and test splits, computed once and kept beside its checkpoint.
+
+``<stem>.logits.pt`` is tied to the checkpoint's weights (their fingerprint), the data's
+fingerprint and the split; when any of these changes it is computed again. Routing policies,
+evaluation and the results table read these files, so comparing policies costs seconds on a CPU.
+"""
+
+from pathlib import Path
+
+import torch
+
+from utils.checkpoint import save_checkpoint
+from utils.data import make_splits
+from utils.routing import batched_logits
+
+FORMAT = "mskd-logits/1"
+
+
+def logits_path(checkpoint_path):
+    path = Path(checkpoint_path)
+    return path.with_name(f"{path.name.removesuffix('.pt')}.logits.pt")
+
+
+def split_logits(checkpoint_path, checkpoint, model, data, runtime, batch_size=1024):
+    """``{"holdout", "test"}`` -> ``(float32 logits (N, K), labels (N,))`` on the CPU, cached on disk.
+
+    The split is the checkpoint's own (``checkpoint["split"]``); an empty hold-out gives empty tensors.
+    """
+    key = {"format": FORMAT, "weights_sha256": checkpoint["weights_sha256"], "data_fingerprint": data.fingerprint,
+           "split": dict(checkpoint["split"])}
+    path = logits_path(checkpoint_path)
+    if path.exists():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if all(cached.get(k) == v for k, v in key.items()):
+                return {name: (cached[name], cached[f"{name}_labels"]) for name in ("holdout", "test")}
+        except Exception:  # unreadable: computed again below
+            pass
+    split = checkpoint["split"]
+    splits = make_splits(data, split["holdout"], split["split_seed"], split["limit"])
+    result = {}
+    for name in ("holdout", "test"):
+        images, labels = splits[name]
+        logits = batched_logits(model, images, runtime, batch_size).cpu() if len(images) else \
+            torch.zeros(0, checkpoint["num_classes"])
+        result[name] = (logits, labels)
+    if runtime.is_main:
+        save_checkpoint(path, {**key, **{name: logits for name, (logits, _) in result.items()},
+                               **{f"{name}_labels": labels for name, (_, labels) in result.items()}})
+    return result
