@@ -36,7 +36,7 @@ from teacherTrain import CLASSIFIERS
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import (NON_NEGATIVE_INT, POSITIVE_INT, UserError, add_data_args, add_device_args, make_parser, parse,
                        print_config, run)
-from utils.data import CLASSES, MEAN, STD, DeviceLoader, load_cifar10, make_splits
+from utils.data import CLASSES, MEAN, STD, DeviceLoader, check_split_flags, load_cifar10, make_splits
 from utils.engine import make_optimizer, predict, prepare_model, setup_runtime, train_step
 from utils.routing import routed_predict
 from utils.runs import device_name
@@ -73,7 +73,17 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    return parse(build_parser(), argv)
+    """The flags, and the split sizes they ask for checked against the batch sizes before any data is decoded."""
+    parser = build_parser()
+    args = parse(parser, argv)
+    sizes = check_split_flags(parser, args)
+    for flag, batch, split in (("--batch-size", args.batch_size, "train"),
+                               ("--ref-batch-size", args.ref_batch_size, "train"),
+                               ("--infer-batch-size", args.infer_batch_size, "test")):
+        if sizes is not None and batch > sizes[split]:
+            parser.error(f"{flag} {batch} is larger than the {split} split ({sizes[split]} images); lower it, "
+                         "or raise --limit")
+    return args
 
 
 # ----------------------------------------------------------------------------- timing
