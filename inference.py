@@ -109,14 +109,15 @@ def nokd_twin(path):
     return twin if twin.exists() else None
 
 
-def load_networks(args, runtime, data):
+def load_networks(args, runtime, data, with_teacher=True):
     """The teacher, the students, their no-KD twins, the selector and its shuffled-label control."""
     student_hint = "python StudentTrain.py" + (f" --name {args.name}" if args.name else "")
-    teacher = Network("Teacher", args.teacher, "teacher", "python teacherTrain.py", runtime, data)
     students = [Network(f"Student {k}", path, "student", student_hint, runtime, data)
                 for k, path in enumerate(args.students, 1)]
+    teacher = Network("Teacher", args.teacher, "teacher", "python teacherTrain.py", runtime, data) \
+        if with_teacher else None
     twins = [Network(f"Student {k}", twin, "student", student_hint + " --no-kd", runtime, data)
-             for k, twin in enumerate(map(nokd_twin, args.students), 1) if twin]
+             for k, twin in enumerate(map(nokd_twin, args.students), 1) if twin and with_teacher]
     selector = load_selector(args.selector, students, runtime, data)
     control_path = Path(args.selector).with_name(Path(args.selector).stem + "_shuffled.pt")
     control = load_selector(control_path, students, runtime, data) if control_path.exists() else None
@@ -420,8 +421,12 @@ def main(argv=None):
     if not args.images:
         print_config(args, "inference.py")
     split = students_split(args.students)
-    data = load_cifar10(args.data_dir, args.download, verbose=not args.images, allow_partial=args.partial_data)
-    networks = load_networks(args, runtime, data)
+
+    @functools.cache
+    def load_data():
+        return load_cifar10(args.data_dir, args.download, verbose=not args.images, allow_partial=args.partial_data)
+
+    networks = load_networks(args, runtime, load_data if args.images else load_data(), with_teacher=not args.images)
     teacher, students, twins, selector, control = networks
     if args.images:
         val_fraction = selector.checkpoint["config"]["val_fraction"]
@@ -430,6 +435,7 @@ def main(argv=None):
             raise UserError(f"no {args.router} routing fits --budget {args.budget:g} on the hold-out split; raise it")
         classify_images(args.images, router, students, selector, runtime)
         return
+    data = load_data()
     results, headline = evaluate_all(args, networks)
     images, labels = make_splits(data, split["holdout"], split["split_seed"], split["limit"])["test"]
     results["costs"] = measure_speed(args, runtime, networks, headline, images)

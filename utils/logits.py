@@ -25,8 +25,11 @@ def split_logits(checkpoint_path, checkpoint, model, data, runtime, batch_size=1
     """``{"holdout", "test"}`` -> ``(float32 logits (N, K), labels (N,))`` on the CPU, cached on disk.
 
     The split is the checkpoint's own (``checkpoint["split"]``); an empty hold-out gives empty tensors.
+    ``data`` is the CIFAR-10 to evaluate on, or a function that loads it: then the cache is taken
+    when it was made on the checkpoint's own training data, and the data is loaded only if it is not.
     """
-    key = {"format": FORMAT, "weights_sha256": checkpoint["weights_sha256"], "data_fingerprint": data.fingerprint,
+    fingerprint = checkpoint["data_fingerprint"] if callable(data) else data.fingerprint
+    key = {"format": FORMAT, "weights_sha256": checkpoint["weights_sha256"], "data_fingerprint": fingerprint,
            "split": dict(checkpoint["split"])}
     path = logits_path(checkpoint_path)
     if path.exists():
@@ -36,6 +39,8 @@ def split_logits(checkpoint_path, checkpoint, model, data, runtime, batch_size=1
                 return {name: (cached[name], cached[f"{name}_labels"]) for name in ("holdout", "test")}
         except Exception:  # unreadable: computed again below
             pass
+    data = data() if callable(data) else data
+    key["data_fingerprint"] = data.fingerprint
     split = checkpoint["split"]
     splits = make_splits(data, split["holdout"], split["split_seed"], split["limit"])
     result = {}

@@ -3,7 +3,6 @@
 import time
 
 import torch
-import torch.nn.functional as F
 
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import UserError
@@ -70,11 +69,6 @@ def batched_logits(model, images, runtime, batch_size=1024):
         with runtime.autocast:
             out.append(model(x).float())
     return torch.cat(out)
-
-
-def best_student_targets(losses, soft=False, tau=1.0):
-    """Per example, the student with the lowest loss: an index, or ``softmax(-loss / tau)`` over students."""
-    return F.softmax(-losses / tau, dim=1) if soft else losses.argmin(1)
 
 
 def validation_mask(labels, fraction, seed):
