@@ -26,13 +26,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from models import model_stats
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import (POSITIVE, POSITIVE_INT, UserError, add_data_args, add_device_args, make_parser, parse,
                        print_config, run)
 from utils.data import CLASSES, load_cifar10, make_splits, normalize
-from utils.engine import prepare_model, setup_runtime
-from utils.logits import split_logits
+from utils.engine import setup_runtime
+from utils.logits import Network
 from utils.plots import plot_accuracy_vs_flops, plot_confusion, plot_grouped_bars, plot_per_class_gain
 from utils.routers import ROUTERS, EnsembleRouter, RandomRouter, Routing, StudentOutputs, build_router, oracle_routing
 from utils.routing import (batched_logits, batched_routed, check_selector_students, default_students,
@@ -79,30 +77,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- networks
-
-class Network:
-    """A trained network, its checkpoint and its logits on the hold-out and test splits."""
-
-    def __init__(self, role, path, kind, hint, runtime, data):
-        self.role, self.path = role, str(path)
-        self.checkpoint = load_checkpoint(path, hint=hint, kind=kind)
-        model = model_from_checkpoint(self.checkpoint, path, hint).eval().requires_grad_(False)
-        self.model = prepare_model(model, runtime)
-        self.stats = model_stats(self.model)
-        self.gflops = self.stats["flops"] / 1e9
-        self.logits = split_logits(path, self.checkpoint, self.model, data, runtime)
-        if not self.checkpoint.get("complete"):
-            print(f"warning: {path} comes from an unfinished run ({self.checkpoint['epoch']}/"
-                  f"{self.checkpoint['epochs']} epochs); its row is marked")
-
-    @property
-    def label(self):
-        arch = self.checkpoint["arch"]
-        kd = {True: " (KD)", False: " without KD"}.get(self.checkpoint.get("kd"), "")
-        done = "" if self.checkpoint.get("complete") else \
-            f" [unfinished: {self.checkpoint['epoch']}/{self.checkpoint['epochs']} epochs]"
-        return f"{self.role} {arch}{kd}{done}"
-
 
 def nokd_twin(path):
     twin = Path(path).with_name(Path(path).stem + "_nokd.pt")

@@ -62,6 +62,32 @@ def test_oracle_bounds_every_one_student_system(smoke_run):
                                           for c in results["comparisons"].values())
 
 
+def test_evaluate_one_checkpoint_agrees_with_its_training_run(smoke_run, tmp_path, monkeypatch, capsys):
+    import evaluate
+    import utils.logits
+    from utils.checkpoint import load_checkpoint
+
+    root, data = smoke_run
+    monkeypatch.chdir(root)
+    paths = ["checkpoints/smoke/teacher.pt", "checkpoints/smoke/student_googlenet.pt"]
+    out = tmp_path / "evaluation.json"
+    evaluate.main([*paths, "--data-dir", str(data), "--device", "cpu", "--out", str(out)])
+    results = json.loads(out.read_text())
+    for path in paths:
+        r = results[path]
+        assert r["accuracy"] == pytest.approx(load_checkpoint(path, hint="")["test_acc"])
+        assert r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"]
+        assert 0 <= r["ece"] <= 1 and r["nll"] > 0 and len(r["per_class"]) == 10
+        assert sum(r["per_class"]) / 10 == pytest.approx(r["accuracy"])  # the smoke test split is balanced
+    assert "| `checkpoints/smoke/teacher.pt` | teacher resnet50 |" in capsys.readouterr().out
+
+    def no_network_pass(*args, **kwargs):
+        raise AssertionError("the logits should come from <stem>.logits.pt")
+
+    monkeypatch.setattr(utils.logits, "batched_logits", no_network_pass)
+    evaluate.main([paths[0], "--split", "holdout", "--data-dir", str(data), "--device", "cpu"])
+
+
 def test_second_run_skips_complete_stages(smoke_run, capsys, monkeypatch):
     root, data = smoke_run
     monkeypatch.chdir(root)

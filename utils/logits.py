@@ -1,4 +1,4 @@
-"""A network's logits on the hold-out and test splits, computed once and kept beside its checkpoint.
+"""Trained networks and their logits on the hold-out and test splits, computed once and kept beside the checkpoint.
 
 ``<stem>.logits.pt`` is tied to the checkpoint's weights (their fingerprint), the data's
 fingerprint and the split; when any of these changes it is computed again. Routing policies,
@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
-from utils.checkpoint import save_checkpoint
+from models import model_stats
+from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.data import make_splits
+from utils.engine import prepare_model
 from utils.routing import batched_logits
 
 FORMAT = "mskd-logits/1"
@@ -53,3 +55,27 @@ def split_logits(checkpoint_path, checkpoint, model, data, runtime, batch_size=1
         save_checkpoint(path, {**key, **{name: logits for name, (logits, _) in result.items()},
                                **{f"{name}_labels": labels for name, (_, labels) in result.items()}})
     return result
+
+
+class Network:
+    """A trained network, its checkpoint and its logits on the hold-out and test splits."""
+
+    def __init__(self, role, path, kind, hint, runtime, data):
+        self.role, self.path = role, str(path)
+        self.checkpoint = load_checkpoint(path, hint=hint, kind=kind)
+        model = model_from_checkpoint(self.checkpoint, path, hint).eval().requires_grad_(False)
+        self.model = prepare_model(model, runtime)
+        self.stats = model_stats(self.model)
+        self.gflops = self.stats["flops"] / 1e9
+        self.logits = split_logits(path, self.checkpoint, self.model, data, runtime)
+        if not self.checkpoint.get("complete"):
+            print(f"warning: {path} comes from an unfinished run ({self.checkpoint['epoch']}/"
+                  f"{self.checkpoint['epochs']} epochs); its row is marked")
+
+    @property
+    def label(self):
+        arch = self.checkpoint["arch"]
+        kd = {True: " (KD)", False: " without KD"}.get(self.checkpoint.get("kd"), "")
+        done = "" if self.checkpoint.get("complete") else \
+            f" [unfinished: {self.checkpoint['epoch']}/{self.checkpoint['epochs']} epochs]"
+        return f"{self.role} {arch}{kd}{done}"

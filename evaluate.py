@@ -1,0 +1,78 @@
+"""Evaluate trained teacher or student checkpoints on their own, without the rest of the pipeline.
+
+For each checkpoint: accuracy on the test split (or --split holdout) with its 95% bootstrap
+interval, per-class accuracy, negative log-likelihood and expected calibration error (ECE,
+15 equal-width confidence bins). The split is the one the checkpoint was trained with; the
+logits are computed once and kept beside the checkpoint (<stem>.logits.pt).
+
+    python evaluate.py checkpoints/teacher.pt checkpoints/student_densenet121.pt
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from utils.checkpoint import load_checkpoint
+from utils.cli import UserError, add_data_args, add_device_args, make_parser, parse, run
+from utils.data import CLASSES, load_cifar10
+from utils.engine import setup_runtime
+from utils.logits import Network
+from utils.stats import expected_calibration_error, paired_bootstrap
+
+HINT = "python teacherTrain.py (or StudentTrain.py)"
+
+
+def build_parser():
+    parser = make_parser(__doc__, Path(__file__).name)
+    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                        help="teacher or student checkpoints (teacherTrain.py, StudentTrain.py)")
+    parser.add_argument("--split", default="test", choices=["test", "holdout"], help="which split to evaluate on")
+    parser.add_argument("--out", default=None, help="also write every figure to this JSON file")
+    add_data_args(parser, split=False)
+    add_device_args(parser, compile=False, seed=False)
+    return parser
+
+
+def scores(logits, labels):
+    """Accuracy with its 95% bootstrap interval, per-class accuracy, NLL and ECE of one network."""
+    correct = logits.argmax(1) == labels
+    interval = paired_bootstrap(correct, torch.zeros_like(correct))
+    return {"images": len(labels), "accuracy": interval.estimate, "accuracy_low": interval.low,
+            "accuracy_high": interval.high, "nll": F.cross_entropy(logits, labels).item(),
+            "ece": expected_calibration_error(logits.softmax(1), labels),
+            "per_class": [correct[labels == c].double().mean().item() for c in range(len(CLASSES))]}
+
+
+def main(argv=None):
+    args = parse(build_parser(), argv)
+    runtime = setup_runtime(args)
+    data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)
+    results = {}
+    for path in args.checkpoints:
+        if load_checkpoint(path, hint=HINT)["kind"] == "selector":
+            raise UserError(f"{path} is a selector: evaluate it within the routed system with inference.py")
+        network = Network("", path, None, HINT, runtime, data)
+        logits, labels = network.logits[args.split]
+        if len(labels) == 0:
+            raise UserError(f"{path} was trained with --holdout 0: it has no hold-out split; use --split test")
+        results[path] = {"kind": network.checkpoint["kind"], "arch": network.checkpoint["arch"],
+                         "complete": bool(network.checkpoint.get("complete")), **scores(logits, labels)}
+    print(f"\n{args.split} split; accuracy with its 95% bootstrap interval; NLL; ECE (15 bins)\n")
+    print("| Checkpoint | Network | Accuracy | 95% interval | NLL | ECE |\n|---|---|---|---|---|---|")
+    for path, r in results.items():
+        name = f"{r['kind']} {r['arch']}" + ("" if r["complete"] else " [unfinished]")
+        print(f"| `{path}` | {name} | {100 * r['accuracy']:.2f}% | {100 * r['accuracy_low']:.2f}–"
+              f"{100 * r['accuracy_high']:.2f}% | {r['nll']:.3f} | {r['ece']:.4f} |")
+    print("\nPer-class accuracy (%)\n\n| Checkpoint | " + " | ".join(CLASSES) + " |\n|---|" + "---|" * len(CLASSES))
+    for path, r in results.items():
+        print(f"| `{path}` | " + " | ".join(f"{100 * a:.1f}" for a in r["per_class"]) + " |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    run(main)
