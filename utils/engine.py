@@ -9,12 +9,13 @@ evaluated once, on those weights.
 
 Nothing is lost: SIGINT or SIGTERM finishes the current step, saves a mid-epoch resume
 state and exits; ``--resume`` then ends exactly where an uninterrupted run ends. A
-non-finite loss stops the run with one line, before anything is saved from it.
+non-finite loss, weight or hold-out loss stops the run with one line, before anything is saved from it.
 """
 
 import json
 import math
 import os
+import shlex
 import signal
 import time
 from contextlib import nullcontext
@@ -264,6 +265,22 @@ class NonFiniteWatch:
         return int(self.finite_steps.item()) if bad.item() > 0 else None
 
 
+def all_finite(tensors, runtime):
+    """Whether every floating-point tensor is finite, on every process: one host synchronisation.
+
+    A finite loss does not make finite weights: a huge step can overflow the weights or the
+    BatchNorm running statistics, which the training loss never sees.
+    """
+    finite = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return runtime.all_sum((~torch.stack(finite)).sum().float()).item() == 0
+
+
+def resume_command(command):
+    """``args.command`` as the command that continues its run: with ``--resume``, without ``--force``."""
+    words = [word for word in shlex.split(command) if word != "--force"]
+    return shlex.join(words + ["--resume"] * ("--resume" not in words))
+
+
 def _check_resumable(state, args, path):
     old = state.get("config", {})
     changed = [k for k, v in vars(args).items() if k not in RUN_CONTROL_FLAGS and k in old and old[k] != v]
@@ -363,15 +380,20 @@ def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True, metric
                 "history": history, "elapsed": elapsed + time.time() - started,
                 "epoch_seconds": seconds_in_epoch, "complete": epoch == args.epochs}
 
-    def check_finite(watch, epoch, first_step):
+    def diverged(what, epoch, step):
+        kept = f"the last good state is {files.last}" if files.last.exists() else "nothing was saved"
+        return UserError(f"training diverged: non-finite {what} at epoch {epoch + 1}, step {step + 1}/"
+                         f"{steps_per_epoch}, learning rate {lr_at(epoch * steps_per_epoch + step):.4g}; "
+                         f"{kept}; lower --lr (or raise --warmup-epochs) and start again with --force")
+
+    def check_finite(watch, epoch, first_step, step):
+        """Before anything is saved: every loss of the epoch up to ``step``, then the weights and momenta after it."""
         bad = watch.first_bad_step(runtime)
         if bad is not None:
-            step = first_step + bad
-            kept = (f"the last good state is {files.last} (epoch {history[-1]['epoch']})" if history
-                    else "nothing was saved")
-            raise UserError(f"training diverged: non-finite loss at epoch {epoch + 1}, step {step + 1}/"
-                            f"{steps_per_epoch}, learning rate {lr_at(epoch * steps_per_epoch + step):.4g}; "
-                            f"{kept}; lower --lr (or raise --warmup-epochs) and start again with --force")
+            raise diverged("loss", epoch, first_step + bad)
+        momenta = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        if not all_finite([*model.state_dict().values(), *momenta], runtime):
+            raise diverged("weights", epoch, step)
 
     started = time.time()
     with StopSignal() as stop:
@@ -383,36 +405,36 @@ def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True, metric
                 sums, epoch_seconds = {}, 0.0
             watch = NonFiniteWatch(runtime.device)
             epoch_start = time.time() - epoch_seconds
-            bar = tqdm(total=train_loader.num_samples, initial=min(first_step * bs, train_loader.num_samples),
-                       unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       disable=not runtime.is_main, leave=False)
-            for i, (x, y) in enumerate(train_loader.batches(first_step), first_step):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(epoch * steps_per_epoch + i)
-                watch.update(train_step(net, optimizer, loss_fn, x, y, runtime, sums, metric))
-                if ema:
-                    ema.update_parameters(model)
-                bar.update(len(y))
-                at_log_point = (i + 1) % args.log_every == 0
-                if at_log_point:
-                    check_finite(watch, epoch, first_step)
-                    bar.set_postfix(loss=f"{sums['loss'].item() / sums['images'].item():.3f}",
-                                    acc=f"{sums['correct'].item() / sums['images'].item():.3f}")
-                stopping = stop.signum is not None
-                if runtime.world_size > 1:  # every process must stop after the same step
-                    stopping = at_log_point and runtime.all_sum(
-                        torch.tensor(float(stopping), device=runtime.device)).item() > 0
-                if stopping and i + 1 < steps_per_epoch:
-                    check_finite(watch, epoch, first_step)
-                    bar.close()
-                    if runtime.is_main:
-                        save_checkpoint(files.last, resume_state(epoch, i + 1, sums, time.time() - epoch_start))
-                        name = signal.Signals(stop.signum or signal.SIGTERM).name
-                        print(f"\n{name}: stopped at epoch {epoch + 1}/{args.epochs}, step {i + 1}/"
-                              f"{steps_per_epoch}; saved {files.last}\ncontinue with: {args.command} --resume")
-                    raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-            bar.close()
-            check_finite(watch, epoch, first_step)
+            with tqdm(total=train_loader.num_samples, initial=min(first_step * bs, train_loader.num_samples),
+                      unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{args.epochs}",
+                      disable=not runtime.is_main, leave=False) as bar:
+                for i, (x, y) in enumerate(train_loader.batches(first_step), first_step):
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(epoch * steps_per_epoch + i)
+                    watch.update(train_step(net, optimizer, loss_fn, x, y, runtime, sums, metric))
+                    if ema:
+                        ema.update_parameters(model)
+                    bar.update(len(y))
+                    at_log_point = (i + 1) % args.log_every == 0
+                    if at_log_point:
+                        check_finite(watch, epoch, first_step, i)
+                        bar.set_postfix(loss=f"{sums['loss'].item() / sums['images'].item():.3f}",
+                                        acc=f"{sums['correct'].item() / sums['images'].item():.3f}")
+                    stopping = stop.signum is not None
+                    if runtime.world_size > 1:  # every process must stop after the same step
+                        stopping = at_log_point and runtime.all_sum(
+                            torch.tensor(float(stopping), device=runtime.device)).item() > 0
+                    if stopping and i + 1 < steps_per_epoch:
+                        check_finite(watch, epoch, first_step, i)
+                        bar.close()
+                        if runtime.is_main:
+                            save_checkpoint(files.last, resume_state(epoch, i + 1, sums, time.time() - epoch_start))
+                            name = signal.Signals(stop.signum or signal.SIGTERM).name
+                            print(f"\n{name}: stopped at epoch {epoch + 1}/{args.epochs}, step {i + 1}/"
+                                  f"{steps_per_epoch}; saved {files.last}\n"
+                                  f"continue with: {resume_command(args.command)}")
+                        raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+            check_finite(watch, epoch, first_step, steps_per_epoch - 1)
             totals = dict(zip(sums, runtime.all_sum(torch.stack([sums[k].float() for k in sums])).tolist()))
             images = totals.pop("images")
             record = {"epoch": epoch + 1,
@@ -425,6 +447,8 @@ def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True, metric
             last_epoch = epoch + 1 == args.epochs
             if holdout_loader is not None and ((epoch + 1) % args.eval_every == 0 or last_epoch):
                 scores = evaluate(eval_model, holdout_loader, runtime, args.tta, metric)
+                if not math.isfinite(scores["loss"]):
+                    raise diverged("hold-out loss", epoch, steps_per_epoch - 1)
                 record.update(holdout_loss=scores["loss"], holdout_acc=scores["acc"])
             record["elapsed_s"] = elapsed + time.time() - started
             record = _round(record)
@@ -450,12 +474,12 @@ def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True, metric
             if out_of_time and not last_epoch:
                 if runtime.is_main:
                     print(f"time budget of {args.time_budget:g} min spent: stopped after epoch {epoch + 1}/"
-                          f"{args.epochs}; continue with: {args.command} --resume")
+                          f"{args.epochs}; continue with: {resume_command(args.command)}")
                 return None
             if stop.signum is not None and not last_epoch:
                 if runtime.is_main:
                     print(f"{signal.Signals(stop.signum).name}: stopped after epoch {epoch + 1}/{args.epochs}; "
-                          f"continue with: {args.command} --resume")
+                          f"continue with: {resume_command(args.command)}")
                 raise SystemExit(128 + stop.signum)
 
     eval_model.load_state_dict(best_state)

@@ -90,12 +90,17 @@ def prepare_run(args, is_main=True):
     check_writable(files.best.parent)
     if args.resume:
         if not files.last.exists():
-            raise UserError(f"nothing to resume: no {files.last}; start the run without --resume")
+            start = "start it again with --force" if files.best.exists() else "start the run without --resume"
+            raise UserError(f"nothing to resume: no {files.last}; {start}")
     elif files.best.exists() or files.last.exists():
         if not args.force:
+            run = files.best.parent / files.best.stem
+            if not files.last.exists():  # stopped before its first resume state was written
+                raise UserError(f"{run}.* already holds an unfinished run that cannot be resumed (no {files.last}); "
+                                "add --force to start it again, or write elsewhere with --name or --checkpoint")
             what = "a complete run" if _is_complete(files.best) else "an unfinished run"
-            raise UserError(f"{files.best.parent / files.best.stem}.* already holds {what}; add --resume to "
-                            "continue it, --force to replace it, or write elsewhere with --name or --checkpoint")
+            raise UserError(f"{run}.* already holds {what}; add --resume to continue it, --force to replace it, "
+                            "or write elsewhere with --name or --checkpoint")
         if is_main:
             for path in files:
                 path.unlink(missing_ok=True)

@@ -1,0 +1,494 @@
+"""Faults a long run meets, and what is left after each: pre-emption, a hard kill, divergence, an
+unwritable or full disk, an incomplete copy of the data, and a rerun over an existing run.
+
+The runs are tiny teachers (googlenet, a few images of a synthetic CIFAR-10, on the CPU): most have 8
+training images in batches of 2, so that an epoch has 4 steps and a run can stop between them.
+"""
+
+import errno
+import io
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from argparse import Namespace
+
+import pytest
+import torch
+
+import teacherTrain
+import utils.checkpoint
+import utils.data
+import utils.engine
+import utils.runs
+from tests.conftest import REPO, write_tree
+from utils.checkpoint import load_checkpoint
+from utils.cli import UserError, run
+from utils.data import DataError, load_cifar10
+from utils.engine import _lr_at
+from utils.runs import prepare_run
+
+STEPS = 4  # steps per epoch of `flags`: 8 training images in batches of 2
+TIMING = ("images_per_s", "elapsed_s")  # the only metrics that differ between two runs of one command
+
+
+def flags(tree, checkpoint, *extra, epochs=2, limit=8, holdout=10):
+    return ["--data-dir", str(tree), "--arch", "googlenet", "--holdout", str(holdout), "--limit", str(limit),
+            "--batch-size", "2", "--epochs", str(epochs), "--device", "cpu", "--checkpoint", str(checkpoint),
+            "--partial-data", *extra]
+
+
+def tiny_flags(tree, checkpoint, *extra, epochs=2):
+    """One step per epoch (2 training images), no hold-out split: the cheapest run."""
+    return flags(tree, checkpoint, *extra, epochs=epochs, limit=2, holdout=0)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoints(folder):
+    return sorted(p for p in folder.iterdir() if p.suffix == ".pt" and not p.name.startswith("."))
+
+
+def hidden(folder):
+    """Temporary files (``.<name>.<pid>.tmp``) and probes: a finished command leaves none."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def contents(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def tensors(value):
+    """Every tensor inside a checkpoint: weights, optimizer and EMA state, running sums."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from tensors(v)
+
+
+def all_finite(path):
+    return all(torch.isfinite(t).all() for t in tensors(load(path)) if t.is_floating_point())
+
+
+def without_timing(history):
+    return [{k: v for k, v in record.items() if k not in TIMING} for record in history]
+
+
+def assert_same_run(checkpoint, reference):
+    """Bit-identical weights (best and last), and the same metrics, epoch by epoch."""
+    for mine, theirs in ((checkpoint, reference), (checkpoint.with_suffix(".last.pt"),
+                                                     reference.with_suffix(".last.pt"))):
+        a, b = load(mine)["model"], load(theirs)["model"]
+        assert a.keys() == b.keys()
+        differing = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differing, (mine.name, differing[:5])
+    history = load(checkpoint.with_suffix(".last.pt"))["history"]
+    assert without_timing(history) == without_timing(load(reference.with_suffix(".last.pt"))["history"])
+    logged = [json.loads(line) for line in checkpoint.with_suffix(".metrics.jsonl").read_text().splitlines()]
+    assert without_timing(logged) == without_timing(history)
+
+
+def visible_lines(text):
+    """The lines a terminal shows: a progress bar rewritten in place with ``\\r`` leaves only what follows."""
+    return [line.rsplit("\r", 1)[-1] for line in text.split("\n") if line.rsplit("\r", 1)[-1].strip()]
+
+
+def one_error_line(capsys, call):
+    """Run ``call`` as the scripts do (``utils.cli.run``); its exit code 2 and its single ``error:`` line."""
+    with pytest.raises(SystemExit) as e:
+        run(call)
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    lines = visible_lines(captured.err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    tree = write_tree(tmp_path_factory.mktemp("data") / "cifar")
+    load_cifar10(tree, verbose=False, allow_partial=True)  # decoded once: subprocesses read the shared cache
+    return tree
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tree, tmp_path_factory):
+    """The run every interrupted one is compared with: two epochs of 4 steps, in one go."""
+    checkpoint = tmp_path_factory.mktemp("uninterrupted") / "teacher.pt"
+    teacherTrain.main(flags(tree, checkpoint))
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------- pre-emption
+
+@pytest.fixture
+def own_handlers():
+    """SIGINT and SIGTERM handlers owned by the test: a signal that training lets through is
+    recorded instead of ending pytest, and training must hand these back when it ends."""
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield handler, received
+    for s, h in previous.items():
+        signal.signal(s, h)
+
+
+def signal_during_step(monkeypatch, signum, call):
+    """The ``call``-th training step of the run (counted from 1) receives ``signum`` as it starts."""
+    train_step, calls = utils.engine.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(utils.engine, "train_step", step)
+
+
+@pytest.mark.parametrize("signum,call,extra,stopped_at", [
+    (signal.SIGTERM, 2, (), (0, 2)),  # mid-epoch 1: resume at epoch 1, step 3
+    (signal.SIGINT, 7, ("--force",), (1, 3)),  # mid-epoch 2, in a run started with --force
+    (signal.SIGTERM, 4, (), (1, 0)),  # the last step of epoch 1: the epoch ends first
+], ids=["sigterm-mid-epoch-1", "sigint-mid-epoch-2-forced", "sigterm-end-of-epoch-1"])
+def test_a_signal_stops_after_the_step_and_resume_ends_like_an_uninterrupted_run(
+        tree, tmp_path, monkeypatch, capsys, own_handlers, uninterrupted, signum, call, extra, stopped_at):
+    handler, received = own_handlers
+    checkpoint = tmp_path / "teacher.pt"
+    signal_during_step(monkeypatch, signum, call)
+    with pytest.raises(SystemExit) as e:
+        teacherTrain.main(flags(tree, checkpoint, *extra))
+    assert e.value.code == 128 + signum
+    assert received == []  # the signal asked training to stop; nothing else saw it
+    assert signal.getsignal(signal.SIGINT) is handler and signal.getsignal(signal.SIGTERM) is handler
+
+    out = capsys.readouterr().out
+    epoch, step = stopped_at
+    state = load(checkpoint.with_suffix(".last.pt"))
+    assert (state["epoch"], state["step"]) == (epoch, step) and state["complete"] is False
+    reference = load(uninterrupted.with_suffix(".last.pt"))["history"]
+    assert without_timing(state["history"]) == without_timing(reference[:epoch])
+    name = signal.Signals(signum).name
+    where = f"at epoch {epoch + 1}/2, step {step}/{STEPS}" if step else f"after epoch {epoch}/2"
+    assert f"{name}: stopped {where}" in out
+    command = re.findall(r"continue with: (.*)$", out, re.M)[-1]
+    python, script, *argv = shlex.split(command)
+    assert (python, script) == ("python", "teacherTrain.py") and "--resume" in argv and "--force" not in argv
+
+    monkeypatch.undo()
+    teacherTrain.main(argv)  # the printed command, as the user would paste it
+    assert signal.getsignal(signal.SIGINT) is handler and signal.getsignal(signal.SIGTERM) is handler
+    final = load(checkpoint)
+    assert final["complete"] is True and final["epoch"] == 2
+    assert_same_run(checkpoint, uninterrupted)
+
+
+# ----------------------------------------------------------------------------- hard kill
+
+KILLER = r'''
+"""Run teacherTrain.py, but on the N-th write of checkpoint NAME (KILL_AT_SAVE=NAME:N), write half
+of it, then SIGKILL this process: the power cut in the middle of a save."""
+import io, os, runpy, signal, sys
+import torch
+
+target, n = os.environ.get("KILL_AT_SAVE", ":0").rsplit(":", 1)
+real_save, writes = torch.save, []
+
+def save(obj, f, *args, **kwargs):
+    name = os.path.basename(f)  # NAME, or the temporary .NAME.<pid>.tmp that replaces it when complete
+    if target and (name == target or name.startswith(f".{target}.")):
+        writes.append(f)
+        if len(writes) == int(n):
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            with open(f, "wb") as out:
+                out.write(buffer.getbuffer()[: buffer.tell() // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = save
+sys.argv = ["teacherTrain.py", *sys.argv[1:]]
+runpy.run_path("teacherTrain.py", run_name="__main__")
+'''
+
+
+def start(argv, log, kill_at=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("KILL_AT_SAVE", None)
+    if kill_at:
+        env["KILL_AT_SAVE"] = kill_at
+    return subprocess.Popen([sys.executable, "-c", KILLER, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=log, text=True)
+
+
+def restart_flags(checkpoint):
+    """What a user does after a crash: resume if there is a resume state, else start again."""
+    if checkpoint.with_suffix(".last.pt").exists():
+        return ["--resume"]
+    return ["--force"] if checkpoint.exists() else []
+
+
+def test_hard_kills_even_while_saving_leave_loadable_files_and_a_run_that_finishes(tree, tmp_path):
+    checkpoint = tmp_path / "run" / "teacher.pt"
+    folder = checkpoint.parent
+    rng = random.Random(0)
+    # "NAME:N": SIGKILL halfway through the N-th write of NAME in that process (without a hold-out
+    # split, each epoch writes teacher.pt then teacher.last.pt, and the end teacher.pt again); a
+    # number: SIGKILL that many seconds after training has begun.
+    kills = ["teacher.pt:1", "teacher.last.pt:1", rng.uniform(0, 1.5), rng.uniform(0, 1.5), "teacher.pt:1"]
+    left_behind = []
+    for kill in kills:
+        argv = tiny_flags(tree, checkpoint, *restart_flags(checkpoint))
+        with open(tmp_path / "stderr.txt", "w") as log:
+            process = start(argv, log, kill_at=kill if isinstance(kill, str) else None)
+            if not isinstance(kill, str):
+                for line in process.stdout:
+                    if line.startswith("peak learning rate"):  # printed by fit() before the first step
+                        break
+                time.sleep(kill)
+                process.kill()
+            out = process.communicate(timeout=120)[0]
+        details = (kill, argv[-1], out, (tmp_path / "stderr.txt").read_text())
+        for path in checkpoints(folder):
+            load_checkpoint(path, hint="", kind="teacher", arch="googlenet")
+        if isinstance(kill, str):
+            assert process.returncode == -signal.SIGKILL, details
+            assert [p for p in hidden(folder) if p.startswith(f".{kill.split(':')[0]}.")], details
+        else:
+            assert process.returncode in (0, -signal.SIGKILL), details
+        assert not set(left_behind) & set(hidden(folder)), details  # this start removed the last one's
+        left_behind = hidden(folder)
+
+    argv = tiny_flags(tree, checkpoint, *restart_flags(checkpoint))
+    with open(tmp_path / "stderr.txt", "w") as log:
+        out = start(argv, log).communicate(timeout=120)[0]
+    assert "saved " in out, (out, (tmp_path / "stderr.txt").read_text())
+    assert hidden(folder) == []
+    assert load_checkpoint(checkpoint, hint="", kind="teacher")["complete"] is True
+
+    reference = tmp_path / "reference" / "teacher.pt"
+    teacherTrain.main(tiny_flags(tree, reference))
+    assert_same_run(checkpoint, reference)
+
+
+def test_an_unresumable_partial_run_is_restarted_with_force_only(tmp_path):
+    """A kill while teacher.last.pt was first written leaves teacher.pt alone: --resume cannot
+    continue it, so neither message may send the user to --resume."""
+    checkpoint = tmp_path / "teacher.pt"
+    utils.checkpoint.save_checkpoint(checkpoint, {"kind": "teacher", "model": {}, "complete": False})
+    args = Namespace(checkpoint=str(checkpoint), resume=False, force=False)
+    with pytest.raises(UserError) as fresh:
+        prepare_run(args)
+    with pytest.raises(UserError) as resumed:
+        prepare_run(Namespace(**{**vars(args), "resume": True}))
+    for message in (str(fresh.value), str(resumed.value)):
+        assert "--force" in message and "add --resume" not in message and "without --resume" not in message
+    prepare_run(Namespace(**{**vars(args), "force": True}))
+    assert not checkpoint.exists()
+
+
+# ----------------------------------------------------------------------------- divergence
+
+def diverged(message, steps=STEPS):
+    """(what, epoch, step, learning rate, what was kept) of a divergence message, which must have that form."""
+    match = re.fullmatch(r"training diverged: non-finite ([a-z -]+) at epoch (\d+), step (\d+)/(\d+), "
+                         r"learning rate ([^;]+); (.*); lower --lr .* start again with --force", message)
+    assert match, message
+    what, epoch, step, steps_per_epoch, lr, kept = match.groups()
+    assert int(steps_per_epoch) == steps
+    return what, int(epoch), int(step), float(lr), kept
+
+
+@pytest.mark.parametrize("limit,holdout,found", [
+    (8, 10, "loss"),  # 4 steps per epoch: the loss of a later step overflows
+    (2, 0, "weights"),  # 1 step per epoch: the loss stays finite, BatchNorm's running variance does not
+    (2, 10, "hold-out loss"),  # and the hold-out split sees it first
+])
+def test_a_huge_learning_rate_stops_the_run_before_anything_non_finite_is_saved(tree, tmp_path, limit, holdout,
+                                                                               found):
+    checkpoint = tmp_path / "teacher.pt"
+    steps = limit // 2
+    with pytest.raises(UserError) as e:
+        teacherTrain.main(flags(tree, checkpoint, "--lr", "1e12", limit=limit, holdout=holdout))
+    what, epoch, step, lr, kept = diverged(str(e.value), steps)
+    assert what == found
+    assert lr == float(f"{_lr_at((epoch - 1) * steps + step - 1, 2 * steps, 2 * steps, 1e12 * 2 / 512):.4g}")
+    saved = checkpoints(tmp_path)
+    assert kept == (f"the last good state is {checkpoint.with_suffix('.last.pt')}" if saved else "nothing was saved")
+    for path in saved:
+        assert all_finite(path), path
+
+
+def test_a_nan_in_epoch_2_keeps_the_checkpoints_of_epoch_1(tree, tmp_path, monkeypatch):
+    checkpoint = tmp_path / "teacher.pt"
+    train_step, calls, epoch_1 = utils.engine.train_step, [], {}
+
+    def step(net, optimizer, loss_fn, x, y, *args):
+        calls.append(1)
+        if len(calls) == STEPS + 1:
+            epoch_1.update(contents(tmp_path))
+        if len(calls) == STEPS + 2:  # the second step of epoch 2 sees a corrupted batch
+            x = torch.full_like(x, float("nan"))
+        return train_step(net, optimizer, loss_fn, x, y, *args)
+
+    monkeypatch.setattr(utils.engine, "train_step", step)
+    with pytest.raises(UserError) as e:
+        teacherTrain.main(flags(tree, checkpoint))
+    what, epoch, step, lr, kept = diverged(str(e.value))
+    assert (what, epoch, step) == ("loss", 2, 2)
+    assert lr == float(f"{_lr_at(STEPS + 1, 2 * STEPS, 2 * STEPS, 0.2 * 2 / 512):.4g}")
+    assert kept == f"the last good state is {checkpoint.with_suffix('.last.pt')}"
+    now = contents(tmp_path)
+    for name in ("teacher.pt", "teacher.last.pt"):
+        assert now[name] == epoch_1[name], name
+        assert all_finite(tmp_path / name)
+    assert [r["epoch"] for r in load(checkpoint.with_suffix(".last.pt"))["history"]] == [1]
+    assert hidden(tmp_path) == []
+
+
+def test_cli_divergence_is_one_error_line(tree, tmp_path):
+    result = subprocess.run([sys.executable, "teacherTrain.py",
+                             *flags(tree, tmp_path / "teacher.pt", "--lr", "1e12", "--log-every", "1")],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300)
+    err = result.stderr.decode()  # as written: text mode would turn the progress bar's "\r" into new lines
+    assert result.returncode == 2
+    assert "Traceback" not in err
+    lines = visible_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("error: training diverged: "), err
+    diverged(lines[0].removeprefix("error: "))
+
+
+# ----------------------------------------------------------------------------- disk
+
+def test_an_output_folder_that_cannot_be_created_is_one_line_before_any_data_is_read(
+        tree, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where the run's folder should be\n")
+    checkpoint = blocker / "run" / "teacher.pt"
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the output folder was checked")
+
+    monkeypatch.setattr(teacherTrain, "load_cifar10", no_data)
+    line = one_error_line(capsys, lambda: teacherTrain.main(flags(tree, checkpoint)))
+    assert f"cannot create the output folder {checkpoint.parent}" in line and "--checkpoint" in line
+
+
+def test_a_full_disk_is_one_line_before_training(tree, tmp_path, monkeypatch, capsys):
+    free = 5 * 2**20
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(utils.runs.shutil, "disk_usage", lambda path: usage._replace(free=free))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started on a full disk")
+
+    monkeypatch.setattr(utils.engine, "train_step", no_training)
+    line = one_error_line(capsys, lambda: teacherTrain.main(flags(tree, tmp_path / "teacher.pt")))
+    assert line.startswith(f"error: only 5 MiB free in {tmp_path}, and this run's checkpoints need about ")
+    assert checkpoints(tmp_path) == [] and hidden(tmp_path) == []
+
+
+def test_a_save_failing_on_a_full_disk_keeps_the_previous_checkpoint(tree, tmp_path, monkeypatch, capsys):
+    checkpoint = tmp_path / "teacher.pt"
+    real_save, writes, before = torch.save, [], {}
+
+    def save(obj, f, *args, **kwargs):
+        writes.append(f)
+        if len(writes) < 3:  # epoch 1 saves teacher.pt and teacher.last.pt; the disk is full after that
+            return real_save(obj, f, *args, **kwargs)
+        before.update({p.name: p.read_bytes() for p in checkpoints(tmp_path)})
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        with open(f, "wb") as out:
+            out.write(buffer.getbuffer()[:1000])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(utils.checkpoint.torch, "save", save)
+    line = one_error_line(capsys, lambda: teacherTrain.main(tiny_flags(tree, checkpoint)))
+    assert re.fullmatch(rf"error: could not write {re.escape(str(tmp_path))}/teacher(\.last)?\.pt "
+                        r"\(No space left on device\); the previous file is kept", line), line
+    assert sorted(before) == ["teacher.last.pt", "teacher.pt"]
+    assert {p.name: p.read_bytes() for p in checkpoints(tmp_path)} == before
+    assert hidden(tmp_path) == []
+    assert load_checkpoint(checkpoint.with_suffix(".last.pt"), hint="", kind="teacher")["epoch"] == 1
+
+    monkeypatch.undo()  # space freed: the run continues from its last good state
+    teacherTrain.main(tiny_flags(tree, checkpoint, "--resume"))
+    assert load_checkpoint(checkpoint, hint="", kind="teacher")["complete"] is True
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_a_tar_cut_at_a_member_boundary_is_refused_unless_partial_data(tmp_path, monkeypatch):
+    source = write_tree(tmp_path / "src")  # 40 training and 20 test images
+    whole, cut = tmp_path / "whole" / "cifar.tar", tmp_path / "cut" / "cifar.tar"
+    for archive in (whole, cut):
+        archive.parent.mkdir()
+        with tarfile.open(archive, "w") as t:
+            t.add(source, arcname="cifar10")  # members in name order: test/ first, train/truck/ last
+    with tarfile.open(cut) as t:
+        members = t.getmembers()
+    assert members[-1].name == "cifar10/train/truck/0003.png"
+    with open(cut, "r+b") as f:  # a copy that stopped before the last two members
+        f.truncate(members[-2].offset)
+    with tarfile.open(cut) as t:  # tarfile sees a shorter archive, not a damaged one
+        assert len(t.getmembers()) == len(members) - 2
+
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as e:
+        load_cifar10(cut, cache_dir=cache, verbose=False)
+    assert f"{cut} holds 38 training and 20 test images" in str(e.value)
+    assert "incomplete" in str(e.value) and "--partial-data" in str(e.value)
+    partial = load_cifar10(cut, cache_dir=cache, verbose=False, allow_partial=True)
+    assert len(partial.train_labels) == 38 and len(partial.test_labels) == 20
+
+    with pytest.raises(DataError, match="--partial-data"):
+        teacherTrain.main(flags(cut, tmp_path / "run" / "teacher.pt")[:-1])  # the same, through the script
+    assert list((tmp_path / "run").iterdir()) == []
+
+    monkeypatch.setattr(utils.data, "TRAIN_SIZE", 40)  # as if the synthetic copy were the official size
+    monkeypatch.setattr(utils.data, "TEST_SIZE", 20)
+    assert len(load_cifar10(whole, cache_dir=cache, verbose=False).train_labels) == 40
+    with pytest.raises(DataError, match="not CIFAR-10's 40 and 20"):
+        load_cifar10(cut, cache_dir=cache, verbose=False)
+
+
+# ----------------------------------------------------------------------------- an existing run
+
+def test_an_existing_run_is_replaced_only_with_force(tree, tmp_path, capsys):
+    checkpoint = tmp_path / "teacher.pt"
+    argv = tiny_flags(tree, checkpoint, epochs=1)
+    teacherTrain.main(argv)
+    first = contents(tmp_path)
+    capsys.readouterr()
+
+    line = one_error_line(capsys, lambda: teacherTrain.main(argv))
+    assert "already holds a complete run" in line and "--resume" in line and "--force" in line
+    assert contents(tmp_path) == first
+
+    line = one_error_line(capsys, lambda: teacherTrain.main([*argv, "--resume", "--force"]))
+    assert "--resume" in line and "--force" in line
+    assert contents(tmp_path) == first
+
+    teacherTrain.main([*tiny_flags(tree, checkpoint, epochs=2), "--force"])
+    replaced = load(checkpoint.with_suffix(".last.pt"))
+    assert [r["epoch"] for r in replaced["history"]] == [1, 2]  # a new run, not the old one extended
+    assert checkpoint.with_suffix(".metrics.jsonl").read_text().count("\n") == 2
+    assert load(checkpoint)["complete"] is True and load(checkpoint)["config"]["epochs"] == 2
