@@ -86,8 +86,8 @@ def stages(args, name, seed):
         for number, arch in StudentTrain.STUDENTS.items():
             title = f"student {number} ({arch})" + ("" if with_kd else " without KD")
             result.append((title, StudentTrain, ckpt / f"{StudentTrain.student_stem(arch, with_kd)}.pt",
-                           [*train, *preset["split"], "--model", number, "--kd-loss", args.kd_loss,
-                            *([] if with_kd else ["--no-kd"])]))
+                           [*train, *preset["split"], "--model", number,
+                            *(["--kd-loss", args.kd_loss] if with_kd else ["--no-kd"])]))
     result.append(("selector", trainSelector, ckpt / "selector.pt", [*train, *preset["selector"]]))
     return result, common
 

@@ -1,0 +1,354 @@
+"""reproduce.py: flags passed on to the right stages, stale stages found and retrained, --seeds summarised.
+
+The staleness tests train a real googlenet teacher and KD student with the scripts themselves on a
+tiny synthetic tree (two images per split, one step per epoch); the pipeline-level
+tests replace only the plan and the inference stage, so no full pipeline runs here.
+"""
+
+import argparse
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import StudentTrain
+import inference
+import reproduce
+import teacherTrain
+import trainSelector
+from models import build_model
+from tests.conftest import write_tree
+from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+from utils.data import load_cifar10
+from utils.runs import default_checkpoint
+
+NAME = "exp"
+
+
+def tiny(tree, *extra):
+    return ["--data-dir", str(tree), "--partial-data", "--limit", "2", "--holdout", "2", "--batch-size", "2",
+            "--epochs", "1", "--device", "cpu", *extra]
+
+
+def teacher_argv(tree, *extra, name=NAME):
+    return tiny(tree, "--name", name, "--arch", "googlenet", *extra)
+
+
+def student_argv(tree, *extra, name=NAME):
+    return tiny(tree, "--name", name, "--model", "googlenet", *extra)
+
+
+TEACHER = f"checkpoints/{NAME}/teacher.pt"
+STUDENT = f"checkpoints/{NAME}/student_googlenet.pt"
+
+
+def sha(path):
+    return load_checkpoint(path, hint="")["weights_sha256"]
+
+
+def value(argv, flag):
+    """The value argparse keeps: the last one given."""
+    return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
+
+
+# ----------------------------------------------------------------------------- pass-through
+
+USER_FLAGS = ["--preset", "smoke", "--seed", "3", "--epochs", "2", "--device", "cpu", "--kd-loss", "mse",
+              "--name", "mine", "--data-dir", "/data/c10", "--time-budget", "1.5", "--partial-data", "--download",
+              "--with-nokd"]
+
+
+def test_user_flags_reach_every_training_stage_and_win_over_the_preset():
+    args = reproduce.parse_args(USER_FLAGS)
+    plan, common = reproduce.stages(args, "mine", 3)
+    assert [title for title, *_ in plan] == [
+        "teacher", "student 1 (densenet121)", "student 2 (googlenet)",
+        "student 1 (densenet121) without KD", "student 2 (googlenet) without KD", "selector"]
+    for title, module, path, argv in plan:
+        parsed = module.build_parser().parse_args(argv)
+        assert (parsed.seed, parsed.epochs, parsed.device, parsed.time_budget) == (3, 2, "cpu", 1.5), title
+        assert (parsed.name, parsed.data_dir, parsed.partial_data, parsed.download) == ("mine", "/data/c10", True, True)
+        assert [argv[i + 1] for i, flag in enumerate(argv) if flag == "--epochs"] == ["1", "2"], title  # preset, user
+        assert str(path).startswith(os.path.join("checkpoints", "mine", "")), title
+    parsed = inference.build_parser().parse_args(common)
+    assert (parsed.name, parsed.device, parsed.data_dir, parsed.partial_data, parsed.download) == (
+        "mine", "cpu", "/data/c10", True, True)
+
+
+def test_each_flag_goes_only_to_the_stages_that_use_it():
+    plan, _ = reproduce.stages(reproduce.parse_args(USER_FLAGS), "mine", 3)
+    by_title = {title: argv for title, _, _, argv in plan}
+    kd = ["student 1 (densenet121)", "student 2 (googlenet)"]
+    no_kd = [f"{title} without KD" for title in kd]
+    for title, argv in by_title.items():
+        assert ("--kd-loss" in argv) == (title in kd), title  # a twin without KD does not depend on the KD loss
+        assert ("--no-kd" in argv) == (title in no_kd), title
+        split = title != "selector"  # the selector reads its split from the students' checkpoints
+        assert ("--limit" in argv and "--holdout" in argv) == split, title
+        if split:
+            assert (value(argv, "--limit"), value(argv, "--holdout")) == ("50", "200"), title
+    assert value(by_title["student 2 (googlenet)"], "--kd-loss") == "mse"
+    assert value(by_title["selector"], "--views") == "1"
+
+
+def test_scripts_write_the_checkpoints_the_plan_inspects():
+    plan, _ = reproduce.stages(reproduce.parse_args(USER_FLAGS), "mine", 3)
+    for title, module, path, argv in plan:
+        if module is trainSelector:  # its parse_args reads the students' checkpoints
+            written = default_checkpoint(module.build_parser().parse_args(argv).name, "selector")
+        else:
+            written = module.parse_args(argv).checkpoint
+        assert written == str(path), title
+
+
+def test_presets_alone_fill_in_device_epochs_and_compile():
+    smoke, _ = reproduce.stages(reproduce.parse_args(["--preset", "smoke"]), "smoke", 0)
+    for title, module, _, argv in smoke:
+        parsed = module.build_parser().parse_args(argv)
+        assert (parsed.epochs, parsed.device, parsed.seed, parsed.time_budget) == (1, "cpu", 0, None), title
+        if module is StudentTrain:
+            assert parsed.kd_loss == "kl", title
+    full, common = reproduce.stages(reproduce.parse_args(["--preset", "full"]), "", 0)
+    for title, module, path, argv in full:
+        parsed = module.build_parser().parse_args(argv)
+        assert parsed.compile and parsed.device == "auto" and "--epochs" not in argv, title
+        assert not {"--limit", "--holdout"} & set(argv), title  # every script's own split
+        assert str(path).startswith("checkpoints" + os.sep) and path.parent.name == "checkpoints"
+    assert len(full) == 4 and inference.build_parser().parse_args(common).name == ""
+
+
+# ----------------------------------------------------------------------------- staleness
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A folder holding a one-epoch googlenet teacher and its KD student (experiment NAME), trained by the scripts."""
+    root = tmp_path_factory.mktemp("reproduce")
+    tree = write_tree(root / "cifar")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        teacherTrain.main(teacher_argv(tree))
+        StudentTrain.main(student_argv(tree))
+    finally:
+        os.chdir(cwd)
+    return root, tree, load_cifar10(tree, allow_partial=True, verbose=False).fingerprint
+
+
+@pytest.fixture
+def copy_of(trained, tmp_path, monkeypatch):
+    """The trained experiment in a folder of its own, as the working directory: free to change."""
+    root, tree, fingerprint = trained
+    shutil.copytree(root / "checkpoints", tmp_path / "checkpoints")
+    monkeypatch.chdir(tmp_path)
+    return tree, fingerprint
+
+
+def test_stages_trained_as_asked_are_complete(trained, monkeypatch):
+    root, tree, fingerprint = trained
+    monkeypatch.chdir(root)
+    assert reproduce.stage_state(teacherTrain, TEACHER, teacher_argv(tree), fingerprint) == ("complete", "")
+    assert reproduce.stage_state(StudentTrain, STUDENT, student_argv(tree), fingerprint) == ("complete", "")
+    # flags that do not change the result (time budget, logging, device, data location) leave a stage current
+    control = student_argv(tree, "--time-budget", "5", "--log-every", "7", "--data-dir", str(root / "copy"))
+    assert reproduce.stage_state(StudentTrain, STUDENT, control, fingerprint) == ("complete", "")
+
+
+def test_other_flags_make_a_stage_stale(trained, monkeypatch):
+    root, tree, fingerprint = trained
+    monkeypatch.chdir(root)
+    state, why = reproduce.stage_state(StudentTrain, STUDENT, student_argv(tree, "--epochs", "2"), fingerprint)
+    assert state == "stale" and why.startswith("trained with other flags: --epochs")
+    state, why = reproduce.stage_state(StudentTrain, STUDENT, student_argv(tree, "--kd-loss", "mse", "--seed", "4"),
+                                       fingerprint)
+    assert state == "stale" and "--kd-loss" in why and "--seed" in why
+
+
+def test_other_data_makes_every_stage_stale(trained, tmp_path, monkeypatch):
+    root, tree, fingerprint = trained
+    other = load_cifar10(write_tree(tmp_path / "other", per_class=(5, 2)), allow_partial=True, verbose=False)
+    assert other.fingerprint != fingerprint
+    monkeypatch.chdir(root)
+    assert reproduce.stage_state(teacherTrain, TEACHER, teacher_argv(tree), other.fingerprint) == (
+        "stale", "trained on other data")
+    assert reproduce.stage_state(StudentTrain, STUDENT, student_argv(tree), other.fingerprint) == (
+        "stale", "trained on other data")
+
+
+def test_nothing_trained_is_missing(trained, monkeypatch):
+    root, tree, fingerprint = trained
+    monkeypatch.chdir(root)
+    argv = teacher_argv(tree, name="never")
+    assert reproduce.stage_state(teacherTrain, "checkpoints/never/teacher.pt", argv, fingerprint) == ("missing", "")
+
+
+def test_a_student_of_a_vanished_teacher_is_stale(copy_of):
+    tree, fingerprint = copy_of
+    os.remove(TEACHER)
+    assert reproduce.stage_state(StudentTrain, STUDENT, student_argv(tree), fingerprint) == (
+        "stale", "its teacher changed since")
+
+
+def plan_of(monkeypatch, *plan):
+    """Make ``run_pipeline`` train these stages, and record the inference stage instead of running it."""
+    monkeypatch.setattr(reproduce, "stages", lambda args, name, seed: (list(plan), ["--name", name]))
+    calls = []
+    monkeypatch.setattr(inference, "main", calls.append)
+    return calls
+
+
+def test_a_retrained_teacher_makes_its_student_stale_and_the_pipeline_retrains_only_the_student(
+        copy_of, monkeypatch, capsys):
+    tree, fingerprint = copy_of
+    old_teacher, old_student = sha(TEACHER), sha(STUDENT)
+    teacherTrain.main(teacher_argv(tree, "--seed", "1", "--force"))
+    assert sha(TEACHER) != old_teacher
+    assert reproduce.stage_state(StudentTrain, STUDENT, student_argv(tree), fingerprint) == (
+        "stale", "its teacher changed since")
+    teacher_bytes = open(TEACHER, "rb").read()
+    calls = plan_of(monkeypatch,
+                    ("teacher", teacherTrain, TEACHER, teacher_argv(tree, "--seed", "1")),
+                    ("student", StudentTrain, STUDENT, student_argv(tree)))
+
+    wall = reproduce.run_pipeline(argparse.Namespace(force=False), NAME, 0, fingerprint)
+
+    out = capsys.readouterr().out
+    assert f"== teacher: {TEACHER} is complete, skipped" in out
+    assert f"== student -> {STUDENT} (stale: its teacher changed since; retraining)" in out
+    assert open(TEACHER, "rb").read() == teacher_bytes
+    student = load_checkpoint(STUDENT, hint="")
+    assert student["weights_sha256"] != old_student and student["teacher"]["weights_sha256"] == sha(TEACHER)
+    assert reproduce.stage_state(StudentTrain, STUDENT, student_argv(tree), fingerprint) == ("complete", "")
+    assert set(wall) == {"student", "inference"}
+    assert calls == [["--name", NAME, "--out", os.path.join("results", NAME)]]
+
+
+def test_a_pipeline_stopped_by_its_time_budget_goes_on_when_run_again(trained, tmp_path, monkeypatch, capsys):
+    _, tree, fingerprint = trained
+    monkeypatch.chdir(tmp_path)
+    teacher, student = "checkpoints/cut/teacher.pt", "checkpoints/cut/student_googlenet.pt"
+    budget = ["--time-budget", "0"]  # every stage stops after its first epoch
+    calls = plan_of(monkeypatch, ("teacher", teacherTrain, teacher, teacher_argv(tree, "--epochs", "2", *budget,
+                                                                                 name="cut")),
+                    ("student", StudentTrain, student, student_argv(tree, *budget, name="cut")))
+
+    assert reproduce.run_pipeline(argparse.Namespace(force=False), "cut", 0, fingerprint) is None
+    assert "teacher stopped before its last epoch" in capsys.readouterr().out
+    assert calls == [] and not os.path.exists(student)
+    assert reproduce.stage_state(teacherTrain, teacher, teacher_argv(tree, "--epochs", "2", name="cut"),
+                                 fingerprint) == ("partial", "")
+    first_epoch = load_checkpoint(teacher.replace(".pt", ".last.pt"), hint="")["history"]
+
+    assert reproduce.run_pipeline(argparse.Namespace(force=False), "cut", 0, fingerprint) is not None
+
+    out = capsys.readouterr().out
+    assert f"== teacher -> {teacher} (resuming)" in out and f"== student -> {student}\n" in out
+    done = load_checkpoint(teacher.replace(".pt", ".last.pt"), hint="")
+    assert done["complete"] and done["history"][:1] == first_epoch and len(done["history"]) == 2
+    assert load_checkpoint(student, hint="")["complete"] and len(calls) == 1
+
+
+def random_student(path, seed):
+    """A googlenet student checkpoint with untrained weights on the tiny split: enough for a selector."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_model("googlenet")
+    save_checkpoint(path, {"kind": "student", "arch": "googlenet", "num_classes": 10, "model": clean_state_dict(model),
+                           "split": {"holdout": 4, "split_seed": 0, "limit": 4}, "complete": True})
+
+
+def test_a_selector_of_a_changed_student_is_stale(trained, tmp_path):
+    _, tree, fingerprint = trained
+    students = [str(tmp_path / "s1.pt"), str(tmp_path / "s2.pt")]
+    for seed, path in enumerate(students):
+        random_student(path, seed)
+    argv = ["--students", *students, "--data-dir", str(tree), "--partial-data", "--device", "cpu", "--views", "0",
+            "--epochs", "1", "--batch-size", "3", "--checkpoint", str(tmp_path / "selector.pt")]
+    trainSelector.main(argv)
+    assert reproduce.stage_state(trainSelector, tmp_path / "selector.pt", argv, fingerprint) == ("complete", "")
+    random_student(students[1], seed=7)
+    assert reproduce.stage_state(trainSelector, tmp_path / "selector.pt", argv, fingerprint) == (
+        "stale", "its student 2 changed since")
+
+
+# ----------------------------------------------------------------------------- --seeds
+
+def fake_results(folder, accuracy, kd_gain):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(
+        {"accuracy": accuracy, "kd_gain": {arch: {"difference": d, "low": d - 1, "high": d + 1}
+                                           for arch, d in kd_gain.items()}}))
+
+
+def test_summary_is_mean_and_sample_std_per_row(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results" / NAME
+    fake_results(out / "seed0", {"Teacher": 0.90, "Student googlenet": 0.80}, {"googlenet": 0.02})
+    fake_results(out / "seed1", {"Teacher": 0.92, "Student googlenet": 0.83}, {"googlenet": 0.04})
+
+    reproduce.summarise(NAME, [0, 1])
+
+    summary = json.loads((out / "seeds.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    rows = summary["rows"]
+    assert list(rows) == ["Teacher", "Student googlenet", "KD gain: googlenet"]
+    expected = {"Teacher": (91.0, 2 ** 0.5), "Student googlenet": (81.5, 4.5 ** 0.5),
+                "KD gain: googlenet": (3.0, 2 ** 0.5)}
+    for row, (mean, std) in expected.items():  # the sample std of two values d apart is d / sqrt(2), not d / 2
+        assert rows[row]["mean"] == pytest.approx(mean) and rows[row]["std"] == pytest.approx(std), row
+    assert rows["Teacher"]["values"] == pytest.approx([90.0, 92.0])
+    lines = (out / "seeds.md").read_text().splitlines()
+    assert lines[0] == "# Results over seeds 0, 1"
+    table = lines[lines.index("| Row | Mean ± std | seed 0 | seed 1 |"):]
+    assert table[1:] == ["|---|---|---|---|",
+                         "| Teacher | 91.00 ± 1.41 | 90.00 | 92.00 |",
+                         "| Student googlenet | 81.50 ± 2.12 | 80.00 | 83.00 |",
+                         "| KD gain: googlenet | 3.00 ± 1.41 | 2.00 | 4.00 |"]
+
+
+@pytest.fixture
+def seeds_run(tmp_path, monkeypatch):
+    """``reproduce.main`` with ``run_pipeline`` replaced by a recorder that writes fake results for each seed."""
+    tree = write_tree(tmp_path / "cifar", per_class=(1, 1))
+    monkeypatch.chdir(tmp_path)
+    calls, stop_at = [], []
+
+    def fake_pipeline(args, name, seed, fingerprint):
+        plan, _ = reproduce.stages(args, name, seed)
+        calls.append((name, seed, {value(argv, "--seed") for _, _, _, argv in plan}, fingerprint))
+        if seed in stop_at:
+            return None
+        fake_results(tmp_path / "results" / name, {"Teacher": 0.5 + seed / 100}, {})
+        return {}
+
+    monkeypatch.setattr(reproduce, "run_pipeline", fake_pipeline)
+    return tree, calls, stop_at
+
+
+def test_seeds_run_one_pipeline_per_seed_then_summarise(seeds_run, tmp_path):
+    tree, calls, _ = seeds_run
+    reproduce.main(["--preset", "smoke", "--seeds", "0", "1", "--data-dir", str(tree), "--partial-data"])
+    fingerprint = load_cifar10(tree, allow_partial=True, verbose=False).fingerprint
+    assert calls == [(os.path.join("smoke", "seed0"), 0, {"0"}, fingerprint),
+                     (os.path.join("smoke", "seed1"), 1, {"1"}, fingerprint)]
+    summary = json.loads((tmp_path / "results" / "smoke" / "seeds.json").read_text())
+    assert summary["rows"]["Teacher"]["values"] == pytest.approx([50.0, 51.0])
+    assert "| Teacher | 50.50 ± 0.71 | 50.00 | 51.00 |" in (tmp_path / "results" / "smoke" / "seeds.md").read_text()
+
+
+def test_seeds_stop_at_a_stopped_pipeline_without_a_summary(seeds_run, tmp_path):
+    tree, calls, stop_at = seeds_run
+    stop_at.append(0)
+    reproduce.main(["--preset", "smoke", "--seeds", "0", "1", "--data-dir", str(tree), "--partial-data"])
+    assert [seed for _, seed, _, _ in calls] == [0]
+    assert not (tmp_path / "results" / "smoke" / "seeds.md").exists()
+
+
+def test_seed_and_seeds_together_are_one_error_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--seed", "1", "--seeds", "0", "1"])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert "argument --seeds: not allowed with argument --seed " in lines[0]
