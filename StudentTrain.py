@@ -14,8 +14,17 @@ import torch.nn.functional as F
 from models import build_model
 from teacherTrain import CLASSIFIERS, add_model_args, finish_training_args, split_meta
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.cli import (POSITIVE, PROBABILITY, UserError, add_data_args, add_device_args, make_parser, parse,
-                       print_config, run)
+from utils.cli import (
+    POSITIVE,
+    PROBABILITY,
+    UserError,
+    add_data_args,
+    add_device_args,
+    make_parser,
+    parse,
+    print_config,
+    run,
+)
 from utils.data import CLASSES, load_cifar10, make_splits
 from utils.engine import add_training_args, fit, prepare_model, setup_runtime, teardown_runtime
 from utils.losses import KD_LOSSES, kd_terms
@@ -43,7 +52,7 @@ def build_parser():
                         help="train on the labels alone (same recipe, no teacher), for the KD-versus-no-KD comparison")
     add_model_args(parser)
     add_data_args(parser)
-    add_training_args(parser, stem="student_<arch>[_nokd]", epochs=30, lr=0.2)
+    add_training_args(parser, stem="student_<arch>[_nokd]")
     add_device_args(parser)
     return parser
 

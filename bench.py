@@ -1,24 +1,30 @@
 """Training and inference throughput: our engine against the plain loop most CIFAR repositories use.
 
 Training, per architecture, on the same images: our engine's step (the split held on the
-device, batched crop and flip, bf16 autocast, channels_last and fused SGD on CUDA, optional
-torch.compile) against a reference loop (torchvision DataLoader with PIL transforms, fp32,
-batch 128, no compile, ``loss.item()`` every step), with images/s, peak GPU memory and the
-speed-up. Inference: the teacher, each student, both students on every image, and routed
-inference (the selector, then only the chosen student for each image), on test images already
-on the device.
+device, batched augmentation, bf16 autocast, channels_last and fused SGD on CUDA, with the
+speed flags given here: --batch-size, --compile) against a reference loop (torchvision
+DataLoader with PIL transforms, fp32, batch 128, no compile, ``loss.item()`` every step), with
+images/s, peak GPU memory and the speed-up. --baseline adds the engine as it was first measured
+(batch 512, no compile), so that a speed flag's gain shows as a ratio in the same run.
 
-Every network has random weights: speed does not depend on their values. The exception is the
-routed figure, which depends on the share of images the selector sends to each student; give a
-trained selector with --selector, otherwise an untrained one routes and its share is printed.
+Inference: the teacher, each student, both students on every image, and the two routed
+systems — the cascade (the first student on every image, the second on --defer-share of them)
+and selector routing (the selector, then one student: the second on --defer-share) — timed
+exactly as inference.py times them (utils.routing: two passes, the second timed), on
+--steps batches of test images.
 
-    python bench.py --data-dir /path/to/cifar10                                   # a GPU
-    python bench.py --device cpu --limit 64 --batch-size 8 --ref-batch-size 8 --steps 2 --workers 0
+Every network has random weights: speed does not depend on their values, only on the
+routing shares, which are set by the flags.
+
+    python bench.py --data-dir /path/to/cifar10 --baseline                       # a GPU
+    python bench.py --device cpu --limit 64 --batch-size 8 --ref-batch-size 8 --steps 2 --workers 0 --infer-batch-size 8
 """
 
+import argparse
 import gc
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -33,15 +39,28 @@ from torchvision import transforms
 from models import build_model
 from StudentTrain import STUDENTS
 from teacherTrain import CLASSIFIERS
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.cli import (NON_NEGATIVE_INT, POSITIVE_INT, UserError, add_data_args, add_device_args, make_parser, parse,
-                       print_config, run)
+from utils.augment import Augmentation
+from utils.cli import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    PROBABILITY,
+    UserError,
+    add_data_args,
+    add_device_args,
+    make_parser,
+    parse,
+    print_config,
+    run,
+)
 from utils.data import CLASSES, MEAN, STD, DeviceLoader, check_split_flags, load_cifar10, make_splits
-from utils.engine import make_optimizer, predict, prepare_model, setup_runtime, train_step
-from utils.routing import routed_predict
+from utils.engine import make_optimizer, prepare_model, setup_runtime, train_step
+from utils.recipes import RECIPES
+from utils.routers import StudentOutputs, build_router
+from utils.routing import batched_logits, batched_routed, timed
 from utils.runs import device_name
 
 TEACHER = "resnet50"
+BASELINE_BATCH = 512
 STUDENT_ARCHS = tuple(STUDENTS.values())
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4  # both loops; the values do not change the speed
 
@@ -56,17 +75,17 @@ def build_parser():
     g.add_argument("--batch-size", type=POSITIVE_INT, default=512, help="images per training step of our engine")
     g.add_argument("--ref-batch-size", type=POSITIVE_INT, default=128,
                    help="images per training step of the reference loop")
-    g.add_argument("--steps", type=POSITIVE_INT, default=30, help="timed steps (batches) per measurement")
+    g.add_argument("--steps", type=POSITIVE_INT, default=30,
+                   help="timed training steps per measurement, and inference batches")
     g.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=5,
-                   help="untimed steps before each measurement (with --compile they include compiling); "
-                        "when non-zero, inference also runs each of its batches once untimed, so that every "
-                        "sub-batch size of routed inference is tuned by cuDNN or compiled before timing")
+                   help="untimed training steps before each measurement (with --compile they include compiling)")
     g.add_argument("--workers", type=NON_NEGATIVE_INT, default=4, help="DataLoader worker processes of the reference loop")
     g.add_argument("--infer-batch-size", type=POSITIVE_INT, default=1024, help="images per inference batch")
-    g.add_argument("--selector", default=None,
-                   help="selector checkpoint (trainSelector.py) whose choices route the images in routed "
-                        "inference, to the student architectures it was trained for; without it an untrained "
-                        "selector routes them")
+    g.add_argument("--defer-share", type=PROBABILITY, default=0.15,
+                   help="share of images that routed inference sends to the second student (0.15: what a budget "
+                        "of 1.25x DenseNet121's GFLOPs affords a cascade)")
+    g.add_argument("--baseline", action="store_true",
+                   help="also time the engine as first measured (batch 512, no compile) for the side-by-side ratio")
     g.add_argument("--out", default=None, help="also write every figure to this JSON file")
     add_device_args(parser)
     return parser
@@ -131,12 +150,13 @@ def full_batches(loader, batch_size):
 
 # ----------------------------------------------------------------------------- training
 
-def train_ours(arch, images, labels, args, runtime):
-    """Images/s of our engine's training step, as ``utils.engine.fit`` runs it."""
+def train_ours(arch, images, labels, args, runtime, batch_size, compile):
+    """Images/s of our engine's training step, as ``utils.engine.fit`` runs it, with the recipe's augmentation."""
     model = build_model(arch, len(CLASSES))
-    net = prepare_model(model, runtime, args.compile)
+    net = prepare_model(model, runtime, compile)
     optimizer = make_optimizer(model, LR, MOMENTUM, WEIGHT_DECAY, runtime)
-    loader = DeviceLoader(images, labels, args.batch_size, runtime.device, train=True, seed=args.seed)
+    augment = Augmentation.from_args(argparse.Namespace(**RECIPES[arch]))
+    loader = DeviceLoader(images, labels, batch_size, runtime.device, train=True, augment=augment, seed=args.seed)
     sums = {}
 
     def loss_fn(logits, x, y):
@@ -146,7 +166,7 @@ def train_ours(arch, images, labels, args, runtime):
         train_step(net, optimizer, loss_fn, x, y, runtime, sums)
 
     model.train()
-    return throughput(step, full_batches(loader, args.batch_size), args.steps, args.warmup_steps, runtime.device)
+    return throughput(step, full_batches(loader, batch_size), args.steps, args.warmup_steps, runtime.device)
 
 
 class PILImages(Dataset):
@@ -189,44 +209,39 @@ def train_reference(arch, images, labels, args, runtime):
 
 # ----------------------------------------------------------------------------- inference
 
-def load_selector(args):
-    """``(selector, the student architectures it routes to, where it comes from)``."""
-    if args.selector is None:
-        return build_model("selector", len(STUDENT_ARCHS)), STUDENT_ARCHS, "untrained"
-    hint = "python trainSelector.py"
-    checkpoint = load_checkpoint(args.selector, hint=hint, kind="selector")
-    archs = tuple(s["arch"] for s in checkpoint["students"])
-    return model_from_checkpoint(checkpoint, args.selector, hint), archs, args.selector
+def router_at_share(name, students, selector, images, share, runtime):
+    """A ``name`` router whose threshold sends ``share`` of ``images`` to the second student."""
+    router = build_router(name, flops=[1.0] * len(students))
+    router.temperature_ = torch.ones(len(students))
+    logits = torch.stack([batched_logits(s, images, runtime) for s in students], 1).cpu()
+    scores = batched_logits(selector, images, runtime).cpu() if router.uses_selector else None
+    score = router.score(StudentOutputs(logits, scores)).double()
+    router.threshold_ = torch.quantile(score, 1 - share).item() if share < 1 else -math.inf
+    return router
 
 
-def inference(test_images, test_labels, args, runtime):
-    """``({system: images/s}, {student: share routed to it}, where the selector comes from)``."""
-    loader = DeviceLoader(test_images, test_labels, args.infer_batch_size, runtime.device)
-    batches = [b for b in loader if len(b[0]) == args.infer_batch_size][:args.steps]
-    selector, student_archs, selector_source = load_selector(args)
+def inference(test_images, args, runtime):
+    """``{system: images/s}``, timed as inference.py times its systems."""
+    images, bs = test_images[:args.steps * args.infer_batch_size], args.infer_batch_size
 
     def prepare(model):
         return prepare_model(model.eval(), runtime, args.compile)
 
     teacher = prepare(build_model(TEACHER, len(CLASSES)))
-    students = [prepare(build_model(arch, len(CLASSES))) for arch in student_archs]
-    selector = prepare(selector)
+    students = [prepare(build_model(arch, len(CLASSES))) for arch in STUDENT_ARCHS]
+    selector = prepare(build_model("selector", len(STUDENT_ARCHS)))
     # Routed sub-batches vary in size: one dynamic-shape compile rather than prepare_model's one per size.
-    routed_students = [torch.compile(s._orig_mod, dynamic=True) for s in students] if args.compile else students
+    routed = [torch.compile(s._orig_mod, dynamic=True) for s in students] if args.compile else students
+    cascade, selection = (router_at_share(name, students, selector, images, args.defer_share, runtime)
+                          for name in ("cascade", "selector"))
     systems = {
-        "teacher": lambda x: predict(teacher, x),
-        **{arch: lambda x, s=s: predict(s, x) for arch, s in zip(student_archs, students)},
-        "both_students": lambda x: sum(predict(s, x).float() for s in students) / len(students),
-        "routed": lambda x: routed_predict(selector, routed_students, x),
+        "teacher": lambda: batched_logits(teacher, images, runtime, bs),
+        **{arch: lambda s=s: batched_logits(s, images, runtime, bs) for arch, s in zip(STUDENT_ARCHS, students)},
+        "both_students": lambda: [batched_logits(s, images, runtime, bs) for s in students],
+        "cascade": lambda: batched_routed(cascade, routed, selector, images, runtime, bs),
+        "selector_routing": lambda: batched_routed(selection, routed, selector, images, runtime, bs),
     }
-    warmup = max(args.warmup_steps, len(batches)) if args.warmup_steps else 0
-    with torch.no_grad(), runtime.autocast:
-        speeds = {name: throughput(lambda x, y, fn=fn: fn(x), itertools.cycle(batches), args.steps, warmup,
-                                   runtime.device)
-                  for name, fn in systems.items()}
-        choices = torch.cat([selector(x).argmax(1) for x, _ in batches])
-    share = {arch: (choices == k).float().mean().item() for k, arch in enumerate(student_archs)}
-    return speeds, share, selector_source
+    return {name: len(images) / timed(fn, runtime)[1] for name, fn in systems.items()}
 
 
 # ----------------------------------------------------------------------------- report
@@ -257,42 +272,51 @@ def main(argv=None):
     ours = ("bf16 autocast, channels_last, fused SGD" if cuda else "fp32, foreach SGD") + \
         (", torch.compile" if args.compile else "")
     print(f"training on {len(train_images)} images, {args.steps} timed steps after {args.warmup_steps} warm-up "
-          f"steps, random weights\n  ours:      batch {args.batch_size}, {ours}, split held on the device "
-          f"({train_images.numel() / 2**20:.0f} MiB, counted in its peak)\n  reference: batch "
-          f"{args.ref_batch_size}, DataLoader + PIL transforms ({args.workers} workers), fp32, no compile")
-    header = f"{'arch':<12} {'ours img/s':>11} {'ours peak MiB':>14} {'ref img/s':>10} {'ref peak MiB':>13} " \
-             f"{'speed-up':>9}"
-    print(header)
+          f"steps, random weights, each network's recipe augmentation\n  ours:      batch {args.batch_size}, {ours}, "
+          f"split held on the device ({train_images.numel() / 2**20:.0f} MiB, counted in its peak)\n"
+          + (f"  baseline:  the engine as first measured: batch {BASELINE_BATCH}, no compile\n" if args.baseline else "")
+          + f"  reference: batch {args.ref_batch_size}, DataLoader + PIL transforms ({args.workers} workers), fp32, "
+          "no compile")
+    columns = ["ours img/s", "ours peak MiB", *(["baseline img/s", "ours/baseline"] if args.baseline else []),
+               "ref img/s", "ref peak MiB", "ours/ref"]
+    print(f"{'arch':<12} " + " ".join(f"{c:>14}" for c in columns))
     training = {}
     for arch in dict.fromkeys(args.archs):
-        ours_speed, ours_peak = with_peak_memory(
-            lambda: train_ours(arch, train_images, train_labels, args, runtime), device)
-        ref_speed, ref_peak = with_peak_memory(
+        row = training[arch] = {}
+        row["ours_images_per_s"], row["ours_peak_mib"] = with_peak_memory(
+            lambda: train_ours(arch, train_images, train_labels, args, runtime, args.batch_size, args.compile), device)
+        if args.baseline:
+            row["baseline_images_per_s"], row["baseline_peak_mib"] = with_peak_memory(
+                lambda: train_ours(arch, train_images, train_labels, args, runtime,
+                                   min(BASELINE_BATCH, len(train_images)), False), device)
+            row["speedup_over_baseline"] = row["ours_images_per_s"] / row["baseline_images_per_s"]
+        row["reference_images_per_s"], row["reference_peak_mib"] = with_peak_memory(
             lambda: train_reference(arch, train_images, train_labels, args, runtime), device)
-        training[arch] = {"ours_images_per_s": ours_speed, "ours_peak_mib": ours_peak,
-                          "reference_images_per_s": ref_speed, "reference_peak_mib": ref_peak,
-                          "speedup": ours_speed / ref_speed}
-        print(f"{arch:<12} {ours_speed:>11.1f} {_mib(ours_peak):>14} {ref_speed:>10.1f} {_mib(ref_peak):>13} "
-              f"{ours_speed / ref_speed:>8.2f}x", flush=True)
+        row["speedup"] = row["ours_images_per_s"] / row["reference_images_per_s"]
+        cells = [f"{row['ours_images_per_s']:.1f}", _mib(row["ours_peak_mib"]),
+                 *([f"{row['baseline_images_per_s']:.1f}", f"{row['speedup_over_baseline']:.2f}x"]
+                   if args.baseline else []),
+                 f"{row['reference_images_per_s']:.1f}", _mib(row["reference_peak_mib"]), f"{row['speedup']:.2f}x"]
+        print(f"{arch:<12} " + " ".join(f"{c:>14}" for c in cells), flush=True)
 
-    speeds, share, selector_source = inference(test_images, test_labels, args, runtime)
-    labels = {"teacher": f"teacher {TEACHER}", **{a: f"student {a}" for a in share},
-              "both_students": "both students", "routed": "routed (selector + 1 student)"}
+    speeds = inference(test_images, args, runtime)
+    labels = {"teacher": f"teacher {TEACHER}", **{a: f"student {a}" for a in STUDENT_ARCHS},
+              "both_students": "both students",
+              "cascade": f"cascade (2nd student on {args.defer_share:.0%})",
+              "selector_routing": f"selector + 1 student ({args.defer_share:.0%} to the 2nd)"}
+    timed_images = min(len(test_images), args.steps * args.infer_batch_size)
     print(f"\ninference: batch {args.infer_batch_size}, eval, no_grad{', bf16 autocast' if cuda else ''}, "
-          f"test images on the device, {args.steps} timed batches, random teacher and student weights")
-    print(f"{'system':<30} {'img/s':>10}")
+          f"{timed_images} test images on the device, the second of two passes timed, random weights")
+    print(f"{'system':<40} {'img/s':>10}")
     for name, speed in speeds.items():
-        print(f"{labels[name]:<30} {speed:>10.1f}")
-    print(f"routed by the {selector_source} selector: " +
-          ", ".join(f"{fraction:.0%} to {a}" for a, fraction in share.items()))
+        print(f"{labels[name]:<40} {speed:>10.1f}")
 
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
             "device": device_name(device), "torch": str(torch.__version__), "config": vars(args),
-            "training": training, "inference_images_per_s": speeds,
-            "routed_share": share, "selector": selector_source}, indent=2) + "\n")
+            "training": training, "inference_images_per_s": speeds}, indent=2) + "\n")
         print(f"wrote {out}")
 
 

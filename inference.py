@@ -26,15 +26,32 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from utils.cli import (POSITIVE, POSITIVE_INT, UserError, add_data_args, add_device_args, make_parser, parse,
-                       print_config, run)
+from utils.cli import (
+    POSITIVE,
+    POSITIVE_INT,
+    UserError,
+    add_data_args,
+    add_device_args,
+    make_parser,
+    parse,
+    print_config,
+    run,
+)
 from utils.data import CLASSES, load_cifar10, make_splits, normalize
 from utils.engine import setup_runtime
 from utils.logits import Network
 from utils.plots import plot_accuracy_vs_flops, plot_confusion, plot_grouped_bars, plot_per_class_gain
 from utils.routers import ROUTERS, EnsembleRouter, RandomRouter, Routing, StudentOutputs, build_router, oracle_routing
-from utils.routing import (batched_logits, batched_routed, check_selector_students, default_students,
-                           run_routed, students_split, timed, validation_mask)
+from utils.routing import (
+    batched_logits,
+    batched_routed,
+    check_selector_students,
+    default_students,
+    run_routed,
+    students_split,
+    timed,
+    validation_mask,
+)
 from utils.runs import RESULTS_ROOT, default_checkpoint, device_name
 from utils.stats import expected_calibration_error, mcnemar, paired_bootstrap
 

@@ -16,13 +16,21 @@ import statistics
 import time
 from pathlib import Path
 
-import StudentTrain
 import inference
+import StudentTrain
 import teacherTrain
 import trainSelector
 from utils.checkpoint import load_checkpoint
-from utils.cli import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, default_data_dir, make_parser, parse, print_config,
-                       run)
+from utils.cli import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    default_data_dir,
+    make_parser,
+    parse,
+    print_config,
+    run,
+)
 from utils.data import load_cifar10
 from utils.engine import RUN_CONTROL_FLAGS
 from utils.losses import KD_LOSSES

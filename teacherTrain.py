@@ -41,7 +41,7 @@ def finish_training_args(parser, args, stem):
     if args.checkpoint is None:
         args.checkpoint = default_checkpoint(args.name, stem)
     sizes = check_split_flags(parser, args)
-    check_training_args(parser, args, sizes and sizes["train"])
+    check_training_args(parser, args, args.arch, sizes and sizes["train"])
     return args
 
 
@@ -50,7 +50,7 @@ def build_parser():
     parser.add_argument("--arch", default="resnet50", choices=CLASSIFIERS, help="teacher architecture")
     add_model_args(parser)
     add_data_args(parser)
-    add_training_args(parser, stem="teacher", epochs=30, lr=0.2)
+    add_training_args(parser, stem="teacher")
     add_device_args(parser)
     return parser
 

@@ -18,14 +18,30 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
+from utils.augment import random_translate_flip
 from utils.checkpoint import save_checkpoint
-from utils.cli import (FRACTION, NON_NEGATIVE_INT, UserError, add_data_args, add_device_args, make_parser, parse,
-                       print_config, run)
-from utils.data import load_cifar10, make_splits, planned_sizes, random_crop_flip
+from utils.cli import (
+    FRACTION,
+    NON_NEGATIVE_INT,
+    UserError,
+    add_data_args,
+    add_device_args,
+    make_parser,
+    parse,
+    print_config,
+    run,
+)
+from utils.data import load_cifar10, make_splits, planned_sizes
 from utils.engine import add_training_args, check_training_args, fit, setup_runtime, teardown_runtime
 from utils.routers import selector_targets, shuffled_labels, students_disagree
-from utils.routing import (batched_logits, default_students, load_students, student_record, students_split,
-                           validation_mask)
+from utils.routing import (
+    batched_logits,
+    default_students,
+    load_students,
+    student_record,
+    students_split,
+    validation_mask,
+)
 from utils.runs import default_checkpoint, prepare_run
 
 
@@ -47,7 +63,7 @@ def build_parser():
                         help="control run: compute the targets from randomly permuted class labels, so the "
                              "selector can learn nothing real (write it to another --checkpoint)")
     add_data_args(parser, split=False)
-    add_training_args(parser, stem="selector", epochs=30, lr=0.1, label_smoothing=0.0)
+    add_training_args(parser, stem="selector")
     add_device_args(parser)
     return parser
 
@@ -65,14 +81,14 @@ def parse_args(argv=None):
         sizes = planned_sizes(args.split["holdout"], args.split["limit"])
         examples = round(sizes["holdout" if args.split["holdout"] else "train"] * (1 - args.val_fraction))
         examples *= args.views + 1
-    check_training_args(parser, args, examples)
+    check_training_args(parser, args, "selector", examples)
     return args
 
 
 def selector_examples(images, labels, views, seed):
     """The clean images followed by ``views`` augmented copies, with their class labels."""
     generator = torch.Generator().manual_seed(seed)
-    augmented = [random_crop_flip(images, generator) for _ in range(views)]
+    augmented = [random_translate_flip(images, generator, padding_mode="zeros") for _ in range(views)]
     return torch.cat([images, *augmented]), labels.repeat(views + 1)
 
 

@@ -1,6 +1,6 @@
 """Model registry: ``build_model(name)`` is the single way to construct a network."""
 
-from models.cifar import build_model, MODEL_NAMES
+from models.cifar import MODEL_NAMES, build_model
 from models.pretrained import model_args
 from models.stats import model_stats
 

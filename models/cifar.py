@@ -14,11 +14,13 @@ from torchvision.models.googlenet import BasicConv2d
 from models.pretrained import build_pretrained, model_args
 
 
-def _resnet50(num_classes):
-    model = tvm.resnet50(weights=None, num_classes=num_classes, zero_init_residual=True)
-    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
+def _resnet(builder):
+    def build(num_classes):
+        model = builder(weights=None, num_classes=num_classes, zero_init_residual=True)
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+        return model
+    return build
 
 
 def _densenet121(num_classes):
@@ -60,7 +62,8 @@ class Selector(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1))
 
 
-_BUILDERS = {"resnet50": _resnet50, "densenet121": _densenet121, "googlenet": _googlenet}
+_BUILDERS = {"resnet50": _resnet(tvm.resnet50), "densenet121": _densenet121, "googlenet": _googlenet,
+             "resnet18": _resnet(tvm.resnet18)}
 MODEL_NAMES = (*_BUILDERS, "selector")
 
 

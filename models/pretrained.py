@@ -26,7 +26,7 @@ from torchvision import models as tvm
 from utils.cli import UserError
 from utils.data import MEAN, STD
 
-HEADS = {"resnet50": "fc", "densenet121": "classifier", "googlenet": "fc"}
+HEADS = {"resnet50": "fc", "densenet121": "classifier", "googlenet": "fc", "resnet18": "fc"}
 # Old DenseNet files name "denselayer1.norm.1.weight" what is now "denselayer1.norm1.weight".
 _OLD_DENSENET_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.(?=[12]\.)")
 

@@ -15,8 +15,18 @@ import torch
 import utils.data as data_mod
 from tests.conftest import REPO, write_tree
 from utils.cli import UserError
-from utils.data import (CLASSES, MEAN, STD, Cifar10, DataError, DeviceLoader, holdout_split, load_cifar10,
-                        make_splits, stratified_indices)
+from utils.data import (
+    CLASSES,
+    MEAN,
+    STD,
+    Cifar10,
+    DataError,
+    DeviceLoader,
+    holdout_split,
+    load_cifar10,
+    make_splits,
+    stratified_indices,
+)
 
 OFFICIAL_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PER_CLASS = (4, 2)

@@ -13,10 +13,10 @@ import sys
 
 import pytest
 
-import StudentTrain
 import bench
 import inference
 import reproduce
+import StudentTrain
 import teacherTrain
 import trainSelector
 from tests.conftest import REPO

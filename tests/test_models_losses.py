@@ -19,11 +19,12 @@ EXPECTED = {
     "resnet50": {"params": 23.52e6, "min_flops": 2.0e9, "feature_map": "4x4"},
     "densenet121": {"params": 6.96e6, "min_flops": 1.4e9, "feature_map": "4x4"},
     "googlenet": {"params": 5.60e6, "min_flops": 2.3e9, "feature_map": "8x8"},
+    "resnet18": {"params": 11.17e6, "min_flops": 1.0e9, "feature_map": "4x4"},
 }
 
 
 def test_registry_names():
-    assert set(MODEL_NAMES) == {"resnet50", "densenet121", "googlenet", "selector"}
+    assert set(MODEL_NAMES) == {"resnet50", "densenet121", "googlenet", "resnet18", "selector"}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

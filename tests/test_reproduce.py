@@ -13,9 +13,9 @@ import shutil
 import pytest
 import torch
 
-import StudentTrain
 import inference
 import reproduce
+import StudentTrain
 import teacherTrain
 import trainSelector
 from models import build_model

@@ -5,9 +5,24 @@ import torch
 import torch.nn.functional as F
 
 from utils.plots import plot_accuracy_vs_flops
-from utils.routers import (ROUTERS, CascadeRouter, DeferralRouter, EnsembleRouter, RandomRouter, SelectorRouter,
-                           SingleStudentRouter, StudentOutputs, build_router, fit_shuffled, fit_temperature,
-                           oracle_routing, selector_targets, shuffled_labels, students_disagree, threshold_curve)
+from utils.routers import (
+    ROUTERS,
+    CascadeRouter,
+    DeferralRouter,
+    EnsembleRouter,
+    RandomRouter,
+    SelectorRouter,
+    SingleStudentRouter,
+    StudentOutputs,
+    build_router,
+    fit_shuffled,
+    fit_temperature,
+    oracle_routing,
+    selector_targets,
+    shuffled_labels,
+    students_disagree,
+    threshold_curve,
+)
 
 FLOPS = (1.777, 2.902)  # DenseNet121 and GoogLeNet, GFLOPs per 32x32 image
 SELECTOR_FLOPS = 0.077
@@ -164,7 +179,7 @@ def test_deferral_learns_from_the_selector_what_confidence_cannot_tell():
 
 
 def test_shares_sum_to_one_and_set_the_expected_gflops():
-    holdout, (test, labels) = complementary(3000, 0), complementary(3000, 1)
+    holdout, (test, _) = complementary(3000, 0), complementary(3000, 1)
     selector = SelectorRouter(FLOPS, SELECTOR_FLOPS).fit(*holdout, budget=1.5).route(test)
     random = RandomRouter(FLOPS, selector.share.tolist()).fit(*holdout).route(test)
     for routing, router_flops in ((selector, SELECTOR_FLOPS), (random, 0.0)):

@@ -6,6 +6,7 @@ sees exactly the augmentation it would have seen.
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ def random_translate_flip(images, generator, pad=4, padding_mode="reflect"):
     """Translate each image of a uint8 batch by up to ``pad`` pixels and mirror half of them, as one gather.
 
     ``padding_mode`` fills the uncovered border: ``"reflect"`` mirrors the image,
-    ``"zeros"`` (or ``"constant"``) is black, which is exactly ``utils.data.random_crop_flip``.
+    ``"zeros"`` (or ``"constant"``) is black: the classic CIFAR crop with 4-pixel zero padding.
     """
     b, c, h, w = images.shape
     device = images.device
@@ -107,3 +108,44 @@ def tta_logits(model, x, translations=0):
     moved = [_shift_diagonally(x, d) for d in ((0, translations, -translations) if translations else (0,))]
     views = [view for m in moved for view in (m, m.flip(3))]
     return sum(model(view) for view in views) / len(views)
+
+
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6}  # forward passes per image
+
+
+def predict(model, x, tta="none"):
+    """Logits of ``model`` for the normalised batch ``x``, averaged over the views of ``tta`` (see ``TTA_VIEWS``)."""
+    if tta == "none":
+        return model(x)
+    return tta_logits(model, x, translations=1 if tta == "flip-shift" else 0)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """A training batch's augmentation: translate and flip, Cutout, then CutMix/MixUp; from the flags.
+
+    ``translate=4, padding="zeros"`` with nothing else is the classic CIFAR crop and flip.
+    """
+
+    translate: int = 4
+    padding: str = "reflect"
+    cutout: int = 0
+    mix: str = "none"
+    mix_alpha: float = 1.0
+    mix_prob: float = 1.0
+    num_classes: int = 10
+
+    @classmethod
+    def from_args(cls, args, num_classes=10):
+        return cls(args.translate, args.padding, args.cutout, args.mix, args.mix_alpha, args.mix_prob, num_classes)
+
+    def images(self, images, generator):
+        """The uint8 batch translated, flipped and cut out."""
+        images = random_translate_flip(images, generator, self.translate, self.padding)
+        return cutout(images, generator, self.cutout) if self.cutout else images
+
+    def mix_batch(self, x, targets, seed):
+        """The normalised batch and its targets, mixed (soft targets) when ``mix`` asks for it."""
+        if self.mix == "none":
+            return x, targets
+        return mix(x, targets, seed, self.mix, self.mix_alpha, self.num_classes, self.mix_prob)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from utils.augment import Augmentation
 from utils.cli import UserError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -309,29 +309,15 @@ def normalize(images, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def random_crop_flip(images, generator, pad=4):
-    """Random ``pad``-pixel-padded crop and horizontal flip of a uint8 batch, as one gather."""
-    b, c, h, w = images.shape
-    device = images.device
-    padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b, 1), device=device, generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1), device=device, generator=generator)
-    rows = dy + torch.arange(h, device=device)
-    cols = dx + torch.arange(w, device=device)
-    flip = torch.rand(b, 1, device=device, generator=generator) < 0.5
-    cols = torch.where(flip, cols.flip(1), cols)
-    return padded[torch.arange(b, device=device).view(b, 1, 1, 1), torch.arange(c, device=device).view(1, c, 1, 1),
-                  rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
-
-
 class DeviceLoader:
     """Batches of a whole split kept on ``device`` as one uint8 tensor.
 
-    Training: a seeded permutation per epoch (each rank takes its shard), random crop and
-    flip on the device, drawn from a generator seeded per batch, so that iterating from a
-    batch in mid-epoch (``batches(start)``, for an exact resume) gives what a whole epoch
-    would have given there. Evaluation: the split in order, each rank a disjoint shard.
-    ``targets`` may be class indices ``(N,)`` or soft targets ``(N, K)``.
+    Training: a seeded permutation per epoch (each rank takes its shard) and the ``augment``
+    of ``utils.augment.Augmentation`` on the device (default: the classic crop and flip), drawn
+    from a generator seeded per batch, so that iterating from a batch in mid-epoch
+    (``batches(start)``, for an exact resume) gives what a whole epoch would have given there.
+    Evaluation: the split in order, each rank a disjoint shard. ``targets`` may be class
+    indices ``(N,)`` or soft targets ``(N, K)``.
     """
 
     def __init__(self, images, targets, batch_size, device, train=False, augment=None, seed=0,
@@ -341,7 +327,7 @@ class DeviceLoader:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.train = train
-        self.augment = train if augment is None else augment
+        self.augment = (Augmentation(padding="zeros") if train else None) if augment is None else augment
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
 
@@ -374,8 +360,10 @@ class DeviceLoader:
         channels_last = self.device.type == "cuda"
         for batch in range(start, len(self)):
             idx = indices[batch * self.batch_size:(batch + 1) * self.batch_size]
-            x = self.images[idx]
-            if self.augment:
-                generator.manual_seed(((self.seed * 100_003 + self.epoch) * 100_003 + batch) * 64 + self.rank)
-                x = random_crop_flip(x, generator)
-            yield normalize(x, channels_last), self.targets[idx]
+            x, y = self.images[idx], self.targets[idx]
+            if not self.augment:
+                yield normalize(x, channels_last), y
+                continue
+            seed = ((self.seed * 100_003 + self.epoch) * 100_003 + batch) * 64 + self.rank
+            x = self.augment.images(x, generator.manual_seed(seed))
+            yield self.augment.mix_batch(normalize(x, channels_last), y, seed)

@@ -28,44 +28,69 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from utils.augment import MIXERS, TTA_VIEWS, Augmentation, predict
 from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
-from utils.cli import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, UNIT_INTERVAL, UserError,
-                       pick_device)
+from utils.cli import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    UNIT_INTERVAL,
+    UserError,
+    pick_device,
+)
 from utils.data import DeviceLoader
 from utils.plots import plot_history
+from utils.recipes import apply_recipe
 from utils.runs import check_free_space, device_name, provenance, write_config
 
 WARMUP_EPOCHS = 2.0
+SCHEDULES = ("cosine", "linear")
 # Flags that may differ between a run and its --resume without changing the result.
 RUN_CONTROL_FLAGS = {"resume", "force", "time_budget", "log_every", "compile", "device", "download", "data_dir",
                      "checkpoint", "name", "command"}
 
 
-def add_training_args(parser, stem, epochs, lr, batch_size=512, weight_decay=5e-4, label_smoothing=0.1):
-    """The flags of every training script; ``stem`` names its default checkpoint, ``checkpoints/[NAME/]<stem>.pt``."""
-    g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=POSITIVE_INT, default=epochs, help="passes over the training split")
-    g.add_argument("--batch-size", type=POSITIVE_INT, default=batch_size, help="images per step, over all GPUs")
-    g.add_argument("--lr", type=POSITIVE, default=lr,
+def add_training_args(parser, stem):
+    """The flags of every training script; ``stem`` names its default checkpoint, ``checkpoints/[NAME/]<stem>.pt``.
+
+    Flags whose default is the network's recipe stay ``None`` here; ``check_training_args`` fills them.
+    """
+    g = parser.add_argument_group("training (defaults: the network's recipe, utils/recipes.py)")
+    g.add_argument("--epochs", type=POSITIVE_INT, help="passes over the training split")
+    g.add_argument("--batch-size", type=POSITIVE_INT, help="images per step, over all GPUs")
+    g.add_argument("--lr", type=POSITIVE,
                    help="peak learning rate for a batch of 512, reached after the warm-up; scaled linearly "
                         "with --batch-size")
+    g.add_argument("--schedule", choices=SCHEDULES, help="decay of the learning rate to 0 after the warm-up")
     g.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=None,
-                   help="epochs of linear warm-up from 0 to the peak learning rate; a cosine decay to 0 follows "
+                   help="epochs of linear warm-up from 0 to the peak learning rate "
                         f"(default: {WARMUP_EPOCHS:g}, or the whole run if it is shorter)")
     g.add_argument("--momentum", type=UNIT_INTERVAL, default=0.9, help="Nesterov momentum of SGD")
-    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=weight_decay,
-                   help="L2 weight decay (not applied to biases and BatchNorm)")
-    g.add_argument("--label-smoothing", type=UNIT_INTERVAL, default=label_smoothing,
-                   help="label smoothing of cross-entropy")
-    g.add_argument("--ema", type=UNIT_INTERVAL, default=0.0,
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, help="L2 weight decay (not applied to biases and BatchNorm)")
+    g.add_argument("--label-smoothing", type=UNIT_INTERVAL, help="label smoothing of cross-entropy")
+    g.add_argument("--ema", type=UNIT_INTERVAL,
                    help="decay of an exponential moving average of the weights, evaluated and saved instead "
                         "of the raw weights (0: off; try 0.999)")
-    g.add_argument("--tta", action="store_true", help="evaluate on each image and its mirror image, averaged")
+    g = parser.add_argument_group("augmentation, on the device (defaults: the network's recipe)")
+    g.add_argument("--translate", type=NON_NEGATIVE_INT,
+                   help="random translation by up to this many pixels, with a random horizontal flip")
+    g.add_argument("--padding", choices=("reflect", "zeros"),
+                   help="what a translated image shows at its border (zeros: the classic CIFAR crop)")
+    g.add_argument("--cutout", type=NON_NEGATIVE_INT, help="side of a random square painted grey; 0: off")
+    g.add_argument("--mix", choices=tuple(MIXERS) + ("none",),
+                   help="CutMix, MixUp or either at random (both), with torchvision's transforms; none: off")
+    g.add_argument("--mix-alpha", type=POSITIVE, help="the mixing weight is drawn from Beta(alpha, alpha)")
+    g.add_argument("--mix-prob", type=PROBABILITY, help="share of batches that are mixed")
+    g.add_argument("--tta", choices=tuple(TTA_VIEWS),
+                   help="evaluation views averaged: none, flip (2 forward passes), flip-shift (flip and two "
+                        "1-pixel diagonal shifts: 6)")
+    g = parser.add_argument_group("progress and output")
     g.add_argument("--eval-every", type=POSITIVE_INT, default=1, help="evaluate on the hold-out split every k epochs")
     g.add_argument("--log-every", type=POSITIVE_INT, default=50,
                    help="steps between updates of the progress bar (and, under torchrun, between checks for a "
                         "stop signal)")
-    g = parser.add_argument_group("output")
     g.add_argument("--name", default="",
                    help="experiment name: every stage reads and writes its checkpoints in checkpoints/NAME/ "
                         "(default: checkpoints/)")
@@ -80,11 +105,13 @@ def add_training_args(parser, stem, epochs, lr, batch_size=512, weight_decay=5e-
     return g
 
 
-def check_training_args(parser, args, train_images=None):
-    """Checks across flags, before any data is decoded; each failure is ``parser.error``'s one line.
+def check_training_args(parser, args, arch, train_images=None):
+    """``arch``'s recipe for the flags not given, then the checks across flags, before any data is
+    decoded; each failure is ``parser.error``'s one line.
 
     ``train_images``: the size the training split will have, where it is known in advance.
     """
+    apply_recipe(args, arch)
     if args.resume and args.force:
         parser.error("--resume continues a run and --force replaces it: give one of them")
     if args.warmup_epochs is None:
@@ -149,11 +176,6 @@ def prepare_model(model, runtime, compile=False):
     return torch.compile(model, dynamic=False) if compile else model
 
 
-def predict(model, x, tta=False):
-    logits = model(x)
-    return (logits + model(x.flip(3))) / 2 if tta else logits
-
-
 def classification_metric(logits, targets):
     """``(correct predictions, summed cross-entropy)`` of a batch; soft targets count by their argmax."""
     labels = targets if targets.dim() == 1 else targets.argmax(1)
@@ -161,7 +183,7 @@ def classification_metric(logits, targets):
 
 
 @torch.no_grad()
-def evaluate(model, loader, runtime, tta=False, metric=classification_metric):
+def evaluate(model, loader, runtime, tta="none", metric=classification_metric):
     """``{"acc", "loss"}`` of ``model`` on a loader's split: ``metric``'s correct share and mean loss."""
     was_training = model.training
     model.eval()
@@ -178,11 +200,12 @@ def evaluate(model, loader, runtime, tta=False, metric=classification_metric):
     return {"acc": correct / max(count, 1), "loss": loss / max(count, 1)}
 
 
-def _lr_at(step, total_steps, warmup_steps, peak):
+def _lr_at(step, total_steps, warmup_steps, peak, schedule="cosine"):
+    """Linear warm-up to ``peak``, then a cosine or linear (a triangular, one-cycle-like schedule) decay to 0."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * (0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress)
 
 
 def make_optimizer(model, lr, momentum, weight_decay, runtime):
@@ -297,6 +320,8 @@ def _round(record):
 def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True, metric=classification_metric):
     """Train ``model`` on ``splits["train"]``, select on ``splits["holdout"]``, test once on ``splits["test"]``.
 
+    ``augment=False`` turns the flags' augmentation off (the selector's case).
+
     ``loss_fn(logits, x, y)`` returns the batch loss, or a dict of named terms (``"loss"``
     is optimised, every term is logged); ``splits`` maps a split name to ``(uint8 images,
     targets)`` (``holdout`` and ``test`` may be missing or empty). ``meta`` (kind, arch,
@@ -312,6 +337,8 @@ def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True, metric
         images, targets = splits[name]
         return DeviceLoader(images, targets, bs, runtime.device, train=train, augment=train and augment,
                             seed=args.seed, rank=runtime.rank, world_size=runtime.world_size)
+
+    augment = augment and Augmentation.from_args(args, meta["num_classes"])
 
     train_loader, holdout_loader, test_loader = loader("train", train=True), loader("holdout"), loader("test")
     if train_loader is None:
@@ -335,7 +362,7 @@ def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True, metric
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
 
     def lr_at(step):
-        return _lr_at(step, total_steps, warmup_steps, peak_lr)
+        return _lr_at(step, total_steps, warmup_steps, peak_lr, args.schedule)
 
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if runtime.is_main:  # best + last (weights, momentum, EMA) + the temporary copy of the largest
