@@ -88,6 +88,7 @@ def main(argv=None):
     if runtime.is_main:
         print_config(args, "StudentTrain.py")
     files = prepare_run(args, runtime.is_main)
+    model = build_model(args.arch, len(CLASSES), **args.model_args)  # before decoding: ImageNet weights may be missing
     data = load_cifar10(args.data_dir, args.download, verbose=runtime.is_main, allow_partial=args.partial_data)
     splits = make_splits(data, args.holdout, args.split_seed, args.limit)
 
@@ -112,7 +113,7 @@ def main(argv=None):
 
     meta = {"kind": "student", "arch": args.arch, "num_classes": len(CLASSES), "model_args": args.model_args,
             "kd": not args.no_kd, "teacher": teacher_record, "loss": loss, **split_meta(args, data)}
-    fit(build_model(args.arch, len(CLASSES), **args.model_args), loss_fn, splits, args, runtime, meta, files)
+    fit(model, loss_fn, splits, args, runtime, meta, files)
     teardown_runtime(runtime)
 
 

@@ -6,7 +6,8 @@ trained again. --force retrains every stage.
 Presets:
   smoke  CPU, a small stratified subset, one epoch per stage: the pipeline end to end in about a
          minute, for trying the repository and for CI (experiment name "smoke")
-  full   the GPU recipe behind the README's table: every script's defaults plus --compile
+  full   the GPU recipe behind the README's table: each network's recipe (utils/recipes.py)
+The selector is trained twice: as itself, and on shuffled labels as a control (selector_shuffled.pt).
 With --seeds S1 S2 ..., the pipeline runs once per seed (experiment NAME/seed<S>) and a table of
 each row's mean and standard deviation over the seeds is written to results/NAME/seeds.md.
 """
@@ -37,9 +38,9 @@ from utils.losses import KD_LOSSES
 from utils.runs import RESULTS_ROOT, RunFiles
 
 PRESETS = {
-    "smoke": {"name": "smoke", "device": "cpu", "split": ["--limit", "50", "--holdout", "200"],
-              "train": ["--epochs", "1", "--batch-size", "25", "--log-every", "1"], "selector": ["--views", "1"]},
-    "full": {"name": "", "device": "auto", "split": [], "train": ["--compile"], "selector": []},
+    "smoke": {"name": "smoke", "device": "cpu", "split": ["--limit", "20", "--holdout", "100"],
+              "train": ["--epochs", "1", "--batch-size", "10", "--log-every", "1"], "selector": ["--views", "1"]},
+    "full": {"name": "", "device": "auto", "split": [], "train": [], "selector": []},
 }
 
 
@@ -97,6 +98,8 @@ def stages(args, name, seed):
                            [*train, *preset["split"], "--model", number,
                             *(["--kd-loss", args.kd_loss] if with_kd else ["--no-kd"])]))
     result.append(("selector", trainSelector, ckpt / "selector.pt", [*train, *preset["selector"]]))
+    result.append(("selector, shuffled-label control", trainSelector, ckpt / "selector_shuffled.pt",
+                   [*train, *preset["selector"], "--shuffle-labels"]))
     return result, common
 
 

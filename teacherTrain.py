@@ -72,6 +72,7 @@ def main(argv=None):
     if runtime.is_main:
         print_config(args, "teacherTrain.py")
     files = prepare_run(args, runtime.is_main)
+    model = build_model(args.arch, len(CLASSES), **args.model_args)  # before decoding: ImageNet weights may be missing
     data = load_cifar10(args.data_dir, args.download, verbose=runtime.is_main, allow_partial=args.partial_data)
     splits = make_splits(data, args.holdout, args.split_seed, args.limit)
 
@@ -80,7 +81,7 @@ def main(argv=None):
 
     meta = {"kind": "teacher", "arch": args.arch, "num_classes": len(CLASSES), "model_args": args.model_args,
             "loss": f"cross-entropy (label smoothing {args.label_smoothing:g})", **split_meta(args, data)}
-    fit(build_model(args.arch, len(CLASSES), **args.model_args), loss_fn, splits, args, runtime, meta, files)
+    fit(model, loss_fn, splits, args, runtime, meta, files)
     teardown_runtime(runtime)
 
 

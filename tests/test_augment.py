@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils.augment import CIFAR10_MEAN_PIXEL, cutout, mix, random_translate_flip, tta_logits
+from utils.augment import (CIFAR10_MEAN_PIXEL, TTA_VIEWS, Augmentation, cutout, mix, predict, random_translate_flip,
+                           tta_logits)
 from utils.data import MEAN, normalize
 
 
@@ -243,3 +244,50 @@ def test_tta_views_are_the_image_its_mirror_and_their_reflected_diagonal_shifts(
 
     want = [v for d in (0, 1, -1) for v in (shifted(d), shifted(d).flip(3))]
     assert len(seen) == len(want) and all(torch.equal(s, w) for s, w in zip(seen, want))
+
+
+# ----------------------------------------------------------------------------- in the loader and the engine
+
+def loader_batches(augment, start=0, epoch=0, seed=0):
+    from utils.data import DeviceLoader
+
+    images, labels = textured(24), torch.arange(24) % 10
+    loader = DeviceLoader(images, labels, batch_size=8, device="cpu", train=True, augment=augment, seed=seed)
+    loader.set_epoch(epoch)
+    return list(loader.batches(start))
+
+
+EVERYTHING = Augmentation(translate=4, padding="reflect", cutout=8, mix="both", mix_alpha=1.0, mix_prob=1.0)
+
+
+def test_a_batch_depends_only_on_seed_epoch_and_position_so_a_resumed_epoch_sees_the_same():
+    whole = loader_batches(EVERYTHING)
+    assert len(whole) == 3
+    for (x, y), (x2, y2) in zip(whole[1:], loader_batches(EVERYTHING, start=1)):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    other_epoch, other_seed = loader_batches(EVERYTHING, epoch=1), loader_batches(EVERYTHING, seed=1)
+    assert not torch.equal(whole[0][0], other_epoch[0][0]) and not torch.equal(whole[0][0], other_seed[0][0])
+
+
+def test_mixed_batches_carry_soft_targets_of_their_own_labels():
+    for x, y in loader_batches(EVERYTHING):
+        assert y.shape == (8, 10) and torch.allclose(y.sum(1), torch.ones(8))
+        assert ((y > 0).sum(1) <= 2).all()  # each image mixes at most two classes
+
+
+def test_without_mixing_labels_stay_class_indices():
+    for _, y in loader_batches(Augmentation(translate=4, padding="zeros", cutout=8)):
+        assert y.dtype == torch.int64 and y.dim() == 1
+
+
+@pytest.mark.parametrize("tta,views", [("none", 1), ("flip", 2), ("flip-shift", 6)])
+def test_predict_averages_the_views_of_its_tta_mode(tta, views):
+    calls = []
+
+    def model(x):
+        calls.append(x)
+        return x.mean((1, 2, 3))[:, None].expand(-1, 10)
+
+    x = torch.randn(3, 3, 8, 8)
+    assert predict(model, x, tta).shape == (3, 10)
+    assert len(calls) == views == TTA_VIEWS[tta]

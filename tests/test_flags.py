@@ -14,6 +14,7 @@ import sys
 import pytest
 
 import bench
+import evaluate
 import inference
 import reproduce
 import StudentTrain
@@ -209,3 +210,14 @@ def test_unwritable_checkpoint_is_refused_before_the_data_is_read(tmp_path):
     line = command_line(tmp_path, "teacherTrain.py", "--checkpoint", "/proc/nope/t.pt",
                         "--data-dir", str(tmp_path / "no-such-data"))
     assert "output folder /proc/nope" in line and "no-such-data" not in line, line
+
+
+@pytest.mark.parametrize("module", [*SCRIPTS.values(), evaluate], ids=[*SCRIPTS, "evaluate.py"])
+def test_help_names_each_default_once_and_offers_only_flags_that_act(module):
+    text = module.build_parser().format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for block in text.split("\n  -")[1:]:
+        assert block.count("default:") <= 1, block
+    if module is inference:  # flags that once did nothing there
+        for flag in ("--compile", "--seed", "--holdout", "--split-seed", "--limit"):
+            assert flag not in text, flag

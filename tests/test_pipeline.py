@@ -88,13 +88,31 @@ def test_evaluate_one_checkpoint_agrees_with_its_training_run(smoke_run, tmp_pat
     evaluate.main([paths[0], "--split", "holdout", "--data-dir", str(data), "--device", "cpu"])
 
 
+def test_unfinished_checkpoints_are_announced_and_their_rows_marked(smoke_run, tmp_path, monkeypatch, capsys):
+    from utils.checkpoint import load_checkpoint, save_checkpoint
+
+    root, data = smoke_run
+    monkeypatch.chdir(root)
+    teacher = load_checkpoint("checkpoints/smoke/teacher.pt", hint="")
+    unfinished = tmp_path / "teacher.pt"
+    save_checkpoint(unfinished, {**teacher, "complete": False, "epochs": 3})
+    monkeypatch.setattr(inference, "measure_speed", lambda *args: {})
+    inference.main(["--name", "smoke", "--device", "cpu", "--data-dir", str(data), "--teacher", str(unfinished),
+                    "--out", str(tmp_path / "results")])
+    assert f"warning: {unfinished} comes from an unfinished run (1/3 epochs)" in capsys.readouterr().out
+    table = (tmp_path / "results" / "results.md").read_text()
+    assert "| Teacher resnet50 [unfinished: 1/3 epochs] | 81% |" in table
+    assert f"**Unfinished checkpoints** (marked in the rows): `{unfinished}`" in table
+    assert "A quick run on a subset" in table and "Not comparable with the original" in table
+
+
 def test_second_run_skips_complete_stages(smoke_run, capsys, monkeypatch):
     root, data = smoke_run
     monkeypatch.chdir(root)
     monkeypatch.setattr(inference, "main", lambda argv: None)
     reproduce.main(["--preset", "smoke", "--data-dir", str(data)])
     out = capsys.readouterr().out
-    assert out.count("is complete, skipped") == 4
+    assert out.count("is complete, skipped") == 5
 
 
 def test_images_classifies_files_of_any_size(smoke_run, tmp_path, capsys, monkeypatch):

@@ -169,3 +169,45 @@ def test_flops_count_the_224_forward():
     assert stats["feature_map"] == "7x7"
     gmacs = stats["flops"] / 2e9  # torchvision's "_ops" are GMACs of the 1000-class network
     assert gmacs == pytest.approx(imagenet_weights("googlenet").meta["_ops"], rel=0.01)
+
+
+# ----------------------------------------------------------------------------- the training scripts
+
+def test_cli_offline_stops_in_one_line_before_the_data_is_read(offline, tmp_path, capsys, monkeypatch):
+    import teacherTrain
+    from utils.cli import run
+
+    monkeypatch.setattr(teacherTrain, "load_cifar10", lambda *a, **k: pytest.fail("the data was read first"))
+    with pytest.raises(SystemExit) as e:
+        run(lambda: teacherTrain.main(["--arch", "googlenet", "--pretrained", "--device", "cpu",
+                                       "--checkpoint", str(tmp_path / "run" / "teacher.pt")]))
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no ImageNet weights for googlenet at ")
+    assert weights_path(imagenet_weights("googlenet")) in lines[0]
+
+
+def test_cli_frozen_pretrained_teacher_trains_its_head_and_reloads_offline(offline, tmp_path):
+    import teacherTrain
+    from tests.conftest import write_tree
+
+    plant_weights("googlenet")
+    tree = write_tree(tmp_path / "cifar", per_class=(2, 1))
+    path = tmp_path / "run" / "teacher.pt"
+    teacherTrain.main(["--arch", "googlenet", "--pretrained", "--freeze-backbone", "--data-dir", str(tree),
+                       "--partial-data", "--holdout", "10", "--limit", "10", "--batch-size", "10", "--epochs", "1",
+                       "--device", "cpu", "--checkpoint", str(path)])
+    checkpoint = load_checkpoint(path, hint="")
+    assert checkpoint["model_args"] == {"pretrained": "IMAGENET1K_V1", "freeze_backbone": True}
+    planted = build_model("googlenet", 10, pretrained=True).state_dict()
+    trained = checkpoint["model"]
+    changed = {k for k in planted if not torch.equal(planted[k], trained[k])}
+    assert changed and all(k.startswith("net.fc.") for k in changed)  # the backbone is frozen, BatchNorm included
+    assert trained["net." + PLANTED_KEY["googlenet"]].view(-1)[0] == PLANTED
+    rebuilt = model_from_checkpoint(checkpoint, path, "").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = build_model("googlenet", 10, pretrained=True)
+        expected.load_state_dict(trained)
+        torch.testing.assert_close(rebuilt(x), expected.eval()(x))
+    assert not offline, "nothing is downloaded"

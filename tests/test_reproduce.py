@@ -65,7 +65,8 @@ def test_user_flags_reach_every_training_stage_and_win_over_the_preset():
     plan, common = reproduce.stages(args, "mine", 3)
     assert [title for title, *_ in plan] == [
         "teacher", "student 1 (densenet121)", "student 2 (googlenet)",
-        "student 1 (densenet121) without KD", "student 2 (googlenet) without KD", "selector"]
+        "student 1 (densenet121) without KD", "student 2 (googlenet) without KD", "selector",
+        "selector, shuffled-label control"]
     for title, module, path, argv in plan:
         parsed = module.build_parser().parse_args(argv)
         assert (parsed.seed, parsed.epochs, parsed.device, parsed.time_budget) == (3, 2, "cpu", 1.5), title
@@ -85,25 +86,28 @@ def test_each_flag_goes_only_to_the_stages_that_use_it():
     for title, argv in by_title.items():
         assert ("--kd-loss" in argv) == (title in kd), title  # a twin without KD does not depend on the KD loss
         assert ("--no-kd" in argv) == (title in no_kd), title
-        split = title != "selector"  # the selector reads its split from the students' checkpoints
+        split = not title.startswith("selector")  # the selector reads its split from the students' checkpoints
         assert ("--limit" in argv and "--holdout" in argv) == split, title
         if split:
-            assert (value(argv, "--limit"), value(argv, "--holdout")) == ("50", "200"), title
+            assert (value(argv, "--limit"), value(argv, "--holdout")) == ("20", "100"), title
     assert value(by_title["student 2 (googlenet)"], "--kd-loss") == "mse"
     assert value(by_title["selector"], "--views") == "1"
+    assert "--shuffle-labels" in by_title["selector, shuffled-label control"]
+    assert "--shuffle-labels" not in by_title["selector"]
 
 
 def test_scripts_write_the_checkpoints_the_plan_inspects():
     plan, _ = reproduce.stages(reproduce.parse_args(USER_FLAGS), "mine", 3)
     for title, module, path, argv in plan:
         if module is trainSelector:  # its parse_args reads the students' checkpoints
-            written = default_checkpoint(module.build_parser().parse_args(argv).name, "selector")
+            parsed = module.build_parser().parse_args(argv)
+            written = default_checkpoint(parsed.name, "selector_shuffled" if parsed.shuffle_labels else "selector")
         else:
             written = module.parse_args(argv).checkpoint
         assert written == str(path), title
 
 
-def test_presets_alone_fill_in_device_epochs_and_compile():
+def test_presets_alone_fill_in_device_and_epochs():
     smoke, _ = reproduce.stages(reproduce.parse_args(["--preset", "smoke"]), "smoke", 0)
     for title, module, _, argv in smoke:
         parsed = module.build_parser().parse_args(argv)
@@ -113,10 +117,10 @@ def test_presets_alone_fill_in_device_epochs_and_compile():
     full, common = reproduce.stages(reproduce.parse_args(["--preset", "full"]), "", 0)
     for title, module, path, argv in full:
         parsed = module.build_parser().parse_args(argv)
-        assert parsed.compile and parsed.device == "auto" and "--epochs" not in argv, title
+        assert not parsed.compile and parsed.device == "auto" and "--epochs" not in argv, title  # recipes
         assert not {"--limit", "--holdout"} & set(argv), title  # every script's own split
         assert str(path).startswith("checkpoints" + os.sep) and path.parent.name == "checkpoints"
-    assert len(full) == 4 and inference.build_parser().parse_args(common).name == ""
+    assert len(full) == 5 and inference.build_parser().parse_args(common).name == ""
 
 
 # ----------------------------------------------------------------------------- staleness

@@ -423,3 +423,37 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] < 0.001
+
+
+def test_recipes_fill_the_flags_not_given_and_the_command_line_wins():
+    from utils.recipes import RECIPES
+
+    teacher = teacherTrain.parse_args([])
+    assert (teacher.epochs, teacher.cutout, teacher.padding) == (RECIPES["resnet50"]["epochs"], 12, "reflect")
+    student = StudentTrain.parse_args(["--model", "2", "--epochs", "3", "--cutout", "0"])
+    assert (student.epochs, student.cutout, student.lr) == (3, 0, RECIPES["googlenet"]["lr"])
+    assert student.warmup_epochs == 2.0
+
+
+def test_linear_schedule_decays_to_zero_in_a_straight_line():
+    from utils.engine import _lr_at
+
+    lrs = [_lr_at(step, total_steps=110, warmup_steps=10, peak=1.0, schedule="linear") for step in range(10, 110)]
+    assert lrs[0] == pytest.approx(1.0) and lrs[50] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.01)
+
+
+def test_a_kd_student_trains_with_every_augmentation_and_logs_its_loss_terms(teacher, tree, tmp_path):
+    checkpoint = tmp_path / "student.pt"
+    StudentTrain.main(flags(tree, checkpoint, "--teacher", str(teacher), "--mix", "both", "--cutout", "8",
+                            "--translate", "2", "--tta", "flip-shift", "--schedule", "linear", "--ema", "0.9"))
+    (record,) = metrics(checkpoint)
+    for key in ("lr", "train_loss", "train_kd", "train_ce", "train_acc", "holdout_loss", "holdout_acc",
+                "images_per_s", "elapsed_s"):
+        assert isinstance(record[key], float), key
+        assert len(repr(record[key]).replace(".", "").lstrip("0")) <= 6 or "e" in repr(record[key]), key  # rounded
+    config = json.loads(checkpoint.with_suffix(".config.json").read_text())
+    assert config["flags"]["mix"] == "both" and config["flags"]["tta"] == "flip-shift"
+    assert config["torch"] == str(torch.__version__) and config["device"].startswith("CPU")
+    assert "git_commit" in config and config["command"].startswith("python StudentTrain.py ")
+    saved = load_checkpoint(checkpoint, hint="", kind="student")
+    assert saved["loss"] == "KD loss (kl, T=4, alpha=0.9)" and saved["config"]["schedule"] == "linear"
