@@ -5,8 +5,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils.augment import (CIFAR10_MEAN_PIXEL, TTA_VIEWS, Augmentation, cutout, mix, predict, random_translate_flip,
-                           tta_logits)
+from utils.augment import (
+    CIFAR10_MEAN_PIXEL,
+    TTA_VIEWS,
+    Augmentation,
+    cutout,
+    mix,
+    predict,
+    random_translate_flip,
+    tta_logits,
+)
 from utils.data import MEAN, normalize
 
 
