@@ -79,7 +79,7 @@ def add_training_args(parser, stem):
     g.add_argument("--padding", choices=("reflect", "zeros"),
                    help="what a translated image shows at its border (zeros: the classic CIFAR crop)")
     g.add_argument("--cutout", type=NON_NEGATIVE_INT, help="side of a random square painted grey; 0: off")
-    g.add_argument("--mix", choices=tuple(MIXERS) + ("none",),
+    g.add_argument("--mix", choices=("none", *MIXERS),
                    help="CutMix, MixUp or either at random (both), with torchvision's transforms; none: off")
     g.add_argument("--mix-alpha", type=POSITIVE, help="the mixing weight is drawn from Beta(alpha, alpha)")
     g.add_argument("--mix-prob", type=PROBABILITY, help="share of batches that are mixed")
