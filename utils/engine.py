@@ -19,7 +19,7 @@ import shlex
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -313,6 +313,50 @@ def _check_resumable(state, args, path):
                         "resume with the same flags, or start afresh with --force")
 
 
+@dataclass
+class Progress:
+    """Where a run stands: what ``--resume`` restores besides the weights and the optimizer."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # steps completed in the next epoch
+    sums: dict = field(default_factory=dict)  # that epoch's metric sums so far, on the device
+    history: list = field(default_factory=list)
+    best_acc: float = -1.0
+    best_state: dict = None
+    elapsed: float = 0.0
+    epoch_seconds: float = 0.0
+
+
+def _restore(files, args, meta, model, optimizer, ema, runtime):
+    """Load the resume state into the model, optimizer, EMA and RNGs; returns the run's ``Progress``."""
+    state = load_checkpoint(files.last, hint="start the run without --resume", kind=meta["kind"], arch=meta["arch"])
+    _check_resumable(state, args, files.last)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if ema:
+        ema.load_state_dict(state["ema"])
+    torch.set_rng_state(state["rng"])
+    if runtime.device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], runtime.device)
+    progress = Progress(state["epoch"], state.get("step", 0),
+                        {k: v.to(runtime.device) for k, v in state.get("sums", {}).items()}, state["history"],
+                        elapsed=state.get("elapsed", 0.0), epoch_seconds=state.get("epoch_seconds", 0.0))
+    if files.best.exists():  # its weights and their hold-out accuracy always go together
+        best = load_checkpoint(files.best, hint="start the run afresh with --force")
+        progress.best_state = best["model"]
+        progress.best_acc = -1.0 if best["holdout_acc"] is None else best["holdout_acc"]
+    return progress
+
+
+def _epoch_record(epoch, mean_lr, sums, seconds, runtime):
+    """The metrics log's line for an epoch, from its device sums (summed over processes)."""
+    totals = dict(zip(sums, runtime.all_sum(torch.stack([sums[k].float() for k in sums])).tolist()))
+    images = totals.pop("images")
+    return {"epoch": epoch + 1, "lr": mean_lr, "train_loss": totals.pop("loss") / images,
+            **{f"train_{k}": v / images for k, v in totals.items() if k != "correct"},
+            "train_acc": totals["correct"] / images, "images_per_s": images / seconds}
+
+
 def _round(record):
     return {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in record.items()}
 
@@ -320,14 +364,14 @@ def _round(record):
 def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True, metric=classification_metric):
     """Train ``model`` on ``splits["train"]``, select on ``splits["holdout"]``, test once on ``splits["test"]``.
 
-    ``augment=False`` turns the flags' augmentation off (the selector's case).
-
     ``loss_fn(logits, x, y)`` returns the batch loss, or a dict of named terms (``"loss"``
     is optimised, every term is logged); ``splits`` maps a split name to ``(uint8 images,
     targets)`` (``holdout`` and ``test`` may be missing or empty). ``meta`` (kind, arch,
     num_classes, ...) is stored in every checkpoint; ``files`` comes from ``prepare_run``;
+    ``augment=False`` turns the flags' augmentation off (the selector's case);
     ``metric(logits, targets)`` gives the correct count and summed loss behind the accuracies
-    and the hold-out loss. Returns the final checkpoint dict, or ``None`` when ``--time-budget`` stopped the run early.
+    and the hold-out loss. Returns the final checkpoint dict, or ``None`` when
+    ``--time-budget`` stopped the run early.
     """
     bs = args.batch_size // runtime.world_size
 
@@ -368,25 +412,10 @@ def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True, metric
     if runtime.is_main:  # best + last (weights, momentum, EMA) + the temporary copy of the largest
         check_free_space(files.best.parent, weight_bytes * (6 if ema else 4))
 
-    start_epoch, start_step, sums, history = 0, 0, {}, []
-    best_acc, best_state, elapsed, epoch_seconds = -1.0, None, 0.0, 0.0
-    if args.resume:
-        state = load_checkpoint(files.last, hint="start the run without --resume", kind=meta["kind"],
-                                arch=meta["arch"])
-        _check_resumable(state, args, files.last)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema:
-            ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["rng"])
-        if runtime.device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], runtime.device)
-        start_epoch, start_step, history = state["epoch"], state.get("step", 0), state["history"]
-        sums = {k: v.to(runtime.device) for k, v in state.get("sums", {}).items()}
-        elapsed, epoch_seconds = state.get("elapsed", 0.0), state.get("epoch_seconds", 0.0)
-        if files.best.exists():  # its weights and their hold-out accuracy always go together
-            best = load_checkpoint(files.best, hint="start the run afresh with --force")
-            best_state, best_acc = best["model"], best["holdout_acc"] if best["holdout_acc"] is not None else -1.0
+    progress = _restore(files, args, meta, model, optimizer, ema, runtime) if args.resume else Progress()
+    start_epoch, start_step, sums, history = progress.epoch, progress.step, progress.sums, progress.history
+    best_acc, best_state, elapsed, epoch_seconds = (progress.best_acc, progress.best_state, progress.elapsed,
+                                                    progress.epoch_seconds)
 
     run_meta = {**meta, "config": vars(args), "epochs": args.epochs, "provenance": provenance(runtime.device)}
     if runtime.is_main:
@@ -462,15 +491,8 @@ def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True, metric
                                   f"continue with: {resume_command(args.command)}")
                         raise SystemExit(128 + (stop.signum or signal.SIGTERM))
             check_finite(watch, epoch, first_step, steps_per_epoch - 1)
-            totals = dict(zip(sums, runtime.all_sum(torch.stack([sums[k].float() for k in sums])).tolist()))
-            images = totals.pop("images")
-            record = {"epoch": epoch + 1,
-                      "lr": sum(map(lr_at, range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)))
-                      / steps_per_epoch,
-                      "train_loss": totals.pop("loss") / images,
-                      **{f"train_{k}": v / images for k, v in totals.items() if k != "correct"},
-                      "train_acc": totals["correct"] / images,
-                      "images_per_s": images / (time.time() - epoch_start)}
+            mean_lr = sum(map(lr_at, range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch))) / steps_per_epoch
+            record = _epoch_record(epoch, mean_lr, sums, time.time() - epoch_start, runtime)
             last_epoch = epoch + 1 == args.epochs
             if holdout_loader is not None and ((epoch + 1) % args.eval_every == 0 or last_epoch):
                 scores = evaluate(eval_model, holdout_loader, runtime, args.tta, metric)
