@@ -40,7 +40,7 @@ from utils.cli import (
 from utils.data import CLASSES, load_cifar10, make_splits, normalize
 from utils.engine import setup_runtime
 from utils.logits import Network
-from utils.plots import plot_accuracy_vs_flops, plot_confusion, plot_grouped_bars, plot_per_class_gain
+from utils.plots import plot_accuracy_vs_flops, plot_confusion, plot_grouped_bars
 from utils.routers import ROUTERS, EnsembleRouter, RandomRouter, Routing, StudentOutputs, build_router, oracle_routing
 from utils.routing import (
     batched_logits,
@@ -379,8 +379,9 @@ def write_plots(results, out):
     best = max(students, key=lambda name: results["accuracy"][name])
     gains = {name: [100 * (a - b) for a, b in zip(accs, results["per_class"][best])]
              for name, accs in results["per_class"].items() if name != best and not name.startswith("Oracle")}
-    plot_per_class_gain(gains, CLASSES, out / "per_class_gain.png",
-                        f"Per-class test accuracy against the best single student ({best})", "the best student")
+    plot_grouped_bars(gains, CLASSES, out / "per_class_gain.png",
+                      f"Per-class test accuracy against the best single student ({best})",
+                      "accuracy minus the best student's (points)")
     plot_confusion(results["confusion_routed"], CLASSES, out / "routed_confusion.png",
                    f"{results['routed']['name']}: confusion matrix (test set)")
     plot_grouped_bars({name: [s[k] for s in results["routing_share_per_class"]]

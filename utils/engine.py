@@ -423,8 +423,10 @@ def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True, metric
                                                           if runtime.world_size > 1 else ""))
         print(f"peak learning rate {peak_lr:g} (--lr {args.lr:g} x batch {args.batch_size} / 512), "
               f"{steps_per_epoch} steps per epoch, {warmup_steps} warm-up steps")
-        if args.resume:
+        if args.resume and start_epoch < args.epochs:
             print(f"resuming {files.last} at epoch {start_epoch + 1}/{args.epochs}, step {start_step}")
+        elif args.resume:
+            print(f"resuming {files.last}: every epoch is done, the test evaluation follows")
         write_config(files.config, args, runtime.device, meta["kind"])
         files.log.write_text("".join(json.dumps(record) + "\n" for record in history))
 

@@ -1,4 +1,4 @@
-"""PNG figures: training curves, per-class accuracy, a confusion matrix, routing shares."""
+"""PNG figures: training curves, per-class bars, a confusion matrix, accuracy against GFLOPs."""
 
 import numpy as np
 
@@ -41,33 +41,15 @@ def plot_history(history, path, title, loss_name="loss"):
     plt.close(fig)
 
 
-def plot_per_class_gain(gains, classes, path, title, reference):
-    """``gains``: ``{system: [accuracy gain in points over `reference`, one per class]}``, as grouped bars."""
+def plot_grouped_bars(values, classes, path, title, ylabel):
+    """``values``: ``{series name: [one value per class]}``, drawn as grouped bars; the legend outside them."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(13, 4.5))
-    width = 0.8 / max(1, len(gains))
-    x = np.arange(len(classes))
-    for i, (name, ys) in enumerate(gains.items()):
-        ax.bar(x + (i - (len(gains) - 1) / 2) * width, ys, width, label=name)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, classes, rotation=30)
-    ax.set_ylabel(f"accuracy minus {reference}'s (points)")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_grouped_bars(values, classes, path, title, ylabel):
-    """``values``: ``{series name: [one value per class]}``, drawn as grouped bars."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    width = 0.8 / len(values)
+    width = 0.8 / max(1, len(values))
     x = np.arange(len(classes))
     for i, (name, ys) in enumerate(values.items()):
         ax.bar(x + (i - (len(values) - 1) / 2) * width, ys, width, label=name)
+    ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, classes, rotation=30)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
