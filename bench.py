@@ -79,7 +79,8 @@ def build_parser():
                    help="timed training steps per measurement, and inference batches")
     g.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=5,
                    help="untimed training steps before each measurement (with --compile they include compiling)")
-    g.add_argument("--workers", type=NON_NEGATIVE_INT, default=4, help="DataLoader worker processes of the reference loop")
+    g.add_argument("--workers", type=NON_NEGATIVE_INT, default=4,
+                   help="DataLoader worker processes of the reference loop")
     g.add_argument("--infer-batch-size", type=POSITIVE_INT, default=1024, help="images per inference batch")
     g.add_argument("--defer-share", type=PROBABILITY, default=0.15,
                    help="share of images that routed inference sends to the second student (0.15: what a budget "
@@ -274,7 +275,8 @@ def main(argv=None):
     print(f"training on {len(train_images)} images, {args.steps} timed steps after {args.warmup_steps} warm-up "
           f"steps, random weights, each network's recipe augmentation\n  ours:      batch {args.batch_size}, {ours}, "
           f"split held on the device ({train_images.numel() / 2**20:.0f} MiB, counted in its peak)\n"
-          + (f"  baseline:  the engine as first measured: batch {BASELINE_BATCH}, no compile\n" if args.baseline else "")
+          + (f"  baseline:  the engine as first measured: batch {BASELINE_BATCH}, no compile\n"
+             if args.baseline else "")
           + f"  reference: batch {args.ref_batch_size}, DataLoader + PIL transforms ({args.workers} workers), fp32, "
           "no compile")
     columns = ["ours img/s", "ours peak MiB", *(["baseline img/s", "ours/baseline"] if args.baseline else []),

@@ -68,7 +68,8 @@ def build_parser():
     parser.add_argument("--students", nargs="+", default=None,
                         help="student checkpoints, in the order the selector was trained for (default: "
                              "checkpoints/[NAME/]student_densenet121.pt and student_googlenet.pt)")
-    parser.add_argument("--selector", default=None, help="selector checkpoint (default: checkpoints/[NAME/]selector.pt)")
+    parser.add_argument("--selector", default=None,
+                        help="selector checkpoint (default: checkpoints/[NAME/]selector.pt)")
     parser.add_argument("--router", default="cascade", choices=list(ROUTERS),
                         help="the routing policy of the headline 'routed' row and of --images")
     parser.add_argument("--budget", type=POSITIVE, default=1.25,
@@ -143,7 +144,7 @@ def fit_router(name, budget, students, selector, val_fraction):
         raise UserError("the students were trained with --holdout 0: there is no hold-out split to fit routing on")
     if router.uses_selector:
         mask = validation_mask(labels, val_fraction, selector.checkpoint["split"]["split_seed"])
-        holdout, labels = StudentOutputs(holdout.logits[mask], holdout.selector_scores[mask]), labels[mask]
+        holdout, labels = outputs_of(students, selector, "holdout", mask)
     return router.fit(holdout, labels, budget)
 
 
@@ -248,22 +249,22 @@ def per_class(correct, labels):
 def measure_speed(args, runtime, networks, headline, images):
     """Parameters, GFLOPs and images/s of each network and of the routed system, timed alike on every device."""
     teacher, students, _, selector, _ = networks
-    bs, models = args.batch_size, [s.model for s in students]
+    bs = args.batch_size
 
     def speed(fn):
         return len(images) / timed(fn, runtime)[1]
 
     costs = {net.role.lower(): {"params": net.stats["params"], "gflops": net.gflops,
-                                "images_per_s": speed(lambda m=net.model: batched_logits(m, images, runtime, bs))}
+                                "images_per_s": speed(lambda net=net: batched_logits(net, images, runtime, bs))}
              for net in [teacher, *students]}
     costs["both students"] = {"params": sum(s.stats["params"] for s in students),
                               "gflops": sum(s.gflops for s in students),
-                              "images_per_s": speed(lambda: [batched_logits(m, images, runtime, bs) for m in models])}
+                              "images_per_s": speed(lambda: [batched_logits(s, images, runtime, bs) for s in students])}
     routed_params = sum(s.stats["params"] for s in students) + (selector.stats["params"] if headline.uses_selector
                                                                   else 0)
     costs[f"routed ({headline.name})"] = {
         "params": routed_params, "gflops": None,
-        "images_per_s": speed(lambda: batched_routed(headline, models, selector.model, images, runtime, bs))}
+        "images_per_s": speed(lambda: batched_routed(headline, students, selector, images, runtime, bs))}
     return costs
 
 
@@ -298,8 +299,9 @@ def provenance_rows(networks):
         kd = "—" if c["kind"] != "student" else ("no" if not c.get("kd") else
                                                   f"{config.get('kd_loss')} T={config.get('temperature')} "
                                                   f"alpha={config.get('alpha')}")
-        rows.append(f"| {net.role} | `{net.path}` | {c['epoch']}/{c['epochs']} | {'yes' if c.get('complete') else '**no**'}"
-                    f" | {config.get('seed', '—')} | {kd} | {prov.get('device', '—')} | {prov.get('git_commit', '—')} |")
+        complete = "yes" if c.get("complete") else "**no**"
+        rows.append(f"| {net.role} | `{net.path}` | {c['epoch']}/{c['epochs']} | {complete} "
+                    f"| {config.get('seed', '—')} | {kd} | {prov.get('device', '—')} | {prov.get('git_commit', '—')} |")
     return rows
 
 
@@ -344,7 +346,8 @@ def write_markdown(results, path):
           for name, c in r["comparisons"].items()], "",
         "## Calibration", "",
         "| Network | Accuracy | NLL | ECE (15 bins) |", "|---|---|---|---|",
-        *[f"| {name} | {_pct(c['accuracy'])} | {c['nll']:.3f} | {c['ece']:.4f} |" for name, c in r["calibration"].items()],
+        *[f"| {name} | {_pct(c['accuracy'])} | {c['nll']:.3f} | {c['ece']:.4f} |"
+          for name, c in r["calibration"].items()],
         "",
         "## Cost and speed", "",
         f"Images/s: the second of two passes over the test set (the first, untimed, sees every batch shape), batch "
@@ -399,7 +402,7 @@ def classify_images(paths, router, students, selector, runtime):
             raise UserError(f"cannot read image {path} ({type(e).__name__})") from None
         x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].to(runtime.device)
         with runtime.autocast:
-            routing = run_routed(router, [s.model for s in students], selector.model,
+            routing = run_routed(router, students, selector,
                                  normalize(x, runtime.device.type == "cuda"), len(CLASSES))
         confidence, label = routing.probs.float().max(1)
         ran = ", ".join(f"student {k + 1} ({students[k].checkpoint['arch']})"

@@ -118,7 +118,8 @@ def stage_state(module, path, argv, fingerprint):
     inputs = [("teacher", checkpoint["teacher"])] if checkpoint.get("teacher") else []
     inputs += [(f"student {k}", s) for k, s in enumerate(checkpoint.get("students", []), 1)]
     moved = [what for what, record in inputs
-             if not Path(record["path"]).exists() or _peek(record["path"])["weights_sha256"] != record["weights_sha256"]]
+             if not Path(record["path"]).exists()
+             or _peek(record["path"])["weights_sha256"] != record["weights_sha256"]]
     if checkpoint.get("data_fingerprint") != fingerprint:
         return "stale", "trained on other data"
     if moved:
@@ -138,7 +139,8 @@ def run_pipeline(args, name, seed, fingerprint):
         if state == "complete":
             print(f"== {title}: {path} is complete, skipped (--force reruns it)")
             continue
-        print(f"== {title} -> {path}" + {"partial": " (resuming)", "stale": f" (stale: {why}; retraining)"}.get(state, ""))
+        note = {"partial": " (resuming)", "stale": f" (stale: {why}; retraining)"}.get(state, "")
+        print(f"== {title} -> {path}{note}")
         flag = {"partial": ["--resume"], "stale": ["--force"]}.get(state, ["--force"] if args.force else [])
         start = time.time()
         module.main([*argv, *flag])

@@ -16,7 +16,8 @@ TINY = ["--device", "cpu", "--partial-data", "--limit", "16", "--batch-size", "4
         "--steps", "1", "--warmup-steps", "0", "--workers", "0", "--infer-batch-size", "8"]
 INFERENCE_ROWS = {"teacher": "teacher resnet50", "densenet121": "student densenet121",
                   "googlenet": "student googlenet", "both_students": "both students",
-                  "cascade": "cascade (2nd student on 15%)", "selector_routing": "selector + 1 student (15% to the 2nd)"}
+                  "cascade": "cascade (2nd student on 15%)",
+                  "selector_routing": "selector + 1 student (15% to the 2nd)"}
 NUMBER = r"(\d+\.\d+)"
 
 

@@ -457,3 +457,17 @@ def test_a_kd_student_trains_with_every_augmentation_and_logs_its_loss_terms(tea
     assert "git_commit" in config and config["command"].startswith("python StudentTrain.py ")
     saved = load_checkpoint(checkpoint, hint="", kind="student")
     assert saved["loss"] == "KD loss (kl, T=4, alpha=0.9)" and saved["config"]["schedule"] == "linear"
+
+
+def test_a_network_is_evaluated_with_the_views_it_was_trained_to_use(tree, tmp_path):
+    from models import model_stats
+    from utils.logits import Network
+
+    checkpoint = tmp_path / "teacher.pt"
+    teacherTrain.main(teacher_flags(tree, checkpoint, "--tta", "flip"))
+    data = load_cifar10(tree, verbose=False, allow_partial=True)
+    network = Network("Teacher", checkpoint, "teacher", TEACHER_HINT, Runtime(torch.device("cpu")), data)
+    logits, labels = network.logits["test"]
+    saved = load_checkpoint(checkpoint, hint=TEACHER_HINT)
+    assert (logits.argmax(1) == labels).double().mean().item() == pytest.approx(saved["test_acc"])
+    assert network.gflops == pytest.approx(2 * model_stats(network.model)["flops"] / 1e9)  # two views per image

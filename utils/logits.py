@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from models import model_stats
+from utils.augment import TTA_VIEWS, predict
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.data import make_splits
 from utils.engine import prepare_model
@@ -58,19 +59,27 @@ def split_logits(checkpoint_path, checkpoint, model, data, runtime, batch_size=1
 
 
 class Network:
-    """A trained network, its checkpoint and its logits on the hold-out and test splits."""
+    """A trained network, its checkpoint and its logits on the hold-out and test splits.
+
+    Calling it runs the network with its checkpoint's ``--tta`` views; its GFLOPs count them.
+    """
 
     def __init__(self, role, path, kind, hint, runtime, data):
         self.role, self.path = role, str(path)
         self.checkpoint = load_checkpoint(path, hint=hint, kind=kind)
         model = model_from_checkpoint(self.checkpoint, path, hint).eval().requires_grad_(False)
         self.model = prepare_model(model, runtime)
+        self.tta = self.checkpoint.get("config", {}).get("tta", "none")
         self.stats = model_stats(self.model)
-        self.gflops = self.stats["flops"] / 1e9
-        self.logits = split_logits(path, self.checkpoint, self.model, data, runtime)
+        self.gflops = self.stats["flops"] / 1e9 * TTA_VIEWS[self.tta]
+        self.logits = split_logits(path, self.checkpoint, self, data, runtime)
         if not self.checkpoint.get("complete"):
             print(f"warning: {path} comes from an unfinished run ({self.checkpoint['epoch']}/"
                   f"{self.checkpoint['epochs']} epochs); its row is marked")
+
+    def __call__(self, x):
+        """Logits for a normalised batch, averaged over the test-time views the network was trained to use."""
+        return predict(self.model, x, self.tta)
 
     @property
     def label(self):
