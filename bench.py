@@ -36,9 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from models import build_model
-from StudentTrain import STUDENTS
-from teacherTrain import CLASSIFIERS
+from models import CLASSIFIERS, build_model
 from utils.augment import Augmentation
 from utils.cli import (
     NON_NEGATIVE_INT,
@@ -52,14 +50,14 @@ from utils.cli import (
     print_config,
     run,
 )
-from utils.data import CLASSES, MEAN, STD, DeviceLoader, check_split_flags, load_cifar10, make_splits
-from utils.engine import make_optimizer, prepare_model, setup_runtime, train_step
-from utils.recipes import RECIPES
+from utils.data import CLASSES, MEAN, STD, DeviceLoader, Split, load_cifar10, make_splits
+from utils.engine import make_optimizer, train_step
+from utils.recipes import RECIPES, STUDENTS, TEACHER
 from utils.routers import StudentOutputs, build_router
-from utils.routing import batched_logits, batched_routed, timed
-from utils.runs import device_name
+from utils.routing import batched_routed, timed
+from utils.runtime import batched_logits, device_name, prepare_model, setup_runtime
+from utils.train_flags import add_split_args, check_split_flags
 
-TEACHER = "resnet50"
 BASELINE_BATCH = 512
 STUDENT_ARCHS = tuple(STUDENTS.values())
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4  # both loops; the values do not change the speed
@@ -68,6 +66,7 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4  # both loops; the values do not cha
 def build_parser():
     parser = make_parser(__doc__, Path(__file__).name)
     add_data_args(parser)
+    add_split_args(parser)
     parser.set_defaults(holdout=0)  # nothing is selected here: time on the whole training split
     g = parser.add_argument_group("benchmark")
     g.add_argument("--archs", nargs="+", default=[TEACHER, *STUDENT_ARCHS], choices=CLASSIFIERS,
@@ -160,7 +159,7 @@ def train_ours(arch, images, labels, args, runtime, batch_size, compile):
     loader = DeviceLoader(images, labels, batch_size, runtime.device, train=True, augment=augment, seed=args.seed)
     sums = {}
 
-    def loss_fn(logits, x, y):
+    def loss_fn(logits, y, teacher_logits=None):
         return F.cross_entropy(logits.float(), y, label_smoothing=0.1)
 
     def step(x, y):
@@ -256,7 +255,7 @@ def main(argv=None):
     runtime = setup_runtime(args)
     print_config(args, "bench.py")
     data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)
-    splits = make_splits(data, args.holdout, args.split_seed, args.limit)
+    splits = make_splits(data, Split.from_args(args))
     train_images, train_labels = splits["train"]
     test_images, test_labels = splits["test"]
     if len(train_images) < max(args.batch_size, args.ref_batch_size):

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from utils.checkpoint import load_checkpoint
 from utils.cli import UserError, add_data_args, add_device_args, make_parser, parse, run
 from utils.data import CLASSES, load_cifar10
-from utils.engine import setup_runtime
-from utils.logits import Network
+from utils.networks import Network
+from utils.runtime import setup_runtime
 from utils.stats import expected_calibration_error, paired_bootstrap
 
 HINT = "python teacherTrain.py (or StudentTrain.py)"
@@ -30,7 +30,7 @@ def build_parser():
                         help="teacher or student checkpoints (teacherTrain.py, StudentTrain.py)")
     parser.add_argument("--split", default="test", choices=["test", "holdout"], help="which split to evaluate on")
     parser.add_argument("--out", default=None, help="also write every figure to this JSON file")
-    add_data_args(parser, split=False)
+    add_data_args(parser)
     add_device_args(parser, compile=False, seed=False)
     return parser
 
@@ -53,8 +53,8 @@ def main(argv=None):
     for path in args.checkpoints:
         if load_checkpoint(path, hint=HINT)["kind"] == "selector":
             raise UserError(f"{path} is a selector: evaluate it within the routed system with inference.py")
-        network = Network("", path, None, HINT, runtime, data)
-        logits, labels = network.logits[args.split]
+        network = Network(path, None, HINT, runtime)
+        logits, labels = network.load_logits(data)[args.split]
         if len(labels) == 0:
             raise UserError(f"{path} was trained with --holdout 0: it has no hold-out split; use --split test")
         results[path] = {"kind": network.checkpoint["kind"], "arch": network.checkpoint["arch"],

@@ -18,16 +18,13 @@ With --images, classifies your own image files with the routed system instead.
 """
 
 import functools
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from utils.cli import (
-    POSITIVE,
     POSITIVE_INT,
     UserError,
     add_data_args,
@@ -37,50 +34,35 @@ from utils.cli import (
     print_config,
     run,
 )
-from utils.data import CLASSES, load_cifar10, make_splits, normalize
-from utils.engine import setup_runtime
-from utils.logits import Network
-from utils.plots import plot_accuracy_vs_flops, plot_confusion, plot_grouped_bars
-from utils.routers import ROUTERS, EnsembleRouter, RandomRouter, Routing, StudentOutputs, build_router, oracle_routing
+from utils.data import CLASSES, load_cifar10, make_splits
+from utils.networks import Network
+from utils.report import write_report
+from utils.routers import ROUTERS, EnsembleRouter, RandomRouter, Routing, oracle_routing
 from utils.routing import (
-    batched_logits,
+    add_routing_args,
     batched_routed,
-    check_selector_students,
-    default_students,
-    run_routed,
+    load_selector,
+    load_students,
+    outputs_of,
     students_split,
     timed,
-    validation_mask,
+    try_fit,
 )
-from utils.runs import RESULTS_ROOT, default_checkpoint, device_name
+from utils.runs import RESULTS_ROOT, default_checkpoint, default_students
+from utils.runtime import batched_logits, device_name, setup_runtime
 from utils.stats import expected_calibration_error, mcnemar, paired_bootstrap
 
-ORIGINAL = {"teacher": "81%", "student 1": "74.19%", "student 2": "73.21%", "routed": "79.67%"}
-BUDGETS = (1.0, 1.25, 1.5)
+BUDGETS = (1.0, 1.25, 1.5)  # the budget table's columns: multiples of the cheapest student's GFLOPs per image
 
 
 def build_parser():
     parser = make_parser(__doc__, Path(__file__).name)
-    parser.add_argument("--name", default="",
-                        help="experiment name: read checkpoints/NAME/, write results/NAME/ (default: checkpoints/, "
-                             "results/)")
+    add_routing_args(parser)
     parser.add_argument("--teacher", default=None, help="teacher checkpoint (default: checkpoints/[NAME/]teacher.pt)")
-    parser.add_argument("--students", nargs="+", default=None,
-                        help="student checkpoints, in the order the selector was trained for (default: "
-                             "checkpoints/[NAME/]student_densenet121.pt and student_googlenet.pt)")
-    parser.add_argument("--selector", default=None,
-                        help="selector checkpoint (default: checkpoints/[NAME/]selector.pt)")
-    parser.add_argument("--router", default="cascade", choices=list(ROUTERS),
-                        help="the routing policy of the headline 'routed' row and of --images")
-    parser.add_argument("--budget", type=POSITIVE, default=1.25,
-                        help="compute budget of the routed system: at most this many times the cheaper student's "
-                             "GFLOPs per image on the hold-out split")
     parser.add_argument("--out", default=None, help="folder for results.md, results.json and the plots "
                                                     "(default: results/[NAME/])")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=1024, help="images per forward pass")
-    parser.add_argument("--images", nargs="+", metavar="PATH",
-                        help="classify these image files (any size; resized to 32x32) instead of the test set")
-    add_data_args(parser, split=False)
+    add_data_args(parser)
     add_device_args(parser, compile=False, seed=False)
     return parser
 
@@ -96,63 +78,39 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- networks
 
+@dataclass
+class Networks:
+    teacher: Network
+    students: list
+    twins: list  # the students' no-KD twins that exist
+    selector: Network
+    control: Network | None  # the selector trained on shuffled labels, if it exists
+
+    def __iter__(self):
+        return iter([self.teacher, *self.students, *self.twins, self.selector, *([self.control] if self.control
+                                                                                 else [])])
+
+
 def nokd_twin(path):
     twin = Path(path).with_name(Path(path).stem + "_nokd.pt")
     return twin if twin.exists() else None
 
 
-def load_networks(args, runtime, data, with_teacher=True):
-    """The teacher, the students, their no-KD twins, the selector and its shuffled-label control."""
-    student_hint = "python StudentTrain.py" + (f" --name {args.name}" if args.name else "")
-    students = [Network(f"Student {k}", path, "student", student_hint, runtime, data)
-                for k, path in enumerate(args.students, 1)]
-    teacher = Network("Teacher", args.teacher, "teacher", "python teacherTrain.py", runtime, data) \
-        if with_teacher else None
-    twins = [Network(f"Student {k}", twin, "student", student_hint + " --no-kd", runtime, data)
-             for k, twin in enumerate(map(nokd_twin, args.students), 1) if twin and with_teacher]
-    selector = load_selector(args.selector, students, runtime, data)
+def load_networks(args, runtime, data):
+    """Every network of the experiment, with its logits on the hold-out and test splits."""
+    students = load_students(args.students, runtime, args.name)
+    teacher = Network(args.teacher, "teacher", "python teacherTrain.py" + (f" --name {args.name}" if args.name
+                                                                            else ""), runtime, role="Teacher")
+    student_hint = "python StudentTrain.py --no-kd" + (f" --name {args.name}" if args.name else "")
+    twins = [Network(twin, "student", student_hint, runtime, role=f"Student {k}")
+             for k, twin in enumerate(map(nokd_twin, args.students), 1) if twin]
+    selector = load_selector(args.selector, students, runtime)
     control_path = Path(args.selector).with_name(Path(args.selector).stem + "_shuffled.pt")
-    control = load_selector(control_path, students, runtime, data) if control_path.exists() else None
-    return teacher, students, twins, selector, control
-
-
-def load_selector(path, students, runtime, data):
-    selector = Network("Selector", path, "selector", "python trainSelector.py", runtime, data)
-    check_selector_students(selector.checkpoint, path, [s.path for s in students], [s.checkpoint for s in students])
-    return selector
-
-
-# ----------------------------------------------------------------------------- routing
-
-def outputs_of(students, selector, split, mask=None):
-    logits = torch.stack([s.logits[split][0] for s in students], 1)
-    scores = selector.logits[split][0] if selector else None
-    labels = students[0].logits[split][1]
-    if mask is not None:
-        logits, labels, scores = logits[mask], labels[mask], None if scores is None else scores[mask]
-    return StudentOutputs(logits, scores), labels
-
-
-def fit_router(name, budget, students, selector, val_fraction):
-    """A router fitted on the hold-out split; the selector's routing on its validation images only."""
-    flops = [s.gflops for s in students]
-    cheap = min(range(len(students)), key=lambda k: flops[k])
-    order = (cheap, min((k for k in range(len(students)) if k != cheap), key=lambda k: flops[k]))
-    router = build_router(name, flops=flops, router_flops=selector.gflops if selector else 0.0, order=order)
-    holdout, labels = outputs_of(students, selector if router.uses_selector else None, "holdout")
-    if len(labels) == 0:
-        raise UserError("the students were trained with --holdout 0: there is no hold-out split to fit routing on")
-    if router.uses_selector:
-        mask = validation_mask(labels, val_fraction, selector.checkpoint["split"]["split_seed"])
-        holdout, labels = outputs_of(students, selector, "holdout", mask)
-    return router.fit(holdout, labels, budget)
-
-
-def try_fit(name, budget, students, selector, val_fraction):
-    try:
-        return fit_router(name, budget, students, selector, val_fraction)
-    except ValueError:  # no threshold fits this budget
-        return None
+    control = load_selector(control_path, students, runtime) if control_path.exists() else None
+    networks = Networks(teacher, students, twins, selector, control)
+    for net in networks:
+        net.load_logits(data)
+    return networks
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -179,9 +137,10 @@ def calibration(net, labels):
 
 def evaluate_all(args, networks):
     """Every system's test-split outcome, the budget table, the curves and the comparisons."""
-    teacher, students, twins, selector, control = networks
+    teacher, students, twins, selector, control = networks.teacher, networks.students, networks.twins, \
+        networks.selector, networks.control
     test, labels = outputs_of(students, selector, "test")
-    fit = functools.partial(try_fit, students=students, val_fraction=selector.checkpoint["config"]["val_fraction"])
+    fit = functools.partial(try_fit, students=students)
     flops = [s.gflops for s in students]
 
     systems = {net.label: single(net) for net in [teacher, *students]}
@@ -248,7 +207,7 @@ def per_class(correct, labels):
 
 def measure_speed(args, runtime, networks, headline, images):
     """Parameters, GFLOPs and images/s of each network and of the routed system, timed alike on every device."""
-    teacher, students, _, selector, _ = networks
+    teacher, students, selector = networks.teacher, networks.students, networks.selector
     bs = args.batch_size
 
     def speed(fn):
@@ -268,187 +227,43 @@ def measure_speed(args, runtime, networks, headline, images):
     return costs
 
 
-# ----------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------- main
 
-def original_of(name):
-    for key, role in (("Teacher", "teacher"), ("Student 1", "student 1"), ("Student 2", "student 2"),
-                      ("Routed", "routed")):
-        if name.startswith(key) and "without KD" not in name:
-            return ORIGINAL[role]
-    return "—"
-
-
-def _pct(x):
-    return f"{100 * x:.2f}%"
-
-
-def _gflops(value):
-    return "as in its row above" if value is None else f"{value:.3f}"
-
-
-def _points(c):
-    return f"{100 * c['difference']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]"
-
-
-def provenance_rows(networks):
-    teacher, students, twins, selector, control = networks
+def provenance(networks):
+    """Where every number comes from: each network's checkpoint, epochs, completeness, seed, KD, device, commit."""
     rows = []
-    for net in [teacher, *students, *twins, selector, *([control] if control else [])]:
+    for net in networks:
         c = net.checkpoint
         config, prov = c.get("config", {}), c.get("provenance", {})
         kd = "—" if c["kind"] != "student" else ("no" if not c.get("kd") else
                                                   f"{config.get('kd_loss')} T={config.get('temperature')} "
                                                   f"alpha={config.get('alpha')}")
-        complete = "yes" if c.get("complete") else "**no**"
-        rows.append(f"| {net.role} | `{net.path}` | {c['epoch']}/{c['epochs']} | {complete} "
-                    f"| {config.get('seed', '—')} | {kd} | {prov.get('device', '—')} | {prov.get('git_commit', '—')} |")
+        rows.append({"role": net.role, "path": net.path, "epoch": c["epoch"], "epochs": c["epochs"],
+                     "complete": bool(c.get("complete")), "seed": config.get("seed", "—"), "kd": kd,
+                     "device": prov.get("device", "—"), "git_commit": prov.get("git_commit", "—")})
     return rows
-
-
-def write_markdown(results, path):
-    r = results
-    routed = r["routed"]
-    notes = []
-    if r["split"]["limit"]:
-        notes.append(f"**A quick run on a subset** (`--limit {r['split']['limit']}` images per split, such as "
-                     "`reproduce.py --preset smoke`): these numbers only show that every stage runs.")
-    notes.append("Not comparable with the original's numbers: it fine-tuned ImageNet-pretrained backbones on "
-                 "images upsampled to 224x224 (and had the flaws listed in the README); here every network is "
-                 "trained from scratch on 32x32 CIFAR-10 unless its checkpoint says otherwise.")
-    if r["unfinished"]:
-        notes.append("**Unfinished checkpoints** (marked in the rows): " + ", ".join(f"`{p}`" for p in r["unfinished"]))
-    lines = [
-        "# Results", "",
-        f"CIFAR-10 test set, {r['test_images']} images ({r['data']}). Device: {r['device']}; torch {r['torch']}. "
-        f"Written by `{r['command']}`.", "",
-        *[f"- {n}" for n in notes], "",
-        "| Model | Original (reported by the original repository) | Ours (measured) | GFLOPs / image |",
-        "|---|---|---|---|",
-        *[f"| {name} | {original_of(name)} | {_pct(acc)} | {r['gflops'][name]:.3f} |"
-          for name, acc in r["accuracy"].items()], "",
-        f"The routed row is the `{routed['router']}` policy with its threshold fitted on the hold-out split for at "
-        f"most {routed['budget_gflops']:.3f} GFLOPs per image; it ran the students on "
-        + ", ".join(f"{100 * s:.1f}%" for s in routed["share"]) + " of the test images.", "",
-        "## Routing policies at fixed compute budgets", "",
-        "Test accuracy (GFLOPs per image) of each policy with its threshold fitted on the hold-out split for a "
-        "budget of k times the cheaper student's GFLOPs; — where no threshold fits.", "",
-        "| Policy | " + " | ".join(f"{b:g}x" for b in BUDGETS) + " |", "|---|" + "---|" * len(BUDGETS),
-        *[f"| {name} | " + " | ".join(f"{_pct(cells[f'{b:g}']['accuracy'])} ({cells[f'{b:g}']['gflops']:.3f})"
-                                      if f"{b:g}" in cells else "—" for b in BUDGETS) + " |"
-          for name, cells in r["budgets"].items()], "",
-        "Curves over every threshold: `accuracy_vs_gflops.png`.", "",
-        "## Comparisons on the same test images", "",
-        "Difference in accuracy (points), its 95% paired bootstrap interval, and McNemar's test (p-value; images "
-        "only the first / only the second gets right).", "",
-        "| Comparison | Difference [95% interval] | McNemar p | Only first right | Only second right |",
-        "|---|---|---|---|---|",
-        *[f"| {name} | {_points(c)} | {c['p_value']:.3g} | {c['only_a_right']} | {c['only_b_right']} |"
-          for name, c in r["comparisons"].items()], "",
-        "## Calibration", "",
-        "| Network | Accuracy | NLL | ECE (15 bins) |", "|---|---|---|---|",
-        *[f"| {name} | {_pct(c['accuracy'])} | {c['nll']:.3f} | {c['ece']:.4f} |"
-          for name, c in r["calibration"].items()],
-        "",
-        "## Cost and speed", "",
-        f"Images/s: the second of two passes over the test set (the first, untimed, sees every batch shape), batch "
-        f"{r['batch_size']}, on {r['device']}. GFLOPs counted by `torch.utils.flop_counter` (a multiply-add is 2).", "",
-        "| System | Parameters | GFLOPs / image | Images/s |", "|---|---|---|---|",
-        *[f"| {name} | {c['params'] / 1e6:.2f} M | {_gflops(c['gflops'])} | {c['images_per_s']:.0f} |"
-          for name, c in r["costs"].items()], "",
-        "## Routed system: share of each class's images each student ran on", "",
-        "| Class | " + " | ".join(r["students"]) + " |", "|---|" + "---|" * len(r["students"]),
-        *[f"| {c} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + " |"
-          for c, shares in zip(CLASSES, r["routing_share_per_class"])], "",
-        "## Per-class accuracy (%)", "",
-        "| System | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES),
-        *[f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + " |" for name, accs in r["per_class"].items()],
-        "",
-        "## Where these numbers come from", "",
-        "| Network | Checkpoint | Epochs | Complete | Seed | KD | Trained on | Git commit |",
-        "|---|---|---|---|---|---|---|---|",
-        *r["provenance"], "",
-        "Plots: `accuracy_vs_gflops.png`, `per_class_gain.png`, `routed_confusion.png`, `routing_share.png`.", "",
-    ]
-    path.write_text("\n".join(lines))
-
-
-def write_plots(results, out):
-    curves = {name: tuple(curve) for name, curve in results["curves"].items()}
-    points = {name: (results["gflops"][name], acc) for name, acc in results["accuracy"].items()
-              if not name.startswith("Teacher")}
-    plot_accuracy_vs_flops(curves, points, out / "accuracy_vs_gflops.png",
-                           "Test accuracy against compute (thresholds fitted on hold-out; curves: every threshold)")
-    students = [name for name in results["accuracy"] if name.startswith("Student") and "without KD" not in name]
-    best = max(students, key=lambda name: results["accuracy"][name])
-    gains = {name: [100 * (a - b) for a, b in zip(accs, results["per_class"][best])]
-             for name, accs in results["per_class"].items() if name != best and not name.startswith("Oracle")}
-    plot_grouped_bars(gains, CLASSES, out / "per_class_gain.png",
-                      f"Per-class test accuracy against the best single student ({best})",
-                      "accuracy minus the best student's (points)")
-    plot_confusion(results["confusion_routed"], CLASSES, out / "routed_confusion.png",
-                   f"{results['routed']['name']}: confusion matrix (test set)")
-    plot_grouped_bars({name: [s[k] for s in results["routing_share_per_class"]]
-                       for k, name in enumerate(results["students"])},
-                      CLASSES, out / "routing_share.png", "Share of each class's images each student ran on", "share")
-
-
-# ----------------------------------------------------------------------------- main
-
-def classify_images(paths, router, students, selector, runtime):
-    for path in paths:
-        try:
-            image = Image.open(path).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-            raise UserError(f"cannot read image {path} ({type(e).__name__})") from None
-        x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].to(runtime.device)
-        with runtime.autocast:
-            routing = run_routed(router, students, selector,
-                                 normalize(x, runtime.device.type == "cuda"), len(CLASSES))
-        confidence, label = routing.probs.float().max(1)
-        ran = ", ".join(f"student {k + 1} ({students[k].checkpoint['arch']})"
-                        for k in routing.ran[0].nonzero().flatten().tolist())
-        print(f"{path}: {CLASSES[label.item()]}  (ran {ran}; confidence {confidence.item():.3f})")
 
 
 def main(argv=None):
     args = parse_args(argv)
     runtime = setup_runtime(args)
-    if not args.images:
-        print_config(args, "inference.py")
+    print_config(args, "inference.py")
     split = students_split(args.students)
-
-    @functools.cache
-    def load_data():
-        return load_cifar10(args.data_dir, args.download, verbose=not args.images, allow_partial=args.partial_data)
-
-    networks = load_networks(args, runtime, load_data if args.images else load_data(), with_teacher=not args.images)
-    teacher, students, twins, selector, control = networks
-    if args.images:
-        val_fraction = selector.checkpoint["config"]["val_fraction"]
-        router = try_fit(args.router, args.budget, students, selector, val_fraction)
-        if router is None:
-            raise UserError(f"no {args.router} routing fits --budget {args.budget:g} on the hold-out split; raise it")
-        classify_images(args.images, router, students, selector, runtime)
-        return
-    data = load_data()
+    data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)
+    networks = load_networks(args, runtime, data)
     results, headline = evaluate_all(args, networks)
-    images, labels = make_splits(data, split["holdout"], split["split_seed"], split["limit"])["test"]
+    images, labels = make_splits(data, split)["test"]
     results["costs"] = measure_speed(args, runtime, networks, headline, images)
-    all_networks = [teacher, *students, *twins, selector, *([control] if control else [])]
     results.update(
         test_images=len(labels), device=device_name(runtime.device), torch=str(torch.__version__),
-        batch_size=args.batch_size, command=args.command, split=split,
-        data=f"data fingerprint {data.fingerprint}" + (f", stratified --limit {split['limit']}" if split["limit"]
-                                                       else ""),
-        students=[f"student {k} ({s.checkpoint['arch']})" for k, s in enumerate(students, 1)],
-        unfinished=[net.path for net in all_networks if not net.checkpoint.get("complete")],
-        provenance=provenance_rows(networks),
-        checkpoints={net.role: net.path for net in all_networks})
+        batch_size=args.batch_size, command=args.command, split=split.as_dict(),
+        data=f"data fingerprint {data.fingerprint}" + (f", stratified --limit {split.limit}" if split.limit else ""),
+        students=[f"student {k} ({s.arch})" for k, s in enumerate(networks.students, 1)],
+        unfinished=[net.path for net in networks if not net.checkpoint.get("complete")],
+        provenance=provenance(networks),
+        checkpoints={net.role: net.path for net in networks})
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, out / "results.md")
-    write_plots(results, out)
+    write_report(results, out, BUDGETS)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and four plots in {out}/")
 

@@ -33,9 +33,9 @@ from utils.cli import (
     run,
 )
 from utils.data import load_cifar10
-from utils.engine import RUN_CONTROL_FLAGS
 from utils.losses import KD_LOSSES
-from utils.runs import RESULTS_ROOT, RunFiles
+from utils.recipes import STUDENTS
+from utils.runs import RESULTS_ROOT, RunFiles, config_changes, student_stem
 
 PRESETS = {
     "smoke": {"name": "smoke", "device": "cpu", "split": ["--limit", "20", "--holdout", "100"],
@@ -92,9 +92,9 @@ def stages(args, name, seed):
     result = [("teacher", teacherTrain, ckpt / "teacher.pt", [*train, *preset["split"]])]
     kd = [True, False] if args.with_nokd else [True]
     for with_kd in kd:
-        for number, arch in StudentTrain.STUDENTS.items():
+        for number, arch in STUDENTS.items():
             title = f"student {number} ({arch})" + ("" if with_kd else " without KD")
-            result.append((title, StudentTrain, ckpt / f"{StudentTrain.student_stem(arch, with_kd)}.pt",
+            result.append((title, StudentTrain, ckpt / f"{student_stem(arch, with_kd)}.pt",
                            [*train, *preset["split"], "--model", number,
                             *(["--kd-loss", args.kd_loss] if with_kd else ["--no-kd"])]))
     result.append(("selector", trainSelector, ckpt / "selector.pt", [*train, *preset["selector"]]))
@@ -113,8 +113,9 @@ def stage_state(module, path, argv, fingerprint):
     if not files.best.exists() and not files.last.exists():
         return "missing", ""
     checkpoint = _peek(files.last if files.last.exists() else files.best)
-    expected = vars(module.parse_args(argv))
-    changed = [k for k, v in expected.items() if k not in RUN_CONTROL_FLAGS and checkpoint["config"].get(k) != v]
+    parsed = module.parse_args(argv)
+    expected = next(run for run in parsed if run.checkpoint == str(path)) if isinstance(parsed, list) else parsed
+    changed = config_changes(checkpoint["config"], vars(expected))
     inputs = [("teacher", checkpoint["teacher"])] if checkpoint.get("teacher") else []
     inputs += [(f"student {k}", s) for k, s in enumerate(checkpoint.get("students", []), 1)]
     moved = [what for what, record in inputs

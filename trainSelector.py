@@ -31,18 +31,13 @@ from utils.cli import (
     print_config,
     run,
 )
-from utils.data import load_cifar10, make_splits, planned_sizes
-from utils.engine import add_training_args, check_training_args, fit, setup_runtime, teardown_runtime
+from utils.data import load_cifar10, make_splits
+from utils.engine import Member, fit
 from utils.routers import selector_targets, shuffled_labels, students_disagree
-from utils.routing import (
-    batched_logits,
-    default_students,
-    load_students,
-    student_record,
-    students_split,
-    validation_mask,
-)
-from utils.runs import default_checkpoint, prepare_run
+from utils.routing import load_students, student_record, students_split, validation_mask
+from utils.runs import default_students, prepare_run
+from utils.runtime import batched_logits, setup_runtime, teardown_runtime
+from utils.train_flags import add_training_args, finish_training_args
 
 
 def build_parser():
@@ -62,8 +57,8 @@ def build_parser():
     parser.add_argument("--shuffle-labels", action="store_true",
                         help="control run: compute the targets from randomly permuted class labels, so the "
                              "selector can learn nothing real (write it to another --checkpoint)")
-    add_data_args(parser, split=False)
-    add_training_args(parser, stem="selector")
+    add_data_args(parser)
+    add_training_args(parser, stem="selector", archs=("selector",))
     add_device_args(parser)
     return parser
 
@@ -73,16 +68,15 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parse(parser, argv)
     args.students = args.students or default_students(args.name)
-    stem = "selector_shuffled" if args.shuffle_labels else "selector"
-    args.checkpoint = args.checkpoint or default_checkpoint(args.name, stem)
-    args.split = students_split(args.students)
+    split = students_split(args.students)
+    args.split = split.as_dict()
     examples = None
     if not args.partial_data and not args.disagreement_only:
-        sizes = planned_sizes(args.split["holdout"], args.split["limit"])
-        examples = round(sizes["holdout" if args.split["holdout"] else "train"] * (1 - args.val_fraction))
+        sizes = split.planned_sizes()
+        examples = round(sizes["holdout" if split.holdout else "train"] * (1 - args.val_fraction))
         examples *= args.views + 1
-    check_training_args(parser, args, "selector", examples)
-    return args
+    stem = "selector_shuffled" if args.shuffle_labels else "selector"
+    return finish_training_args(parser, args, "selector", stem=stem, train_images=examples)
 
 
 def selector_examples(images, labels, views, seed):
@@ -93,7 +87,7 @@ def selector_examples(images, labels, views, seed):
 
 
 def student_logits(students, images, runtime):
-    """``(N, S, C)``: every student's logits on uint8 ``images``, on the CPU."""
+    """``(N, S, C)``: every student's logits (with its test-time views) on uint8 ``images``, on the CPU."""
     return torch.stack([batched_logits(student, images, runtime).cpu() for student in students], 1)
 
 
@@ -126,22 +120,21 @@ def report(selector, logits, images, labels, runtime):
 
 def main(argv=None):
     args = parse_args(argv)
-    split = args.split
+    split = students_split(args.students)
     runtime = setup_runtime(args)
     print_config(args, "trainSelector.py")
     files = prepare_run(args)
-    loaded = load_students(args.students, runtime)
-    students = [model for model, _ in loaded]
+    students = load_students(args.students, runtime, args.name)
     data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)
-    splits = make_splits(data, split["holdout"], split["split_seed"], split["limit"])
-    if split["holdout"]:
+    splits = make_splits(data, split)
+    if split.holdout:
         images, labels = splits["holdout"]
     else:
         print("warning: the students were trained with --holdout 0, so the selector learns from the training "
               "images, which the students have fitted; both are right on nearly all of them, so its targets say "
               "little about new images")
         images, labels = splits["train"]
-    val = validation_mask(labels, args.val_fraction, split["split_seed"])
+    val = validation_mask(labels, args.val_fraction, split.split_seed)
     train_images, train_labels = selector_examples(images[~val], labels[~val], args.views, args.seed)
     if args.shuffle_labels:
         train_labels = shuffled_labels(train_labels, args.seed)
@@ -156,21 +149,21 @@ def main(argv=None):
     print(f"selector examples: {len(targets)} for training ({args.views} augmented views per image"
           + (", only where the students disagree" if args.disagreement_only else "") + f"), {int(val.sum())} for "
           "validation; share of examples each student gets right: "
-          + ", ".join(f"{p}: {s:.3f}" for p, s in zip(args.students, targets.mean(0).tolist())))
+          + ", ".join(f"{s.path}: {share:.3f}" for s, share in zip(students, targets.mean(0).tolist())))
     val_logits = student_logits(students, images[val], runtime)
 
-    def loss_fn(out, x, y):
+    def loss_fn(out, y, teacher_logits=None):
         return F.binary_cross_entropy_with_logits(out.float(), y)
 
     meta = {"kind": "selector", "arch": "selector", "num_classes": len(students),
-            "students": student_record(args.students, [c for _, c in loaded]),
-            "data_fingerprint": data.fingerprint, "split": split,
+            "students": student_record(students), "data_fingerprint": data.fingerprint, "split": args.split,
             "loss": "binary cross-entropy of 'this student is right'" + (" (shuffled labels)" * args.shuffle_labels)}
     selector = build_model("selector", len(students))
     holdout = (images[val], selector_targets(val_logits, labels[val]))
-    final = fit(selector, loss_fn, {"train": (train_images, targets), "holdout": holdout}, args, runtime, meta,
-                files, augment=False, metric=routed_metric)
-    if final is not None:
+    finals = fit([Member(selector, loss_fn, args, meta, files, metric=routed_metric)],
+                 {"train": (train_images, targets), "holdout": holdout}, args, runtime, augment=False)
+    if finals is not None:
+        final = finals[0]
         selector.load_state_dict(final["model"])
         selector.eval()
         final["report"] = r = report(selector, val_logits, images[val], labels[val], runtime)

@@ -65,6 +65,7 @@ class Selector(nn.Module):
 _BUILDERS = {"resnet50": _resnet(tvm.resnet50), "densenet121": _densenet121, "googlenet": _googlenet,
              "resnet18": _resnet(tvm.resnet18)}
 MODEL_NAMES = (*_BUILDERS, "selector")
+CLASSIFIERS = tuple(_BUILDERS)  # the networks that classify images (every name but the selector)
 
 
 def build_model(name, num_classes=10, pretrained=False, freeze_backbone=False, load_weights=True):

@@ -10,7 +10,7 @@ import bench
 from models import build_model
 from tests.conftest import write_tree
 from utils.cli import UserError
-from utils.engine import Runtime
+from utils.runtime import Runtime
 
 TINY = ["--device", "cpu", "--partial-data", "--limit", "16", "--batch-size", "4", "--ref-batch-size", "4",
         "--steps", "1", "--warmup-steps", "0", "--workers", "0", "--infer-batch-size", "8"]

@@ -22,6 +22,7 @@ from utils.data import (
     Cifar10,
     DataError,
     DeviceLoader,
+    Split,
     holdout_split,
     load_cifar10,
     make_splits,
@@ -413,7 +414,7 @@ def ids(images):
 
 def test_make_splits_without_limit():
     data = id_dataset()
-    splits = make_splits(data, holdout=50, split_seed=0)
+    splits = make_splits(data, Split(holdout=50, split_seed=0))
     assert len(splits["train"][0]) == 250 and len(splits["holdout"][0]) == 50 and len(splits["test"][0]) == 100
     assert not set(ids(splits["train"][0])) & set(ids(splits["holdout"][0]))
     for name, (x, y) in splits.items():
@@ -423,7 +424,7 @@ def test_make_splits_without_limit():
 
 def test_make_splits_limit_caps_each_split_balanced():
     data = id_dataset()
-    splits = make_splits(data, holdout=50, split_seed=0, limit=20)
+    splits = make_splits(data, Split(holdout=50, split_seed=0, limit=20))
     for name, (x, y) in splits.items():
         assert len(x) == len(y) == 20, name
         assert torch.equal(torch.bincount(y, minlength=10), torch.full((10,), 2)), name
@@ -431,12 +432,12 @@ def test_make_splits_limit_caps_each_split_balanced():
         assert torch.equal(y, source_labels[ids(x)]), name
     assert not set(ids(splits["train"][0])) & set(ids(splits["holdout"][0]))
     # a limit above a split's size leaves it whole
-    splits = make_splits(data, holdout=30, split_seed=0, limit=40)
+    splits = make_splits(data, Split(holdout=30, split_seed=0, limit=40))
     assert len(splits["holdout"][0]) == 30 and len(splits["train"][0]) == 40 and len(splits["test"][0]) == 40
 
 
 def test_make_splits_holdout_zero_with_limit():
-    splits = make_splits(id_dataset(), holdout=0, split_seed=0, limit=20)
+    splits = make_splits(id_dataset(), Split(holdout=0, split_seed=0, limit=20))
     assert len(splits["holdout"][0]) == 0 and len(splits["train"][0]) == 20
 
 

@@ -8,7 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import MODEL_NAMES, build_model, model_stats
-from utils.losses import KD_LOSSES, kd_loss, kd_terms
+from utils.losses import KD_LOSSES, distillation_loss, kd_terms
+
+
+def kd_loss(name, student, teacher, targets, temperature=4.0, alpha=0.9, label_smoothing=0.0):
+    """The loss a student trains with, as ``utils.engine.fit`` calls it."""
+    return distillation_loss(name, temperature, alpha, label_smoothing)(student, targets, teacher)["loss"]
 
 CLASSIFIERS = [name for name in MODEL_NAMES if name != "selector"]
 

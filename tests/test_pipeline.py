@@ -12,6 +12,7 @@ import torch.nn as nn
 from PIL import Image
 
 import inference
+import predict
 import reproduce
 from tests.conftest import REPO, SHARED_ARCHIVE, write_tree
 from utils.cli import UserError
@@ -64,7 +65,7 @@ def test_oracle_bounds_every_one_student_system(smoke_run):
 
 def test_evaluate_one_checkpoint_agrees_with_its_training_run(smoke_run, tmp_path, monkeypatch, capsys):
     import evaluate
-    import utils.logits
+    import utils.networks
     from utils.checkpoint import load_checkpoint
 
     root, data = smoke_run
@@ -84,7 +85,7 @@ def test_evaluate_one_checkpoint_agrees_with_its_training_run(smoke_run, tmp_pat
     def no_network_pass(*args, **kwargs):
         raise AssertionError("the logits should come from <stem>.logits.pt")
 
-    monkeypatch.setattr(utils.logits, "batched_logits", no_network_pass)
+    monkeypatch.setattr(utils.networks, "batched_logits", no_network_pass)
     evaluate.main([paths[0], "--split", "holdout", "--data-dir", str(data), "--device", "cpu"])
 
 
@@ -124,8 +125,8 @@ def test_images_classifies_files_of_any_size(smoke_run, tmp_path, capsys, monkey
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(path)
         paths.append(str(path))
     ckpt = "checkpoints/smoke"
-    inference.main(["--images", *paths, "--device", "cpu", "--selector", f"{ckpt}/selector.pt", "--students",
-                    f"{ckpt}/student_densenet121.pt", f"{ckpt}/student_googlenet.pt"])
+    predict.main([*paths, "--device", "cpu", "--selector", f"{ckpt}/selector.pt", "--students",
+                  f"{ckpt}/student_densenet121.pt", f"{ckpt}/student_googlenet.pt"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3
     for path, line in zip(paths, lines):
@@ -138,10 +139,10 @@ def test_selector_for_other_students_is_refused(smoke_run, monkeypatch):
     ckpt = "checkpoints/smoke"
     swapped = [f"{ckpt}/student_googlenet.pt", f"{ckpt}/student_densenet121.pt"]
     with pytest.raises(UserError, match="trained for other students"):
-        inference.main(["--images", "x.png", "--device", "cpu", "--selector", f"{ckpt}/selector.pt",
+        predict.main(["x.png", "--device", "cpu", "--selector", f"{ckpt}/selector.pt",
                         "--students", *swapped])
-    result = subprocess.run([sys.executable, str(REPO / "inference.py"), "--device", "cpu", "--selector",
-                             f"{ckpt}/selector.pt", "--students", *swapped, "--images", "x.png"],
+    result = subprocess.run([sys.executable, str(REPO / "predict.py"), "--device", "cpu", "--selector",
+                             f"{ckpt}/selector.pt", "--students", *swapped, "x.png"],
                             cwd=root, capture_output=True, text=True)
     assert result.returncode != 0
     assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
@@ -149,8 +150,8 @@ def test_selector_for_other_students_is_refused(smoke_run, monkeypatch):
 
 def test_student_logits_and_selector_targets_of_known_students():
     from trainSelector import student_logits
-    from utils.engine import Runtime
     from utils.routers import selector_targets
+    from utils.runtime import Runtime
 
     class Always(nn.Module):  # predicts one class with certainty, whatever the image
         def __init__(self, label):

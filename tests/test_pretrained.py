@@ -18,7 +18,12 @@ from torchvision import models as tvm
 
 from models import build_model, model_args, model_stats
 from models.pretrained import HEADS, ImageNetAdapter, imagenet_weights, weights_path
-from utils.checkpoint import clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.checkpoint import (
+    clean_state_dict,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from utils.cli import UserError
 from utils.data import MEAN, STD
 

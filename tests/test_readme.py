@@ -8,15 +8,17 @@ import pytest
 import bench
 import evaluate
 import inference
+import predict
 import reproduce
 import StudentTrain
 import teacherTrain
 import trainSelector
 from tests.conftest import REPO
-from utils.routing import default_students
+from utils.runs import default_students
 
 SCRIPTS = {"teacherTrain.py": teacherTrain, "StudentTrain.py": StudentTrain, "trainSelector.py": trainSelector,
-           "inference.py": inference, "evaluate.py": evaluate, "reproduce.py": reproduce, "bench.py": bench}
+           "inference.py": inference, "predict.py": predict, "evaluate.py": evaluate, "reproduce.py": reproduce,
+           "bench.py": bench}
 README = (REPO / "README.md").read_text()
 
 
@@ -66,7 +68,7 @@ def test_the_cpu_walkthrough_links_its_stages():
     (walkthrough,) = [block for block in bash_blocks() if "export CIFAR10_DIR" in block]
     steps = dict((" ".join([script, *argv[:2]]), argv) for script, argv in commands(walkthrough))
     teacher = teacherTrain.parse_args(steps["teacherTrain.py --name cpu"])
-    students = [StudentTrain.parse_args(steps[f"StudentTrain.py --model {k}"]) for k in (1, 2)]
+    students = [StudentTrain.parse_args(steps[f"StudentTrain.py --model {k}"])[0] for k in (1, 2)]
     selector = trainSelector.build_parser().parse_args(steps["trainSelector.py --name cpu"])
     results = inference.parse_args(steps["inference.py --name cpu"])
     assert all(s.teacher == teacher.checkpoint for s in students)

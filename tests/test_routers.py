@@ -15,7 +15,6 @@ from utils.routers import (
     SingleStudentRouter,
     StudentOutputs,
     build_router,
-    fit_shuffled,
     fit_temperature,
     oracle_routing,
     selector_targets,
@@ -108,7 +107,7 @@ def test_the_threshold_comes_from_the_holdout_split_only(easy_hard):
     threshold, routing = router.threshold_, router.route(test)
     router.curve(test, shuffled_labels(labels))
     assert router.threshold_ == threshold and torch.equal(router.route(test).ran, routing.ran)
-    assert fit_shuffled(CascadeRouter(FLOPS), holdout, holdout_labels, budget=1.25).threshold_ != threshold
+    assert CascadeRouter(FLOPS).fit(holdout, shuffled_labels(holdout_labels), budget=1.25).threshold_ != threshold
 
 
 def test_threshold_curve_on_a_hand_computed_case():

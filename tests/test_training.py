@@ -16,13 +16,20 @@ import torch.nn as nn
 import StudentTrain
 import teacherTrain
 import utils.checkpoint
+import utils.losses
 from models import build_model
 from tests.conftest import REPO, write_tree
-from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from utils.cli import UserError, run
-from utils.data import CLASSES, DeviceLoader, load_cifar10, make_splits
-from utils.engine import Runtime, evaluate
-from utils.losses import kd_loss
+from utils.data import CLASSES, DeviceLoader, Split, load_cifar10, make_splits
+from utils.engine import evaluate, learning_rate
+from utils.losses import distillation_loss
+from utils.runtime import Runtime
 
 TEACHER_ARCH = "googlenet"
 STUDENT_ARCH = "densenet121"  # StudentTrain.py --model 1
@@ -105,7 +112,7 @@ def test_teacher_epoch_writes_a_complete_checkpoint_set(teacher, tree):
     # the rebuilt model evaluates, and reproduces the recorded test accuracy
     checked = load_checkpoint(teacher, hint=TEACHER_HINT, kind="teacher", arch=TEACHER_ARCH)
     model = model_from_checkpoint(checked, teacher, TEACHER_HINT).eval()
-    x, y = make_splits(data, SPLIT["holdout"], 0, SPLIT["limit"])["test"]
+    x, y = make_splits(data, Split(SPLIT["holdout"], 0, SPLIT["limit"]))["test"]
     scores = evaluate(model, DeviceLoader(x, y, 10, "cpu"), Runtime(torch.device("cpu")))
     assert scores["acc"] == pytest.approx(checkpoint["test_acc"], abs=1e-6)
 
@@ -125,20 +132,20 @@ def test_teacher_epoch_writes_a_complete_checkpoint_set(teacher, tree):
 
 def test_kd_student_epoch_uses_the_teacher(teacher, tree, tmp_path, monkeypatch):
     seen = {"teacher_outputs": [], "kd_calls": []}
-    load_teacher, terms = StudentTrain.load_teacher, StudentTrain.kd_terms
+    load_teacher, terms = StudentTrain.load_teacher, utils.losses.kd_terms
 
     def spy_load_teacher(*args, **kwargs):
-        model, checkpoint = load_teacher(*args, **kwargs)
-        seen["teacher"] = model
-        model.register_forward_hook(lambda _m, _i, out: seen["teacher_outputs"].append(out.detach().clone()))
-        return model, checkpoint
+        teacher = load_teacher(*args, **kwargs)
+        seen["teacher"] = teacher.model
+        teacher.model.register_forward_hook(lambda _m, _i, out: seen["teacher_outputs"].append(out.detach().clone()))
+        return teacher
 
-    def spy_kd_terms(name, student_logits, teacher_logits, targets, **kwargs):
-        seen["kd_calls"].append((name, teacher_logits.detach().clone(), kwargs))
-        return terms(name, student_logits, teacher_logits, targets, **kwargs)
+    def spy_kd_terms(name, student_logits, teacher_logits, targets, temperature, alpha, label_smoothing):
+        seen["kd_calls"].append((name, teacher_logits.detach().clone(), {"temperature": temperature, "alpha": alpha}))
+        return terms(name, student_logits, teacher_logits, targets, temperature, alpha, label_smoothing)
 
     monkeypatch.setattr(StudentTrain, "load_teacher", spy_load_teacher)
-    monkeypatch.setattr(StudentTrain, "kd_terms", spy_kd_terms)
+    monkeypatch.setattr(utils.losses, "kd_terms", spy_kd_terms)
     checkpoint = tmp_path / "student.pt"
     StudentTrain.main(flags(tree, checkpoint, "--teacher", str(teacher), "--temperature", "3", "--alpha", "0.8"))
 
@@ -163,12 +170,18 @@ def test_kd_student_epoch_uses_the_teacher(teacher, tree, tmp_path, monkeypatch)
 
 
 def test_default_student_checkpoint_names():
-    assert StudentTrain.parse_args([]).checkpoint == "checkpoints/student_densenet121.pt"
-    assert StudentTrain.parse_args(["--no-kd"]).checkpoint == "checkpoints/student_densenet121_nokd.pt"
-    assert StudentTrain.parse_args(["--model", "2"]).checkpoint == "checkpoints/student_googlenet.pt"
-    assert StudentTrain.parse_args(["--model", "2", "--no-kd"]).checkpoint == "checkpoints/student_googlenet_nokd.pt"
-    assert StudentTrain.parse_args(["--model", "resnet50", "--no-kd"]).arch == "resnet50"
-    assert StudentTrain.parse_args(["--no-kd", "--checkpoint", "x.pt"]).checkpoint == "x.pt"
+    def checkpoints(*argv):
+        return [flags.checkpoint for flags in StudentTrain.parse_args(argv)]
+
+    assert checkpoints() == ["checkpoints/student_densenet121.pt"]
+    assert checkpoints("--no-kd") == ["checkpoints/student_densenet121_nokd.pt"]
+    assert checkpoints("--model", "2") == ["checkpoints/student_googlenet.pt"]
+    assert checkpoints("--model", "2", "--no-kd") == ["checkpoints/student_googlenet_nokd.pt"]
+    assert checkpoints("--model", "1", "2", "--with-nokd", "--name", "x") == [
+        "checkpoints/x/student_densenet121.pt", "checkpoints/x/student_densenet121_nokd.pt",
+        "checkpoints/x/student_googlenet.pt", "checkpoints/x/student_googlenet_nokd.pt"]
+    assert StudentTrain.parse_args(["--model", "resnet50", "--no-kd"])[0].arch == "resnet50"
+    assert checkpoints("--no-kd", "--checkpoint", "x.pt") == ["x.pt"]
 
 
 def test_student_refuses_a_teacher_with_another_holdout_split(teacher, tree, tmp_path):
@@ -208,7 +221,7 @@ def test_kd_loss_pulls_the_student_towards_the_teacher(alpha):
     assert agreement_before <= 0.3
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
     for _ in range(10):
-        loss = kd_loss("kl", student(x), t, labels, temperature=temperature, alpha=alpha)
+        loss = distillation_loss("kl", temperature, alpha)(student(x), labels, t)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -416,9 +429,8 @@ def test_resume_after_an_epoch_without_evaluation(tree, tmp_path):
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine():
-    from utils.engine import _lr_at
 
-    lrs = [_lr_at(step, total_steps=100, warmup_steps=10, peak=0.4) for step in range(100)]
+    lrs = [learning_rate(step, total_steps=100, warmup_steps=10, peak=0.4) for step in range(100)]
     assert lrs[0] == pytest.approx(0.04) and lrs[9] == pytest.approx(0.4)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
@@ -430,15 +442,15 @@ def test_recipes_fill_the_flags_not_given_and_the_command_line_wins():
 
     teacher = teacherTrain.parse_args([])
     assert (teacher.epochs, teacher.cutout, teacher.padding) == (RECIPES["resnet50"]["epochs"], 12, "reflect")
-    student = StudentTrain.parse_args(["--model", "2", "--epochs", "3", "--cutout", "0"])
+    (student,) = StudentTrain.parse_args(["--model", "2", "--epochs", "3", "--cutout", "0"])
     assert (student.epochs, student.cutout, student.lr) == (3, 0, RECIPES["googlenet"]["lr"])
     assert student.warmup_epochs == 2.0
 
 
 def test_linear_schedule_decays_to_zero_in_a_straight_line():
-    from utils.engine import _lr_at
 
-    lrs = [_lr_at(step, total_steps=110, warmup_steps=10, peak=1.0, schedule="linear") for step in range(10, 110)]
+    lrs = [learning_rate(step, total_steps=110, warmup_steps=10, peak=1.0, schedule="linear")
+           for step in range(10, 110)]
     assert lrs[0] == pytest.approx(1.0) and lrs[50] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.01)
 
 
@@ -461,13 +473,13 @@ def test_a_kd_student_trains_with_every_augmentation_and_logs_its_loss_terms(tea
 
 def test_a_network_is_evaluated_with_the_views_it_was_trained_to_use(tree, tmp_path):
     from models import model_stats
-    from utils.logits import Network
+    from utils.networks import Network
 
     checkpoint = tmp_path / "teacher.pt"
     teacherTrain.main(teacher_flags(tree, checkpoint, "--tta", "flip"))
     data = load_cifar10(tree, verbose=False, allow_partial=True)
-    network = Network("Teacher", checkpoint, "teacher", TEACHER_HINT, Runtime(torch.device("cpu")), data)
-    logits, labels = network.logits["test"]
+    network = Network(checkpoint, "teacher", TEACHER_HINT, Runtime(torch.device("cpu")))
+    logits, labels = network.load_logits(data)["test"]
     saved = load_checkpoint(checkpoint, hint=TEACHER_HINT)
     assert (logits.argmax(1) == labels).double().mean().item() == pytest.approx(saved["test_acc"])
     assert network.gflops == pytest.approx(2 * model_stats(network.model)["flops"] / 1e9)  # two views per image

@@ -1,12 +1,10 @@
-"""What every script shares: the user-error type, validated flag types, common flags, device choice, printing."""
+"""What every script shares: the user-error type, validated flag types, common flags, printing."""
 
 import argparse
 import math
 import os
 import shlex
 import sys
-
-import torch
 
 
 class UserError(Exception):
@@ -106,7 +104,7 @@ def default_data_dir():
     return os.environ.get("CIFAR10_DIR", "data")
 
 
-def add_data_args(parser, split=True):
+def add_data_args(parser):
     g = parser.add_argument_group("data")
     g.add_argument("--data-dir", default=default_data_dir(),
                    help="CIFAR-10 location: a cifar-10-batches-py folder, a train/ test/ image-folder tree, "
@@ -115,14 +113,6 @@ def add_data_args(parser, split=True):
                    help="download the official CIFAR-10 into --data-dir with torchvision if it is not there")
     g.add_argument("--partial-data", action="store_true",
                    help="accept a copy with fewer images than CIFAR-10's 50,000 + 10,000 (refused otherwise)")
-    if split:
-        g.add_argument("--holdout", type=NON_NEGATIVE_INT, default=5000,
-                       help="training images held out (stratified) for model selection and the selector; 0 allowed")
-        g.add_argument("--split-seed", type=NON_NEGATIVE_INT, default=0,
-                       help="seed of the hold-out split (keep it equal across stages)")
-        g.add_argument("--limit", type=NON_NEGATIVE_INT, default=0,
-                       help="use a stratified subset of at most this many images of each split, for quick runs "
-                            "(0: all)")
     return g
 
 
@@ -136,14 +126,6 @@ def add_device_args(parser, compile=True, seed=True):
         g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0,
                        help="seed for initialisation, shuffling and augmentation")
     return g
-
-
-def pick_device(name, local_rank=0):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device("cpu")
 
 
 def print_config(args, title):

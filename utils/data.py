@@ -263,32 +263,53 @@ def holdout_split(labels, holdout, seed=0):
     return keep.nonzero().flatten(), held
 
 
-def planned_sizes(holdout, limit, train_size=TRAIN_SIZE, test_size=TEST_SIZE):
-    """``{"train", "holdout", "test"}`` -> number of images ``make_splits`` will give, known before decoding."""
-    sizes = {"train": train_size - holdout, "holdout": holdout, "test": test_size}
-    return {name: min(n, limit) if limit else n for name, n in sizes.items()}
+@dataclass(frozen=True)
+class Split:
+    """Which images each split holds: ``holdout`` training images held out (stratified, drawn with
+    ``split_seed``), and at most ``limit`` images of every split (0: all). Every stage of an
+    experiment must use the same one; a checkpoint records it as ``checkpoint["split"]``."""
+
+    holdout: int = 5000
+    split_seed: int = 0
+    limit: int = 0
+
+    @classmethod
+    def of(cls, checkpoint):
+        """The split a checkpoint was trained on."""
+        return cls(**checkpoint["split"])
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.holdout, args.split_seed, args.limit)
+
+    def as_dict(self):
+        return {"holdout": self.holdout, "split_seed": self.split_seed, "limit": self.limit}
+
+    def __str__(self):
+        return f"--holdout {self.holdout} --split-seed {self.split_seed} --limit {self.limit}"
+
+    def planned_sizes(self, train_size=TRAIN_SIZE, test_size=TEST_SIZE):
+        """``{"train", "holdout", "test"}`` -> number of images ``make_splits`` will give, known before decoding."""
+        sizes = {"train": train_size - self.holdout, "holdout": self.holdout, "test": test_size}
+        return {name: min(n, self.limit) if self.limit else n for name, n in sizes.items()}
 
 
-def check_split_flags(parser, args):
-    """The split sizes ``--holdout`` and ``--limit`` ask for, checked before decoding (None with --partial-data)."""
-    if args.partial_data:
-        return None
-    if args.holdout >= TRAIN_SIZE:
-        parser.error(f"--holdout {args.holdout} leaves no training images: CIFAR-10 has {TRAIN_SIZE:,}")
-    return planned_sizes(args.holdout, args.limit)
+def data_record(data, split):
+    """What a checkpoint records about the data it was trained on."""
+    return {"classes": list(data.classes), "data_fingerprint": data.fingerprint, "split": split.as_dict()}
 
 
-def make_splits(data, holdout, split_seed=0, limit=0):
-    """``{"train", "holdout", "test"}`` -> ``(uint8 images, labels)``; ``limit`` caps each split."""
-    train_idx, holdout_idx = holdout_split(data.train_labels, holdout, split_seed)
+def make_splits(data, split):
+    """``{"train", "holdout", "test"}`` -> ``(uint8 images, labels)`` of ``split`` (a ``Split``)."""
+    train_idx, holdout_idx = holdout_split(data.train_labels, split.holdout, split.split_seed)
     splits = {
         "train": (data.train_images[train_idx], data.train_labels[train_idx]),
         "holdout": (data.train_images[holdout_idx], data.train_labels[holdout_idx]),
         "test": (data.test_images, data.test_labels),
     }
-    if limit:
+    if split.limit:
         for name, (x, y) in splits.items():
-            keep = stratified_indices(y, limit, split_seed + 1)
+            keep = stratified_indices(y, split.limit, split.split_seed + 1)
             splits[name] = (x[keep], y[keep])
     return splits
 

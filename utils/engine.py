@@ -1,185 +1,113 @@
 """The one training engine: teacher, students and selector all train through ``fit``.
 
-SGD with Nesterov momentum, linear warm-up then cosine decay stepped per batch, bf16
-autocast and ``channels_last`` on CUDA (fp32 on CPU), optional ``torch.compile`` and weight
-EMA, DistributedDataParallel under ``torchrun``. Metrics stay on the device during an
-epoch. Every epoch ``<stem>.last.pt`` (resume state) is rewritten atomically, and
-``<stem>.pt`` holds the best weights by hold-out accuracy; at the end the test set is
-evaluated once, on those weights.
+``fit`` trains one or several ``Member``s on the same batches: each has its own model, loss,
+optimizer, learning-rate schedule, weight EMA and checkpoints, and a frozen ``teacher`` runs once
+per batch for all of them. An epoch is ``train_one_epoch`` (the steps, metric sums kept on the
+device, a watch for non-finite losses) then ``end_of_epoch`` (hold-out evaluation, the best
+weights by hold-out accuracy, saving); at the end the test split is evaluated once, on the best
+weights. SGD with Nesterov momentum, linear warm-up then cosine or linear decay stepped per batch;
+bf16 autocast and ``channels_last`` on CUDA, fp32 on the CPU; DistributedDataParallel under ``torchrun``.
 
-Nothing is lost: SIGINT or SIGTERM finishes the current step, saves a mid-epoch resume
-state and exits; ``--resume`` then ends exactly where an uninterrupted run ends. A
-non-finite loss, weight or hold-out loss stops the run with one line, before anything is saved from it.
+Nothing is lost: every epoch ``<stem>.last.pt`` (resume state) and ``<stem>.pt`` (best weights)
+are written atomically. SIGINT or SIGTERM finishes the current step, saves a mid-epoch resume
+state and exits; ``--resume`` then ends exactly where an uninterrupted run ends. A non-finite
+loss, weight or hold-out loss stops the run with one line, before anything is saved from it.
 """
 
 import json
 import math
-import os
-import shlex
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
-import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from utils.augment import MIXERS, TTA_VIEWS, Augmentation, predict
+from utils.augment import Augmentation, predict
 from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
-from utils.cli import (
-    NON_NEGATIVE,
-    NON_NEGATIVE_INT,
-    POSITIVE,
-    POSITIVE_INT,
-    PROBABILITY,
-    UNIT_INTERVAL,
-    UserError,
-    pick_device,
-)
+from utils.cli import UserError
 from utils.data import DeviceLoader
 from utils.plots import plot_history
-from utils.recipes import apply_recipe
-from utils.runs import check_free_space, device_name, provenance, write_config
-
-WARMUP_EPOCHS = 2.0
-SCHEDULES = ("cosine", "linear")
-# Flags that may differ between a run and its --resume without changing the result.
-RUN_CONTROL_FLAGS = {"resume", "force", "time_budget", "log_every", "compile", "device", "download", "data_dir",
-                     "checkpoint", "name", "command"}
-
-
-def add_training_args(parser, stem):
-    """The flags of every training script; ``stem`` names its default checkpoint, ``checkpoints/[NAME/]<stem>.pt``.
-
-    Flags whose default is the network's recipe stay ``None`` here; ``check_training_args`` fills them.
-    """
-    g = parser.add_argument_group("training (defaults: the network's recipe, utils/recipes.py)")
-    g.add_argument("--epochs", type=POSITIVE_INT, help="passes over the training split")
-    g.add_argument("--batch-size", type=POSITIVE_INT, help="images per step, over all GPUs")
-    g.add_argument("--lr", type=POSITIVE,
-                   help="peak learning rate for a batch of 512, reached after the warm-up; scaled linearly "
-                        "with --batch-size")
-    g.add_argument("--schedule", choices=SCHEDULES, help="decay of the learning rate to 0 after the warm-up")
-    g.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=None,
-                   help="epochs of linear warm-up from 0 to the peak learning rate "
-                        f"(default: {WARMUP_EPOCHS:g}, or the whole run if it is shorter)")
-    g.add_argument("--momentum", type=UNIT_INTERVAL, default=0.9, help="Nesterov momentum of SGD")
-    g.add_argument("--weight-decay", type=NON_NEGATIVE, help="L2 weight decay (not applied to biases and BatchNorm)")
-    g.add_argument("--label-smoothing", type=UNIT_INTERVAL, help="label smoothing of cross-entropy")
-    g.add_argument("--ema", type=UNIT_INTERVAL,
-                   help="decay of an exponential moving average of the weights, evaluated and saved instead "
-                        "of the raw weights (0: off; try 0.999)")
-    g = parser.add_argument_group("augmentation, on the device (defaults: the network's recipe)")
-    g.add_argument("--translate", type=NON_NEGATIVE_INT,
-                   help="random translation by up to this many pixels, with a random horizontal flip")
-    g.add_argument("--padding", choices=("reflect", "zeros"),
-                   help="what a translated image shows at its border (zeros: the classic CIFAR crop)")
-    g.add_argument("--cutout", type=NON_NEGATIVE_INT, help="side of a random square painted grey; 0: off")
-    g.add_argument("--mix", choices=("none", *MIXERS),
-                   help="CutMix, MixUp or either at random (both), with torchvision's transforms; none: off")
-    g.add_argument("--mix-alpha", type=POSITIVE, help="the mixing weight is drawn from Beta(alpha, alpha)")
-    g.add_argument("--mix-prob", type=PROBABILITY, help="share of batches that are mixed")
-    g.add_argument("--tta", choices=tuple(TTA_VIEWS),
-                   help="evaluation views averaged: none, flip (2 forward passes), flip-shift (flip and two "
-                        "1-pixel diagonal shifts: 6)")
-    g = parser.add_argument_group("progress and output")
-    g.add_argument("--eval-every", type=POSITIVE_INT, default=1, help="evaluate on the hold-out split every k epochs")
-    g.add_argument("--log-every", type=POSITIVE_INT, default=50,
-                   help="steps between updates of the progress bar (and, under torchrun, between checks for a "
-                        "stop signal)")
-    g.add_argument("--name", default="",
-                   help="experiment name: every stage reads and writes its checkpoints in checkpoints/NAME/ "
-                        "(default: checkpoints/)")
-    g.add_argument("--checkpoint", default=None,
-                   help=f"output path of the best weights (default: checkpoints/[NAME/]{stem}.pt); beside it "
-                        "<stem>.last.pt (resume state), .metrics.jsonl, .curves.png and .config.json")
-    g.add_argument("--resume", action="store_true", help="continue the interrupted run saved at --checkpoint")
-    g.add_argument("--force", action="store_true", help="replace an existing run at --checkpoint")
-    g.add_argument("--time-budget", type=NON_NEGATIVE, default=None,
-                   help="save and stop after the first epoch that ends past this many minutes; "
-                        "continue with --resume")
-    return g
-
-
-def check_training_args(parser, args, arch, train_images=None):
-    """``arch``'s recipe for the flags not given, then the checks across flags, before any data is
-    decoded; each failure is ``parser.error``'s one line.
-
-    ``train_images``: the size the training split will have, where it is known in advance.
-    """
-    apply_recipe(args, arch)
-    if args.resume and args.force:
-        parser.error("--resume continues a run and --force replaces it: give one of them")
-    if args.warmup_epochs is None:
-        args.warmup_epochs = min(WARMUP_EPOCHS, args.epochs)
-    elif args.warmup_epochs > args.epochs:
-        parser.error(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs})")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size < world_size:
-        parser.error(f"--batch-size {args.batch_size} cannot be shared by {world_size} processes; give at least "
-                     "one image per process")
-    if train_images is not None and args.batch_size > train_images:
-        parser.error(f"--batch-size {args.batch_size} is larger than the training split ({train_images} images); "
-                     "lower it, or raise --limit")
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
-    def all_sum(self, tensor):
-        if self.world_size > 1:
-            dist.all_reduce(tensor)
-        return tensor
-
-
-def setup_runtime(args):
-    """Device from ``--device``; a process group when started by ``torchrun``; seeds."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = pick_device(args.device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(getattr(args, "seed", 0))
-    return Runtime(device, rank, world_size)
-
-
-def teardown_runtime(runtime):
-    if runtime.world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def prepare_model(model, runtime, compile=False):
-    """Move to the device (``channels_last`` on CUDA), optionally compile; returns the callable."""
-    model.to(runtime.device, memory_format=torch.channels_last if runtime.device.type == "cuda" else None)
-    return torch.compile(model, dynamic=False) if compile else model
+from utils.runs import RunFiles, check_free_space, config_changes, provenance, resume_command, write_config
+from utils.runtime import device_name, prepare_model
 
 
 def classification_metric(logits, targets):
     """``(correct predictions, summed cross-entropy)`` of a batch; soft targets count by their argmax."""
     labels = targets if targets.dim() == 1 else targets.argmax(1)
     return (logits.argmax(1) == labels).sum(), F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+@dataclass
+class Member:
+    """One network trained by ``fit``.
+
+    ``loss_fn(logits, targets, teacher_logits)`` returns the batch loss, or a dict of named terms
+    whose ``"loss"`` is optimised (every term is logged); ``teacher_logits`` is None without a
+    teacher. ``args`` are its flags (learning rate, weight decay, EMA, test-time views; kept in its
+    checkpoints), ``meta`` what its checkpoints record besides (kind, arch, num_classes, ...),
+    ``files`` where they go (``utils.runs.prepare_run``). ``metric(logits, targets)`` gives the
+    correct count and summed loss behind its accuracies and hold-out loss.
+    """
+
+    model: nn.Module
+    loss_fn: Callable
+    args: object
+    meta: dict
+    files: RunFiles
+    metric: Callable = classification_metric
+
+
+# ----------------------------------------------------------------------------- steps and evaluation
+
+def learning_rate(step, total_steps, warmup_steps, peak, schedule="cosine"):
+    """Linear warm-up to ``peak``, then a cosine or linear (a triangular, one-cycle-like schedule) decay to 0."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * (0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress)
+
+
+def make_optimizer(model, lr, momentum, weight_decay, runtime):
+    """SGD with Nesterov momentum; no weight decay on biases and BatchNorm; fused on CUDA."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=lr, momentum=momentum, nesterov=True,
+                           fused=runtime.cuda or None, foreach=None if runtime.cuda else True)
+
+
+def _accumulate(sums, name, value, device):
+    if name not in sums:
+        sums[name] = torch.zeros((), device=device)
+    sums[name] += value
+
+
+def train_step(net, optimizer, loss_fn, x, y, runtime, sums, metric=classification_metric, teacher_logits=None):
+    """One optimisation step; returns the loss.
+
+    Each term of ``loss_fn`` times the batch size, the correct predictions (by ``metric``) and the
+    batch size are added to the device tensors in ``sums``: no host synchronisation.
+    """
+    with runtime.autocast:
+        logits = net(x)
+        terms = loss_fn(logits, y, teacher_logits)
+    terms = terms if isinstance(terms, dict) else {"loss": terms}
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+    for name, value in terms.items():
+        _accumulate(sums, name, value.detach().float() * len(y), runtime.device)
+    _accumulate(sums, "correct", metric(logits.detach(), y)[0], runtime.device)
+    _accumulate(sums, "images", len(y), runtime.device)
+    return terms["loss"]
 
 
 @torch.no_grad()
@@ -200,51 +128,7 @@ def evaluate(model, loader, runtime, tta="none", metric=classification_metric):
     return {"acc": correct / max(count, 1), "loss": loss / max(count, 1)}
 
 
-def _lr_at(step, total_steps, warmup_steps, peak, schedule="cosine"):
-    """Linear warm-up to ``peak``, then a cosine or linear (a triangular, one-cycle-like schedule) decay to 0."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * (0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress)
-
-
-def make_optimizer(model, lr, momentum, weight_decay, runtime):
-    """SGD with Nesterov momentum; no weight decay on biases and BatchNorm; fused on CUDA."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
-    fused = runtime.device.type == "cuda"
-    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}],
-                           lr=lr, momentum=momentum, nesterov=True,
-                           fused=fused or None, foreach=None if fused else True)
-
-
-def _accumulate(sums, name, value, device):
-    if name not in sums:
-        sums[name] = torch.zeros((), device=device)
-    sums[name] += value
-
-
-def train_step(net, optimizer, loss_fn, x, y, runtime, sums, metric=classification_metric):
-    """One optimisation step; returns the loss.
-
-    ``loss_fn(logits, x, y)`` returns the loss, or a dict of named terms whose ``"loss"`` is
-    optimised. Each term times the batch size, the correct predictions (by ``metric``) and the
-    batch size are added to the device tensors in ``sums``: no host synchronisation.
-    """
-    with runtime.autocast:
-        logits = net(x)
-        terms = loss_fn(logits, x, y)
-    terms = terms if isinstance(terms, dict) else {"loss": terms}
-    optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    optimizer.step()
-    for name, value in terms.items():
-        _accumulate(sums, name, value.detach().float() * len(y), runtime.device)
-    _accumulate(sums, "correct", metric(logits.detach(), y)[0], runtime.device)
-    _accumulate(sums, "images", len(y), runtime.device)
-    return terms["loss"]
-
+# ----------------------------------------------------------------------------- stopping safely
 
 class StopSignal:
     """While active, SIGINT and SIGTERM only ask the loop to stop; a second signal acts as usual."""
@@ -298,250 +182,367 @@ def all_finite(tensors, runtime):
     return runtime.all_sum((~torch.stack(finite)).sum().float()).item() == 0
 
 
-def resume_command(command):
-    """``args.command`` as the command that continues its run: with ``--resume``, without ``--force``."""
-    words = [word for word in shlex.split(command) if word != "--force"]
-    return shlex.join(words + ["--resume"] * ("--resume" not in words))
+def _agreed(flag, runtime):
+    """``flag`` on any process, known to every process (one collective under ``torchrun``)."""
+    if runtime.world_size == 1:
+        return flag
+    return runtime.all_sum(torch.tensor(float(flag), device=runtime.device)).item() > 0
 
 
-def _check_resumable(state, args, path):
-    old = state.get("config", {})
-    changed = [k for k, v in vars(args).items() if k not in RUN_CONTROL_FLAGS and k in old and old[k] != v]
-    if changed:
-        k = changed[0]
-        raise UserError(f"{path} was started with --{k.replace('_', '-')} {old[k]}, not {getattr(args, k)}; "
-                        "resume with the same flags, or start afresh with --force")
+# ----------------------------------------------------------------------------- one member in training
+
+class Trainee:
+    """A ``Member`` in training: its optimizer and schedule, EMA, random stream, metric sums,
+    history and best weights, and its files."""
+
+    def __init__(self, member, runtime, steps_per_epoch):
+        self.member, self.runtime, self.args = member, runtime, member.args
+        args = member.args
+        self.model = prepare_model(member.model, runtime)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) \
+            if args.ema else None
+        self.eval_model = self.ema.module if self.ema else self.model
+        net = self.model
+        if runtime.world_size > 1:
+            net = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.cuda else None)
+        self.net = torch.compile(net, dynamic=False) if args.compile else net
+        self.peak_lr = args.lr * args.batch_size / 512
+        self.optimizer = make_optimizer(self.model, self.peak_lr, args.momentum, args.weight_decay, runtime)
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = args.epochs * steps_per_epoch
+        self.warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+        self.meta = {**member.meta, "config": vars(args), "epochs": args.epochs,
+                     "provenance": provenance(runtime.device)}
+        self.sums, self.history, self.best_acc, self.best_state = {}, [], -1.0, None
+        self.rng = None  # this member's random stream (dropout), kept apart when several train together
+
+    @property
+    def files(self):
+        return self.member.files
+
+    def lr_at(self, step):
+        return learning_rate(step, self.total_steps, self.warmup_steps, self.peak_lr, self.args.schedule)
+
+    def step(self, x, y, teacher_logits, step):
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
+        loss = train_step(self.net, self.optimizer, self.member.loss_fn, x, y, self.runtime, self.sums,
+                          self.member.metric, teacher_logits)
+        self.watch.update(loss)
+        if self.ema:
+            self.ema.update_parameters(self.model)
+
+    def start_epoch(self):
+        self.watch = NonFiniteWatch(self.runtime.device)
+
+    def diverged(self, what, epoch, step):
+        kept = f"the last good state is {self.files.last}" if self.files.last.exists() else "nothing was saved"
+        return UserError(f"training diverged: non-finite {what} at epoch {epoch + 1}, step {step + 1}/"
+                         f"{self.steps_per_epoch}, learning rate {self.lr_at(epoch * self.steps_per_epoch + step):.4g}"
+                         f"; {kept}; lower --lr (or raise --warmup-epochs) and start again with --force")
+
+    def check_finite(self, epoch, first_step, step):
+        """Before anything is saved: every loss of the epoch up to ``step``, then the weights and momenta after it."""
+        bad = self.watch.first_bad_step(self.runtime)
+        if bad is not None:
+            raise self.diverged("loss", epoch, first_step + bad)
+        momenta = [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        if not all_finite([*self.model.state_dict().values(), *momenta], self.runtime):
+            raise self.diverged("weights", epoch, step)
+
+    def running(self):
+        """``(loss, accuracy)`` of the epoch so far (a host synchronisation)."""
+        images = self.sums["images"].item()
+        return self.sums["loss"].item() / images, self.sums["correct"].item() / images
+
+    def epoch_record(self, epoch, seconds):
+        """The metrics log's line for an epoch, from its device sums (summed over processes)."""
+        sums = self.sums
+        totals = dict(zip(sums, self.runtime.all_sum(torch.stack([sums[k].float() for k in sums])).tolist()))
+        images = totals.pop("images")
+        steps = range(epoch * self.steps_per_epoch, (epoch + 1) * self.steps_per_epoch)
+        return {"epoch": epoch + 1, "lr": sum(map(self.lr_at, steps)) / self.steps_per_epoch,
+                "train_loss": totals.pop("loss") / images,
+                **{f"train_{k}": v / images for k, v in totals.items() if k != "correct"},
+                "train_acc": totals["correct"] / images, "images_per_s": images / seconds}
+
+    def resume_state(self, loop, epoch, step):
+        """What ``--resume`` needs to go on after ``step`` steps of epoch ``epoch`` (0: at its start)."""
+        mid_epoch = step > 0
+        return {**self.meta, "model": clean_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None, **_rng_states(self.runtime, self.rng),
+                "epoch": epoch, "step": step,
+                "sums": {k: v.detach().cpu() for k, v in self.sums.items()} if mid_epoch else {},
+                "history": self.history, "elapsed": loop.elapsed(),
+                "epoch_seconds": loop.epoch_seconds() if mid_epoch else 0.0, "complete": epoch == self.args.epochs}
+
+    def restore(self):
+        """Load the resume state into the model, optimizer, EMA and random stream; returns ``(epoch, step,
+        elapsed, epoch_seconds)``."""
+        files, meta = self.files, self.member.meta
+        state = load_checkpoint(files.last, hint="start the run without --resume", kind=meta["kind"],
+                                arch=meta["arch"])
+        changed = config_changes(state.get("config", {}), vars(self.args))
+        if changed:
+            k = changed[0]
+            raise UserError(f"{files.last} was started with --{k.replace('_', '-')} {state['config'][k]}, not "
+                            f"{getattr(self.args, k)}; resume with the same flags, or start afresh with --force")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema:
+            self.ema.load_state_dict(state["ema"])
+        self.rng = state["rng"], state.get("cuda_rng")
+        self.sums = {k: v.to(self.runtime.device) for k, v in state.get("sums", {}).items()}
+        self.history = state["history"]
+        if files.best.exists():  # its weights and their hold-out accuracy always go together
+            best = load_checkpoint(files.best, hint="start the run afresh with --force")
+            self.best_state = best["model"]
+            self.best_acc = -1.0 if best["holdout_acc"] is None else best["holdout_acc"]
+        return state["epoch"], state.get("step", 0), state.get("elapsed", 0.0), state.get("epoch_seconds", 0.0)
+
+
+def _rng_states(runtime, rng=None):
+    """The random state to save: a member's own stream, or the process's."""
+    if rng is not None:
+        return {"rng": rng[0], "cuda_rng": rng[1]}
+    return {"rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(runtime.device) if runtime.cuda else None}
+
+
+def _set_rng(runtime, rng):
+    torch.set_rng_state(rng[0])
+    if runtime.cuda and rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], runtime.device)
+
+
+@contextmanager
+def _own_stream(trainee, several):
+    """Run ``trainee``'s step with its own random stream when several members train together, so that each
+    draws (dropout) exactly what it would draw training alone."""
+    if not several:
+        yield
+        return
+    _set_rng(trainee.runtime, trainee.rng)
+    yield
+    trainee.rng = tuple(_rng_states(trainee.runtime).values())
 
 
 @dataclass
-class Progress:
-    """Where a run stands: what ``--resume`` restores besides the weights and the optimizer."""
+class Loop:
+    """Where the run stands in time: seconds spent before this process, and when this process and the
+    current epoch began."""
 
-    epoch: int = 0  # epochs completed
-    step: int = 0  # steps completed in the next epoch
-    sums: dict = field(default_factory=dict)  # that epoch's metric sums so far, on the device
-    history: list = field(default_factory=list)
-    best_acc: float = -1.0
-    best_state: dict = None
-    elapsed: float = 0.0
-    epoch_seconds: float = 0.0
+    elapsed_before: float = 0.0
+    started: float = field(default_factory=time.time)
+    epoch_started: float = field(default_factory=time.time)
 
+    def elapsed(self):
+        return self.elapsed_before + time.time() - self.started
 
-def _restore(files, args, meta, model, optimizer, ema, runtime):
-    """Load the resume state into the model, optimizer, EMA and RNGs; returns the run's ``Progress``."""
-    state = load_checkpoint(files.last, hint="start the run without --resume", kind=meta["kind"], arch=meta["arch"])
-    _check_resumable(state, args, files.last)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if ema:
-        ema.load_state_dict(state["ema"])
-    torch.set_rng_state(state["rng"])
-    if runtime.device.type == "cuda" and state.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(state["cuda_rng"], runtime.device)
-    progress = Progress(state["epoch"], state.get("step", 0),
-                        {k: v.to(runtime.device) for k, v in state.get("sums", {}).items()}, state["history"],
-                        elapsed=state.get("elapsed", 0.0), epoch_seconds=state.get("epoch_seconds", 0.0))
-    if files.best.exists():  # its weights and their hold-out accuracy always go together
-        best = load_checkpoint(files.best, hint="start the run afresh with --force")
-        progress.best_state = best["model"]
-        progress.best_acc = -1.0 if best["holdout_acc"] is None else best["holdout_acc"]
-    return progress
+    def epoch_seconds(self):
+        return time.time() - self.epoch_started
 
 
-def _epoch_record(epoch, mean_lr, sums, seconds, runtime):
-    """The metrics log's line for an epoch, from its device sums (summed over processes)."""
-    totals = dict(zip(sums, runtime.all_sum(torch.stack([sums[k].float() for k in sums])).tolist()))
-    images = totals.pop("images")
-    return {"epoch": epoch + 1, "lr": mean_lr, "train_loss": totals.pop("loss") / images,
-            **{f"train_{k}": v / images for k, v in totals.items() if k != "correct"},
-            "train_acc": totals["correct"] / images, "images_per_s": images / seconds}
+# ----------------------------------------------------------------------------- the loop
 
+def fit(members, splits, args, runtime, teacher=None, augment=True):
+    """Train ``members`` on ``splits["train"]``, select on ``splits["holdout"]``, test once on ``splits["test"]``.
 
-def _round(record):
-    return {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in record.items()}
-
-
-def fit(model, loss_fn, splits, args, runtime, meta, files, augment=True, metric=classification_metric):
-    """Train ``model`` on ``splits["train"]``, select on ``splits["holdout"]``, test once on ``splits["test"]``.
-
-    ``loss_fn(logits, x, y)`` returns the batch loss, or a dict of named terms (``"loss"``
-    is optimised, every term is logged); ``splits`` maps a split name to ``(uint8 images,
-    targets)`` (``holdout`` and ``test`` may be missing or empty). ``meta`` (kind, arch,
-    num_classes, ...) is stored in every checkpoint; ``files`` comes from ``prepare_run``;
-    ``augment=False`` turns the flags' augmentation off (the selector's case);
-    ``metric(logits, targets)`` gives the correct count and summed loss behind the accuracies
-    and the hold-out loss. Returns the final checkpoint dict, or ``None`` when
-    ``--time-budget`` stopped the run early.
+    ``splits`` maps a split name to ``(uint8 images, targets)`` (``holdout`` and ``test`` may be
+    missing or empty). ``args`` holds what the members share: epochs, batch size, augmentation, seed,
+    logging, the time budget (each member's own flags are in its ``args``). ``teacher``: a frozen
+    network whose logits on each batch go to every loss. ``augment=False`` turns the flags'
+    augmentation off (the selector's case). Returns each member's final checkpoint dict, or
+    ``None`` when ``--time-budget`` stopped the run early.
     """
-    bs = args.batch_size // runtime.world_size
+    members = list(members)
+    loaders = _loaders(splits, args, runtime, augment and Augmentation.from_args(args, members[0].meta["num_classes"]))
+    train_loader, holdout_loader, test_loader = loaders
+    trainees = [Trainee(m, runtime, len(train_loader)) for m in members]
+    if runtime.is_main:  # best + last (weights, momentum, EMA) + the temporary copy of the largest
+        for t in trainees:
+            weight_bytes = sum(v.numel() * v.element_size() for v in t.model.state_dict().values())
+            check_free_space(t.files.best.parent, weight_bytes * (6 if t.ema else 4))
+    start_epoch, start_step, loop = _start(trainees, args, runtime)
 
+    with StopSignal() as stop:
+        for epoch in range(start_epoch, args.epochs):
+            first_step = start_step if epoch == start_epoch else 0
+            if epoch != start_epoch:
+                loop.epoch_started = time.time()
+                for t in trainees:
+                    t.sums = {}
+            stopped_at = train_one_epoch(trainees, train_loader, epoch, first_step, args, runtime, teacher, stop)
+            if stopped_at is not None:
+                _stop(trainees, loop, args, runtime, stop.signum, epoch, stopped_at)
+            end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime)
+            out_of_time = args.time_budget is not None and loop.elapsed() - loop.elapsed_before > 60 * args.time_budget
+            if epoch + 1 < args.epochs and _agreed(out_of_time or stop.signum is not None, runtime):
+                return _stop(trainees, loop, args, runtime, stop.signum, epoch + 1)
+    return [_finish(t, test_loader) for t in trainees]
+
+
+def _loaders(splits, args, runtime, augment):
+    """``(train, holdout, test)`` loaders of the splits on the device; None for an empty split."""
     def loader(name, train=False):
         if name not in splits or len(splits[name][0]) == 0:
             return None
         images, targets = splits[name]
-        return DeviceLoader(images, targets, bs, runtime.device, train=train, augment=train and augment,
-                            seed=args.seed, rank=runtime.rank, world_size=runtime.world_size)
+        return DeviceLoader(images, targets, args.batch_size // runtime.world_size, runtime.device, train=train,
+                            augment=train and augment, seed=args.seed, rank=runtime.rank,
+                            world_size=runtime.world_size)
 
-    augment = augment and Augmentation.from_args(args, meta["num_classes"])
-
-    train_loader, holdout_loader, test_loader = loader("train", train=True), loader("holdout"), loader("test")
-    if train_loader is None:
+    if loader("train") is None:
         raise UserError("the training split is empty; lower --holdout or raise --limit")
     if args.batch_size > len(splits["train"][0]):
         raise UserError(f"--batch-size {args.batch_size} is larger than the training split "
                         f"({len(splits['train'][0])} images); lower it")
+    return loader("train", train=True), loader("holdout"), loader("test")
 
-    model = prepare_model(model, runtime)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
-    eval_model = ema.module if ema else model
-    net = model
-    if runtime.world_size > 1:
-        net = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    if args.compile:
-        net = torch.compile(net, dynamic=False)
-    peak_lr = args.lr * args.batch_size / 512
-    optimizer = make_optimizer(model, peak_lr, args.momentum, args.weight_decay, runtime)
-    steps_per_epoch = len(train_loader)
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
 
-    def lr_at(step):
-        return _lr_at(step, total_steps, warmup_steps, peak_lr, args.schedule)
-
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if runtime.is_main:  # best + last (weights, momentum, EMA) + the temporary copy of the largest
-        check_free_space(files.best.parent, weight_bytes * (6 if ema else 4))
-
-    progress = _restore(files, args, meta, model, optimizer, ema, runtime) if args.resume else Progress()
-    start_epoch, start_step, sums, history = progress.epoch, progress.step, progress.sums, progress.history
-    best_acc, best_state, elapsed, epoch_seconds = (progress.best_acc, progress.best_state, progress.elapsed,
-                                                    progress.epoch_seconds)
-
-    run_meta = {**meta, "config": vars(args), "epochs": args.epochs, "provenance": provenance(runtime.device)}
+def _start(trainees, args, runtime):
+    """Restore every member on ``--resume`` (they must stand at the same step), print where the run
+    starts, write each member's config and metrics log; returns ``(epoch, step, Loop)``."""
+    epoch = step = 0
+    loop = Loop()
+    if args.resume:
+        positions = {t.files.last: t.restore() for t in trainees}
+        (epoch, step, elapsed, epoch_seconds), *others = positions.values()
+        if any(p[:2] != (epoch, step) for p in others):
+            where = ", ".join(f"{path} at epoch {p[0]}, step {p[1]}" for path, p in positions.items())
+            raise UserError(f"these runs stopped at different points ({where}); resume each on its own")
+        loop = Loop(elapsed_before=elapsed)
+        loop.epoch_started -= epoch_seconds
+    for t in trainees:
+        if len(trainees) == 1:  # one member: its stream is the process's
+            if t.rng is not None:
+                _set_rng(runtime, t.rng)
+            t.rng = None
+        elif t.rng is None:
+            t.rng = tuple(_rng_states(runtime).values())
     if runtime.is_main:
         print(f"device: {device_name(runtime.device)}" + (f" x {runtime.world_size} processes"
                                                           if runtime.world_size > 1 else ""))
-        print(f"peak learning rate {peak_lr:g} (--lr {args.lr:g} x batch {args.batch_size} / 512), "
-              f"{steps_per_epoch} steps per epoch, {warmup_steps} warm-up steps")
-        if args.resume and start_epoch < args.epochs:
-            print(f"resuming {files.last} at epoch {start_epoch + 1}/{args.epochs}, step {start_step}")
+        for t in trainees:
+            print(("" if len(trainees) == 1 else f"{t.files.best}: ")
+                  + f"peak learning rate {t.peak_lr:g} (--lr {t.args.lr:g} x batch {args.batch_size} / 512), "
+                  f"{t.steps_per_epoch} steps per epoch, {t.warmup_steps} warm-up steps")
+        resuming = ", ".join(str(t.files.last) for t in trainees)
+        if args.resume and epoch < args.epochs:
+            print(f"resuming {resuming} at epoch {epoch + 1}/{args.epochs}, step {step}")
         elif args.resume:
-            print(f"resuming {files.last}: every epoch is done, the test evaluation follows")
-        write_config(files.config, args, runtime.device, meta["kind"])
-        files.log.write_text("".join(json.dumps(record) + "\n" for record in history))
+            print(f"resuming {resuming}: every epoch is done, the test evaluation follows")
+        for t in trainees:
+            write_config(t.files.config, t.args, runtime.device, t.member.meta["kind"])
+            t.files.log.write_text("".join(json.dumps(record) + "\n" for record in t.history))
+    return epoch, step, loop
 
-    def resume_state(epoch, step, sums, seconds_in_epoch):
-        return {**run_meta, "model": clean_state_dict(model), "optimizer": optimizer.state_dict(),
-                "ema": ema.state_dict() if ema else None, "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(runtime.device) if runtime.device.type == "cuda" else None,
-                "epoch": epoch, "step": step, "sums": {k: v.detach().cpu() for k, v in sums.items()},
-                "history": history, "elapsed": elapsed + time.time() - started,
-                "epoch_seconds": seconds_in_epoch, "complete": epoch == args.epochs}
 
-    def diverged(what, epoch, step):
-        kept = f"the last good state is {files.last}" if files.last.exists() else "nothing was saved"
-        return UserError(f"training diverged: non-finite {what} at epoch {epoch + 1}, step {step + 1}/"
-                         f"{steps_per_epoch}, learning rate {lr_at(epoch * steps_per_epoch + step):.4g}; "
-                         f"{kept}; lower --lr (or raise --warmup-epochs) and start again with --force")
+def train_one_epoch(trainees, loader, epoch, first_step, args, runtime, teacher, stop):
+    """The epoch's steps from ``first_step`` on, every member on each batch; returns the number of
+    steps done when a stop signal ends the epoch early, else None."""
+    loader.set_epoch(epoch)
+    several = len(trainees) > 1
+    for t in trainees:
+        t.model.train()
+        t.start_epoch()
+    steps = len(loader)
+    with tqdm(total=loader.num_samples, initial=min(first_step * loader.batch_size, loader.num_samples), unit="img",
+              unit_scale=True, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not runtime.is_main,
+              leave=False) as bar:
+        for i, (x, y) in enumerate(loader.batches(first_step), first_step):
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad(), runtime.autocast:
+                    teacher_logits = teacher(x)
+            for t in trainees:
+                with _own_stream(t, several):
+                    t.step(x, y, teacher_logits, epoch * steps + i)
+            bar.update(len(y))
+            at_log_point = (i + 1) % args.log_every == 0
+            if at_log_point:
+                for t in trainees:
+                    t.check_finite(epoch, first_step, i)
+                shown = [t.running() for t in trainees]
+                bar.set_postfix(loss="/".join(f"{loss:.3f}" for loss, _ in shown),
+                                acc="/".join(f"{acc:.3f}" for _, acc in shown))
+            # under torchrun every process must stop after the same step: they agree at log points
+            stopping = stop.signum is not None if runtime.world_size == 1 else \
+                at_log_point and _agreed(stop.signum is not None, runtime)
+            if stopping and i + 1 < steps:
+                for t in trainees:
+                    t.check_finite(epoch, first_step, i)
+                return i + 1
+    return None
 
-    def check_finite(watch, epoch, first_step, step):
-        """Before anything is saved: every loss of the epoch up to ``step``, then the weights and momenta after it."""
-        bad = watch.first_bad_step(runtime)
-        if bad is not None:
-            raise diverged("loss", epoch, first_step + bad)
-        momenta = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-        if not all_finite([*model.state_dict().values(), *momenta], runtime):
-            raise diverged("weights", epoch, step)
 
-    started = time.time()
-    with StopSignal() as stop:
-        for epoch in range(start_epoch, args.epochs):
-            train_loader.set_epoch(epoch)
-            model.train()
-            first_step = start_step if epoch == start_epoch else 0
-            if epoch != start_epoch:
-                sums, epoch_seconds = {}, 0.0
-            watch = NonFiniteWatch(runtime.device)
-            epoch_start = time.time() - epoch_seconds
-            with tqdm(total=train_loader.num_samples, initial=min(first_step * bs, train_loader.num_samples),
-                      unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{args.epochs}",
-                      disable=not runtime.is_main, leave=False) as bar:
-                for i, (x, y) in enumerate(train_loader.batches(first_step), first_step):
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_at(epoch * steps_per_epoch + i)
-                    watch.update(train_step(net, optimizer, loss_fn, x, y, runtime, sums, metric))
-                    if ema:
-                        ema.update_parameters(model)
-                    bar.update(len(y))
-                    at_log_point = (i + 1) % args.log_every == 0
-                    if at_log_point:
-                        check_finite(watch, epoch, first_step, i)
-                        bar.set_postfix(loss=f"{sums['loss'].item() / sums['images'].item():.3f}",
-                                        acc=f"{sums['correct'].item() / sums['images'].item():.3f}")
-                    stopping = stop.signum is not None
-                    if runtime.world_size > 1:  # every process must stop after the same step
-                        stopping = at_log_point and runtime.all_sum(
-                            torch.tensor(float(stopping), device=runtime.device)).item() > 0
-                    if stopping and i + 1 < steps_per_epoch:
-                        check_finite(watch, epoch, first_step, i)
-                        bar.close()
-                        if runtime.is_main:
-                            save_checkpoint(files.last, resume_state(epoch, i + 1, sums, time.time() - epoch_start))
-                            name = signal.Signals(stop.signum or signal.SIGTERM).name
-                            print(f"\n{name}: stopped at epoch {epoch + 1}/{args.epochs}, step {i + 1}/"
-                                  f"{steps_per_epoch}; saved {files.last}\n"
-                                  f"continue with: {resume_command(args.command)}")
-                        raise SystemExit(128 + (stop.signum or signal.SIGTERM))
-            check_finite(watch, epoch, first_step, steps_per_epoch - 1)
-            mean_lr = sum(map(lr_at, range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch))) / steps_per_epoch
-            record = _epoch_record(epoch, mean_lr, sums, time.time() - epoch_start, runtime)
-            last_epoch = epoch + 1 == args.epochs
-            if holdout_loader is not None and ((epoch + 1) % args.eval_every == 0 or last_epoch):
-                scores = evaluate(eval_model, holdout_loader, runtime, args.tta, metric)
-                if not math.isfinite(scores["loss"]):
-                    raise diverged("hold-out loss", epoch, steps_per_epoch - 1)
-                record.update(holdout_loss=scores["loss"], holdout_acc=scores["acc"])
-            record["elapsed_s"] = elapsed + time.time() - started
-            record = _round(record)
-            history.append(record)
-            improved = holdout_loader is None or record.get("holdout_acc", -1.0) > best_acc
-            if improved:
-                best_acc = record.get("holdout_acc", best_acc)
-                best_state = clean_state_dict(eval_model)
-            if runtime.is_main:
-                print(f"epoch {epoch + 1}/{args.epochs}  " + "  ".join(
-                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                    if k != "epoch"))
-            out_of_time = args.time_budget is not None and time.time() - started > 60 * args.time_budget
-            out_of_time = runtime.all_sum(torch.tensor(float(out_of_time), device=runtime.device)).item() > 0
-            if runtime.is_main:
-                with open(files.log, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if improved:
-                    save_checkpoint(files.best, {**run_meta, "model": best_state, "epoch": epoch + 1,
-                                                 "holdout_acc": best_acc if best_acc >= 0 else None,
-                                                 "test_acc": None, "complete": False})
-                save_checkpoint(files.last, resume_state(epoch + 1, 0, {}, 0.0))
-            if out_of_time and not last_epoch:
-                if runtime.is_main:
-                    print(f"time budget of {args.time_budget:g} min spent: stopped after epoch {epoch + 1}/"
-                          f"{args.epochs}; continue with: {resume_command(args.command)}")
-                return None
-            if stop.signum is not None and not last_epoch:
-                if runtime.is_main:
-                    print(f"{signal.Signals(stop.signum).name}: stopped after epoch {epoch + 1}/{args.epochs}; "
-                          f"continue with: {resume_command(args.command)}")
-                raise SystemExit(128 + stop.signum)
+def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime):
+    """For each member: the divergence check, the epoch's record and hold-out evaluation, the best
+    weights so far, the log line, and its saved files."""
+    for t in trainees:
+        args = t.args
+        t.check_finite(epoch, first_step, t.steps_per_epoch - 1)
+        record = t.epoch_record(epoch, loop.epoch_seconds())
+        last_epoch = epoch + 1 == args.epochs
+        if holdout_loader is not None and ((epoch + 1) % args.eval_every == 0 or last_epoch):
+            scores = evaluate(t.eval_model, holdout_loader, runtime, args.tta, t.member.metric)
+            if not math.isfinite(scores["loss"]):
+                raise t.diverged("hold-out loss", epoch, t.steps_per_epoch - 1)
+            record.update(holdout_loss=scores["loss"], holdout_acc=scores["acc"])
+        record["elapsed_s"] = loop.elapsed()
+        record = {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in record.items()}
+        t.history.append(record)
+        improved = holdout_loader is None or record.get("holdout_acc", -1.0) > t.best_acc
+        if improved:
+            t.best_acc = record.get("holdout_acc", t.best_acc)
+            t.best_state = clean_state_dict(t.eval_model)
+        if not runtime.is_main:
+            continue
+        prefix = f"{t.files.best.stem}: " if len(trainees) > 1 else ""
+        print(f"{prefix}epoch {epoch + 1}/{args.epochs}  " + "  ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch"))
+        with open(t.files.log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if improved:
+            save_checkpoint(t.files.best, {**t.meta, "model": t.best_state, "epoch": epoch + 1,
+                                           "holdout_acc": t.best_acc if t.best_acc >= 0 else None,
+                                           "test_acc": None, "complete": False})
+        save_checkpoint(t.files.last, t.resume_state(loop, epoch + 1, 0))
 
-    eval_model.load_state_dict(best_state)
-    test_acc = evaluate(eval_model, test_loader, runtime, args.tta, metric)["acc"] if test_loader is not None else None
-    final = {**run_meta, "model": best_state, "epoch": len(history),
-             "holdout_acc": best_acc if best_acc >= 0 else None, "test_acc": test_acc, "complete": True}
+
+def _stop(trainees, loop, args, runtime, signum, epoch, step=0):
+    """The one way out before the last epoch: save a mid-epoch resume state if ``step`` > 0 (an epoch's
+    end has saved its own), say how to continue, then exit with 128 + the signal's number, or return
+    None when the time budget ran out."""
+    steps = trainees[0].steps_per_epoch
     if runtime.is_main:
-        save_checkpoint(files.best, final)
-        plot_history(history, files.plot, title=run_title(meta, files.best), loss_name=meta.get("loss", "loss"))
+        if step:
+            for t in trainees:
+                save_checkpoint(t.files.last, t.resume_state(loop, epoch, step))
+        where = f"at epoch {epoch + 1}/{args.epochs}, step {step}/{steps}" if step else \
+            f"after epoch {epoch}/{args.epochs}"
+        why = signal.Signals(signum).name if signum else f"time budget of {args.time_budget:g} min spent"
+        print(f"\n{why}: stopped {where}; saved {', '.join(str(t.files.last) for t in trainees)}\n"
+              f"continue with: {resume_command(args.command)}")
+    if signum is None:
+        return None
+    raise SystemExit(128 + signum)
+
+
+def _finish(trainee, test_loader):
+    """The best weights, evaluated once on the test split, saved as the complete checkpoint."""
+    t, runtime = trainee, trainee.runtime
+    t.eval_model.load_state_dict(t.best_state)
+    test_acc = evaluate(t.eval_model, test_loader, runtime, t.args.tta, t.member.metric)["acc"] \
+        if test_loader is not None else None
+    final = {**t.meta, "model": t.best_state, "epoch": len(t.history),
+             "holdout_acc": t.best_acc if t.best_acc >= 0 else None, "test_acc": test_acc, "complete": True}
+    if runtime.is_main:
+        save_checkpoint(t.files.best, final)
+        plot_history(t.history, t.files.plot, title=run_title(t.member.meta, t.files.best),
+                     loss_name=t.member.meta.get("loss", "loss"))
         shown = {k: "n/a" if final[k] is None else f"{final[k]:.4f}" for k in ("holdout_acc", "test_acc")}
-        print(f"saved {files.best}  hold-out acc {shown['holdout_acc']}  test acc {shown['test_acc']}")
+        print(f"saved {t.files.best}  hold-out acc {shown['holdout_acc']}  test acc {shown['test_acc']}")
     return final
 
 

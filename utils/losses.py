@@ -34,5 +34,20 @@ def kd_terms(name, student_logits, teacher_logits, targets, temperature=4.0, alp
     return {"loss": alpha * soft + (1 - alpha) * ce, "kd": soft, "ce": ce}
 
 
-def kd_loss(name, student_logits, teacher_logits, targets, temperature=4.0, alpha=0.9, label_smoothing=0.0):
-    return kd_terms(name, student_logits, teacher_logits, targets, temperature, alpha, label_smoothing)["loss"]
+
+def classification_loss(label_smoothing=0.0):
+    """Cross-entropy with the labels, as ``utils.engine.fit`` calls a loss:
+    ``loss_fn(logits, targets, teacher_logits)``."""
+    def loss_fn(logits, targets, teacher_logits=None):
+        return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    return loss_fn
+
+
+def distillation_loss(name, temperature=4.0, alpha=0.9, label_smoothing=0.0):
+    """The KD loss ``name`` as ``utils.engine.fit`` calls a loss; it returns the terms of ``kd_terms``."""
+    if name not in SOFT_TERMS:
+        raise ValueError(f"unknown KD loss {name!r}; valid names: {', '.join(SOFT_TERMS)}")
+
+    def loss_fn(logits, targets, teacher_logits):
+        return kd_terms(name, logits, teacher_logits, targets, temperature, alpha, label_smoothing)
+    return loss_fn

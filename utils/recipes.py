@@ -11,6 +11,10 @@ commands that do it).
 ``python -m utils.recipes`` prints them as a table.
 """
 
+TEACHER = "resnet50"
+STUDENTS = {"1": "densenet121", "2": "googlenet"}  # StudentTrain.py --model 1 | 2, in this order everywhere
+WARMUP_EPOCHS = 2.0  # linear warm-up of the learning rate, unless --warmup-epochs says otherwise
+
 COMMON = {
     "batch_size": 512,       # images per step, over all GPUs
     "lr": 0.2,               # peak learning rate per batch of 512 (scaled linearly with the batch)
@@ -45,14 +49,21 @@ def apply_recipe(args, arch):
     return args
 
 
+def recipe_values(key, archs=tuple(RECIPES)):
+    """``{arch: the recipe's value of key, as text}``."""
+    return {arch: _text(RECIPES[arch][key]) for arch in archs}
+
+
+def _text(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def main():
     keys = list(RECIPES["resnet50"])
     print("| Flag | " + " | ".join(RECIPES) + " |")
     print("|---|" + "---|" * len(RECIPES))
     for key in keys:
-        print(f"| --{key.replace('_', '-')} | " + " | ".join(f"{recipe[key]:g}" if isinstance(recipe[key], float)
-                                                            else str(recipe[key]) for recipe in RECIPES.values())
-              + " |")
+        print(f"| --{key.replace('_', '-')} | " + " | ".join(recipe_values(key).values()) + " |")
 
 
 if __name__ == "__main__":

@@ -426,12 +426,3 @@ def shuffled_labels(labels, seed=0):
     """The labels permuted across images: the class frequencies kept, every image-label link broken."""
     return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
 
-
-def fit_shuffled(router, outputs, labels, budget=None, seed=0):
-    """The shuffled-label control: ``router`` fitted on permuted hold-out labels.
-
-    Whatever it still gains on the test split over its baselines is what it learns from noise.
-    For the selector, shuffle its training targets too:
-    ``selector_targets(logits, shuffled_labels(labels, seed))``.
-    """
-    return router.fit(outputs, shuffled_labels(labels, seed), budget)

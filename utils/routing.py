@@ -4,25 +4,35 @@ import time
 
 import torch
 
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.cli import UserError
-from utils.data import normalize, stratified_indices
-from utils.engine import prepare_model
-from utils.routers import StudentOutputs
-from utils.runs import default_checkpoint
+from utils.checkpoint import load_checkpoint
+from utils.cli import POSITIVE, UserError
+from utils.data import Split, normalize, stratified_indices
+from utils.networks import Network
+from utils.routers import ROUTERS, StudentOutputs, build_router
 
-STUDENT_HINT = "python StudentTrain.py --model 1 (and --model 2)"
-DEFAULT_STUDENT_ARCHS = ("densenet121", "googlenet")
+STUDENT_HINT = "python StudentTrain.py --model 1 2"
 
 
-def default_students(name=""):
-    """The two default student checkpoints of experiment ``name``."""
-    return [default_checkpoint(name, f"student_{arch}") for arch in DEFAULT_STUDENT_ARCHS]
+def add_routing_args(parser):
+    """The experiment, its checkpoints and the routed system's policy: what inference.py and predict.py share."""
+    parser.add_argument("--name", default="",
+                        help="experiment name: read checkpoints/NAME/, write results/NAME/ (default: checkpoints/, "
+                             "results/)")
+    parser.add_argument("--students", nargs="+", default=None,
+                        help="student checkpoints, in the order the selector was trained for (default: "
+                             "checkpoints/[NAME/]student_densenet121.pt and student_googlenet.pt)")
+    parser.add_argument("--selector", default=None,
+                        help="selector checkpoint (default: checkpoints/[NAME/]selector.pt)")
+    parser.add_argument("--router", default="cascade", choices=list(ROUTERS),
+                        help="the routing policy of the routed system")
+    parser.add_argument("--budget", type=POSITIVE, default=1.25,
+                        help="compute budget of the routed system: at most this many times the cheaper student's "
+                             "GFLOPs per image on the hold-out split")
 
 
 def students_split(paths):
-    """The hold-out split (``{"holdout", "split_seed", "limit"}``) the students share; refused if they differ."""
-    splits = [load_checkpoint(path, hint=STUDENT_HINT, kind="student")["split"] for path in paths]
+    """The ``Split`` the students share; refused if they differ."""
+    splits = [Split.of(load_checkpoint(path, hint=STUDENT_HINT, kind="student")) for path in paths]
     for path, split in zip(paths[1:], splits[1:]):
         if split != splits[0]:
             raise UserError(f"{paths[0]} and {path} were trained on different splits ({splits[0]} and {split}); "
@@ -30,45 +40,34 @@ def students_split(paths):
     return splits[0]
 
 
-def load_classifier(path, kind, hint, runtime):
-    """``(model on the device in eval mode, checkpoint)`` for a teacher or student checkpoint."""
-    checkpoint = load_checkpoint(path, hint=hint, kind=kind)
-    model = model_from_checkpoint(checkpoint, path, hint).eval().requires_grad_(False)
-    return prepare_model(model, runtime), checkpoint
-
-
-def load_students(paths, runtime):
+def load_students(paths, runtime, name=""):
+    """The students as ``Network``s, in routing order."""
     if len(paths) < 2:
         raise UserError(f"the selector chooses between at least 2 students; --students gave {len(paths)}")
-    return [load_classifier(path, "student", STUDENT_HINT, runtime) for path in paths]
+    hint = STUDENT_HINT + (f" --name {name}" if name else "")
+    return [Network(path, "student", hint, runtime, role=f"Student {k}") for k, path in enumerate(paths, 1)]
 
 
-def student_record(paths, checkpoints):
-    """What a selector checkpoint remembers of the students it was trained for."""
-    return [{"path": str(p), "arch": c["arch"], "weights_sha256": c["weights_sha256"]}
-            for p, c in zip(paths, checkpoints)]
+def student_record(students):
+    """What a selector checkpoint remembers of the students (``Network``s) it was trained for."""
+    return [{"path": s.path, "arch": s.arch, "weights_sha256": s.checkpoint["weights_sha256"]} for s in students]
 
 
-def check_selector_students(selector_checkpoint, selector_path, paths, checkpoints):
+def check_selector_students(selector_checkpoint, selector_path, students):
     """Refuse a selector paired with students other than those it was trained for."""
     expected = selector_checkpoint["students"]
-    found = student_record(paths, checkpoints)
+    found = student_record(students)
     if [s["weights_sha256"] for s in expected] != [s["weights_sha256"] for s in found]:
         wanted = " ".join(s["path"] for s in expected)
         raise UserError(f"{selector_path} was trained for other students ({wanted}, in that order); pass those "
                         "with --students, or retrain it with `python trainSelector.py`")
 
 
-@torch.no_grad()
-def batched_logits(model, images, runtime, batch_size=1024):
-    """Logits (float32, on the device) of ``model`` for uint8 ``images``, in order."""
-    channels_last = runtime.device.type == "cuda"
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start:start + batch_size].to(runtime.device), channels_last)
-        with runtime.autocast:
-            out.append(model(x).float())
-    return torch.cat(out)
+def load_selector(path, students, runtime):
+    """The selector as a ``Network``, refused if it was trained for other students."""
+    selector = Network(path, "selector", "python trainSelector.py", runtime, role="Selector")
+    check_selector_students(selector.checkpoint, path, students)
+    return selector
 
 
 def validation_mask(labels, fraction, seed):
@@ -79,6 +78,40 @@ def validation_mask(labels, fraction, seed):
     mask = torch.zeros(len(labels), dtype=torch.bool)
     mask[stratified_indices(labels, max(1, round(fraction * len(labels))), seed)] = True
     return mask
+
+
+def outputs_of(students, selector, split, mask=None):
+    """``(StudentOutputs, labels)`` of a split from the networks' cached logits (``Network.load_logits``),
+    with the selector's scores if a selector is given; ``mask`` keeps some images only."""
+    logits = torch.stack([s.logits[split][0] for s in students], 1)
+    scores = selector.logits[split][0] if selector else None
+    labels = students[0].logits[split][1]
+    if mask is not None:
+        logits, labels, scores = logits[mask], labels[mask], None if scores is None else scores[mask]
+    return StudentOutputs(logits, scores), labels
+
+
+def fit_router(name, budget, students, selector):
+    """A router fitted on the hold-out split; the selector's routing on its validation images only."""
+    flops = [s.gflops for s in students]
+    cheap = min(range(len(students)), key=lambda k: flops[k])
+    order = (cheap, min((k for k in range(len(students)) if k != cheap), key=lambda k: flops[k]))
+    router = build_router(name, flops=flops, router_flops=selector.gflops if selector else 0.0, order=order)
+    holdout, labels = outputs_of(students, selector if router.uses_selector else None, "holdout")
+    if len(labels) == 0:
+        raise UserError("the students were trained with --holdout 0: there is no hold-out split to fit routing on")
+    if router.uses_selector:
+        mask = validation_mask(labels, selector.checkpoint["config"]["val_fraction"], selector.split.split_seed)
+        holdout, labels = outputs_of(students, selector, "holdout", mask)
+    return router.fit(holdout, labels, budget)
+
+
+def try_fit(name, budget, students, selector):
+    """``fit_router``, or None where no threshold fits ``budget``."""
+    try:
+        return fit_router(name, budget, students, selector)
+    except ValueError:  # no threshold fits this budget
+        return None
 
 
 @torch.no_grad()
@@ -107,10 +140,9 @@ def run_routed(router, students, selector, x, num_classes):
 @torch.no_grad()
 def batched_routed(router, students, selector, images, runtime, batch_size=1024, num_classes=10):
     """``run_routed`` over uint8 ``images`` in batches: ``(probs (N, C), ran (N, S))`` on the device."""
-    channels_last = runtime.device.type == "cuda"
     probs, ran = [], []
     for start in range(0, len(images), batch_size):
-        x = normalize(images[start:start + batch_size].to(runtime.device), channels_last)
+        x = normalize(images[start:start + batch_size].to(runtime.device), runtime.cuda)
         with runtime.autocast:
             routing = run_routed(router, students, selector, x, num_classes)
         probs.append(routing.probs)
@@ -125,10 +157,8 @@ def timed(fn, runtime):
     any other first-call cost is timed.
     """
     fn()
-    if runtime.device.type == "cuda":
-        torch.cuda.synchronize(runtime.device)
+    runtime.synchronize()
     start = time.perf_counter()
     result = fn()
-    if runtime.device.type == "cuda":
-        torch.cuda.synchronize(runtime.device)
+    runtime.synchronize()
     return result, time.perf_counter() - start

@@ -9,6 +9,7 @@ written and refuses to replace an existing run unless ``--resume`` or ``--force`
 
 import json
 import platform
+import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -18,15 +19,45 @@ import torch
 import torchvision
 
 from utils.cli import UserError
+from utils.recipes import STUDENTS
+from utils.runtime import device_name
 
 CHECKPOINT_ROOT = Path("checkpoints")
 RESULTS_ROOT = Path("results")
 REPO = Path(__file__).resolve().parents[1]
+# Flags that may differ between a run and its --resume (or a stage and its rerun) without changing the result.
+RUN_CONTROL_FLAGS = frozenset({"resume", "force", "time_budget", "log_every", "compile", "device", "download",
+                               "data_dir", "checkpoint", "name", "command"})
 
 
 def default_checkpoint(name, stem):
     """``checkpoints/<name>/<stem>.pt`` (``checkpoints/<stem>.pt`` without a name)."""
     return str(CHECKPOINT_ROOT / name / f"{stem}.pt")
+
+
+def student_stem(arch, kd=True):
+    """``student_densenet121`` (with KD) or ``student_densenet121_nokd``."""
+    return f"student_{arch}{'' if kd else '_nokd'}"
+
+
+def default_students(name=""):
+    """The default student checkpoints of experiment ``name``, in the order of ``STUDENTS``."""
+    return [default_checkpoint(name, student_stem(arch)) for arch in STUDENTS.values()]
+
+
+def config_changes(old, new):
+    """The flags whose values differ between two configs (dicts of flags), run-control flags aside.
+
+    Only flags that both configs have count: a flag added to a script since ``old`` was written
+    does not make it different.
+    """
+    return [k for k, v in new.items() if k not in RUN_CONTROL_FLAGS and k in old and old[k] != v]
+
+
+def resume_command(command):
+    """``args.command`` as the command that continues its run: with ``--resume``, without ``--force``."""
+    words = [word for word in shlex.split(command) if word != "--force"]
+    return shlex.join(words + ["--resume"] * ("--resume" not in words))
 
 
 @dataclass(frozen=True)
@@ -123,12 +154,6 @@ def git_commit():
         return commit.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def provenance(device):

@@ -1,0 +1,117 @@
+"""A trained network loaded from its checkpoint, and its logits on the hold-out and test splits, cached.
+
+``Network`` is the one way a finished teacher, student or selector is used again: by a
+student's knowledge distillation (the teacher), by the selector's labelling (the students), by
+``evaluate.py``, ``inference.py`` and ``predict.py``. Called on a normalised batch it gives its
+logits averaged over the test-time views it was trained to use (``--tta``); its GFLOPs count them.
+
+``<stem>.logits.pt`` beside the checkpoint holds its logits on the hold-out and test splits, tied
+to the checkpoint's weights (their fingerprint), the data's fingerprint and the split; when any of
+these changes it is computed again. Routing, evaluation and the results table read these, so
+comparing policies costs seconds on a CPU.
+"""
+
+import functools
+from pathlib import Path
+
+import torch
+
+from models import model_stats
+from utils.augment import TTA_VIEWS, predict
+from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.data import Split, make_splits
+from utils.runtime import batched_logits, prepare_model
+
+FORMAT = "mskd-logits/1"
+
+
+def logits_path(checkpoint_path):
+    path = Path(checkpoint_path)
+    return path.with_name(f"{path.name.removesuffix('.pt')}.logits.pt")
+
+
+class Network:
+    """A trained network on the device, in eval mode, with its checkpoint (``kind``: teacher, student,
+    selector, or None for any); ``hint`` is the command that makes the checkpoint, for errors.
+
+    ``role`` names it in tables (``"Student 1"``). Unfinished checkpoints are announced.
+    """
+
+    def __init__(self, path, kind, hint, runtime, role=""):
+        self.role, self.path, self.runtime = role, str(path), runtime
+        self.checkpoint = load_checkpoint(path, hint=hint, kind=kind)
+        model = model_from_checkpoint(self.checkpoint, path, hint).eval().requires_grad_(False)
+        self.model = prepare_model(model, runtime)
+        self.tta = self.checkpoint.get("config", {}).get("tta", "none")
+        self.split = Split.of(self.checkpoint) if "split" in self.checkpoint else None
+        self.logits = None  # {"holdout", "test"} -> (logits, labels), after load_logits
+        if not self.checkpoint.get("complete") and runtime.is_main:
+            print(f"warning: {path} comes from an unfinished run ({self.checkpoint['epoch']}/"
+                  f"{self.checkpoint['epochs']} epochs); its results are marked")
+
+    def __call__(self, x):
+        """Logits for a normalised batch, averaged over the test-time views the network was trained to use."""
+        return predict(self.model, x, self.tta)
+
+    @functools.cached_property
+    def stats(self):
+        """``{"params", "flops", "feature_map"}`` of one plain forward pass (``models.model_stats``)."""
+        return model_stats(self.model)
+
+    @property
+    def gflops(self):
+        """GFLOPs per 32x32 image, test-time views included."""
+        return self.stats["flops"] / 1e9 * TTA_VIEWS[self.tta]
+
+    @property
+    def arch(self):
+        return self.checkpoint["arch"]
+
+    @property
+    def label(self):
+        kd = {True: " (KD)", False: " without KD"}.get(self.checkpoint.get("kd"), "")
+        done = "" if self.checkpoint.get("complete") else \
+            f" [unfinished: {self.checkpoint['epoch']}/{self.checkpoint['epochs']} epochs]"
+        return f"{self.role} {self.arch}{kd}{done}"
+
+    def load_logits(self, data, batch_size=1024):
+        """``{"holdout", "test"}`` -> ``(float32 logits (N, K), labels (N,))`` on the CPU, from the cache
+        beside the checkpoint or computed (and cached) on the checkpoint's own split.
+
+        ``data`` is the CIFAR-10 to evaluate on, or a function that loads it: then the cache is taken
+        when it was made on the checkpoint's own training data, and the data is loaded only if it is not.
+        An empty hold-out split gives empty tensors.
+        """
+        checkpoint = self.checkpoint
+        fingerprint = checkpoint["data_fingerprint"] if callable(data) else data.fingerprint
+        key = {"format": FORMAT, "weights_sha256": checkpoint["weights_sha256"], "data_fingerprint": fingerprint,
+               "split": self.split.as_dict()}
+        path = logits_path(self.path)
+        self.logits = _read_cache(path, key)
+        if self.logits is not None:
+            return self.logits
+        data = data() if callable(data) else data
+        key["data_fingerprint"] = data.fingerprint
+        self.logits = {}
+        for name, (images, labels) in make_splits(data, self.split).items():
+            if name == "train":
+                continue
+            logits = batched_logits(self, images, self.runtime, batch_size).cpu() if len(images) else \
+                torch.zeros(0, checkpoint["num_classes"])
+            self.logits[name] = (logits, labels)
+        if self.runtime.is_main:
+            save_checkpoint(path, {**key, **{name: logits for name, (logits, _) in self.logits.items()},
+                                   **{f"{name}_labels": labels for name, (_, labels) in self.logits.items()}})
+        return self.logits
+
+
+def _read_cache(path, key):
+    if not path.exists():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: computed again
+        return None
+    if not all(cached.get(k) == v for k, v in key.items()):
+        return None
+    return {name: (cached[name], cached[f"{name}_labels"]) for name in ("holdout", "test")}

@@ -1,0 +1,136 @@
+"""The results of ``inference.py`` as files: ``results.md``, ``results.json`` and the plots.
+
+Everything here reads the results dict that ``inference.py`` builds (and ``results.json`` holds),
+so a table or plot can be made again from the JSON alone.
+"""
+
+import json
+
+from utils.data import CLASSES
+from utils.plots import plot_accuracy_vs_flops, plot_confusion, plot_grouped_bars
+
+ORIGINAL = {"teacher": "81%", "student 1": "74.19%", "student 2": "73.21%", "routed": "79.67%"}
+PLOTS = ("accuracy_vs_gflops.png", "per_class_gain.png", "routed_confusion.png", "routing_share.png")
+
+
+def write_report(results, out, budgets):
+    """``results.json``, ``results.md`` and the plots in the folder ``out``; ``budgets``: the multiples of
+    the cheapest student's GFLOPs in the budget table, in order."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, out / "results.md", budgets)
+    write_plots(results, out)
+
+
+def original_of(name):
+    for key, role in (("Teacher", "teacher"), ("Student 1", "student 1"), ("Student 2", "student 2"),
+                      ("Routed", "routed")):
+        if name.startswith(key) and "without KD" not in name:
+            return ORIGINAL[role]
+    return "—"
+
+
+def _pct(x):
+    return f"{100 * x:.2f}%"
+
+
+def _gflops(value):
+    return "as in its row above" if value is None else f"{value:.3f}"
+
+
+def _points(c):
+    return f"{100 * c['difference']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]"
+
+
+def provenance_row(p):
+    """One network's row of "Where these numbers come from"."""
+    complete = "yes" if p["complete"] else "**no**"
+    return (f"| {p['role']} | `{p['path']}` | {p['epoch']}/{p['epochs']} | {complete} | {p['seed']} | {p['kd']} "
+            f"| {p['device']} | {p['git_commit']} |")
+
+
+def write_markdown(results, path, budgets):
+    r = results
+    routed = r["routed"]
+    notes = []
+    if r["split"]["limit"]:
+        notes.append(f"**A quick run on a subset** (`--limit {r['split']['limit']}` images per split, such as "
+                     "`reproduce.py --preset smoke`): these numbers only show that every stage runs.")
+    notes.append("Not comparable with the original's numbers: it fine-tuned ImageNet-pretrained backbones on "
+                 "images upsampled to 224x224 (and had the flaws listed in the README); here every network is "
+                 "trained from scratch on 32x32 CIFAR-10 unless its checkpoint says otherwise.")
+    if r["unfinished"]:
+        notes.append("**Unfinished checkpoints** (marked in the rows): " + ", ".join(f"`{p}`" for p in r["unfinished"]))
+    lines = [
+        "# Results", "",
+        f"CIFAR-10 test set, {r['test_images']} images ({r['data']}). Device: {r['device']}; torch {r['torch']}. "
+        f"Written by `{r['command']}`.", "",
+        *[f"- {n}" for n in notes], "",
+        "| Model | Original (reported by the original repository) | Ours (measured) | GFLOPs / image |",
+        "|---|---|---|---|",
+        *[f"| {name} | {original_of(name)} | {_pct(acc)} | {r['gflops'][name]:.3f} |"
+          for name, acc in r["accuracy"].items()], "",
+        f"The routed row is the `{routed['router']}` policy with its threshold fitted on the hold-out split for at "
+        f"most {routed['budget_gflops']:.3f} GFLOPs per image; it ran the students on "
+        + ", ".join(f"{100 * s:.1f}%" for s in routed["share"]) + " of the test images.", "",
+        "## Routing policies at fixed compute budgets", "",
+        "Test accuracy (GFLOPs per image) of each policy with its threshold fitted on the hold-out split for a "
+        "budget of k times the cheaper student's GFLOPs; — where no threshold fits.", "",
+        "| Policy | " + " | ".join(f"{b:g}x" for b in budgets) + " |", "|---|" + "---|" * len(budgets),
+        *[f"| {name} | " + " | ".join(f"{_pct(cells[f'{b:g}']['accuracy'])} ({cells[f'{b:g}']['gflops']:.3f})"
+                                      if f"{b:g}" in cells else "—" for b in budgets) + " |"
+          for name, cells in r["budgets"].items()], "",
+        "Curves over every threshold: `accuracy_vs_gflops.png`.", "",
+        "## Comparisons on the same test images", "",
+        "Difference in accuracy (points), its 95% paired bootstrap interval, and McNemar's test (p-value; images "
+        "only the first / only the second gets right).", "",
+        "| Comparison | Difference [95% interval] | McNemar p | Only first right | Only second right |",
+        "|---|---|---|---|---|",
+        *[f"| {name} | {_points(c)} | {c['p_value']:.3g} | {c['only_a_right']} | {c['only_b_right']} |"
+          for name, c in r["comparisons"].items()], "",
+        "## Calibration", "",
+        "| Network | Accuracy | NLL | ECE (15 bins) |", "|---|---|---|---|",
+        *[f"| {name} | {_pct(c['accuracy'])} | {c['nll']:.3f} | {c['ece']:.4f} |"
+          for name, c in r["calibration"].items()],
+        "",
+        "## Cost and speed", "",
+        f"Images/s: the second of two passes over the test set (the first, untimed, sees every batch shape), batch "
+        f"{r['batch_size']}, on {r['device']}. GFLOPs counted by `torch.utils.flop_counter` (a multiply-add is 2).", "",
+        "| System | Parameters | GFLOPs / image | Images/s |", "|---|---|---|---|",
+        *[f"| {name} | {c['params'] / 1e6:.2f} M | {_gflops(c['gflops'])} | {c['images_per_s']:.0f} |"
+          for name, c in r["costs"].items()], "",
+        "## Routed system: share of each class's images each student ran on", "",
+        "| Class | " + " | ".join(r["students"]) + " |", "|---|" + "---|" * len(r["students"]),
+        *[f"| {c} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + " |"
+          for c, shares in zip(CLASSES, r["routing_share_per_class"])], "",
+        "## Per-class accuracy (%)", "",
+        "| System | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES),
+        *[f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + " |" for name, accs in r["per_class"].items()],
+        "",
+        "## Where these numbers come from", "",
+        "| Network | Checkpoint | Epochs | Complete | Seed | KD | Trained on | Git commit |",
+        "|---|---|---|---|---|---|---|---|",
+        *[provenance_row(p) for p in r["provenance"]], "",
+        "Plots: " + ", ".join(f"`{p}`" for p in PLOTS) + ".", "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def write_plots(results, out):
+    curves = {name: tuple(curve) for name, curve in results["curves"].items()}
+    points = {name: (results["gflops"][name], acc) for name, acc in results["accuracy"].items()
+              if not name.startswith("Teacher")}
+    plot_accuracy_vs_flops(curves, points, out / "accuracy_vs_gflops.png",
+                           "Test accuracy against compute (thresholds fitted on hold-out; curves: every threshold)")
+    students = [name for name in results["accuracy"] if name.startswith("Student") and "without KD" not in name]
+    best = max(students, key=lambda name: results["accuracy"][name])
+    gains = {name: [100 * (a - b) for a, b in zip(accs, results["per_class"][best])]
+             for name, accs in results["per_class"].items() if name != best and not name.startswith("Oracle")}
+    plot_grouped_bars(gains, CLASSES, out / "per_class_gain.png",
+                      f"Per-class test accuracy against the best single student ({best})",
+                      "accuracy minus the best student's (points)")
+    plot_confusion(results["confusion_routed"], CLASSES, out / "routed_confusion.png",
+                   f"{results['routed']['name']}: confusion matrix (test set)")
+    plot_grouped_bars({name: [s[k] for s in results["routing_share_per_class"]]
+                       for k, name in enumerate(results["students"])},
+                      CLASSES, out / "routing_share.png", "Share of each class's images each student ran on", "share")
