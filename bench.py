@@ -8,8 +8,8 @@ images/s, peak GPU memory and the speed-up. --baseline adds the engine as it was
 (batch 512, no compile), so that a speed flag's gain shows as a ratio in the same run.
 
 Inference: the teacher, each student, both students on every image, and the two routed
-systems — the cascade (the first student on every image, the second on --defer-share of them)
-and selector routing (the selector, then one student: the second on --defer-share) — timed
+systems — the cascade (the cheaper student on every image, the other on --defer-share of them)
+and selector routing (the selector, then one student: the dearer on --defer-share) — timed
 exactly as inference.py times them (utils.routing: two passes, the second timed), on
 --steps batches of test images.
 
@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from models import CLASSIFIERS, build_model
+from models import CLASSIFIERS, build_model, model_stats
 from utils.augment import Augmentation
 from utils.cli import (
     NON_NEGATIVE_INT,
@@ -83,7 +83,7 @@ def build_parser():
     g.add_argument("--infer-batch-size", type=POSITIVE_INT, default=1024, help="images per inference batch")
     g.add_argument("--defer-share", type=PROBABILITY, default=0.15,
                    help="share of images that routed inference sends to the second student (0.15: what a budget "
-                        "of 1.25x DenseNet121's GFLOPs affords a cascade)")
+                        "of about 1.3x the cheaper student's GFLOPs affords a cascade)")
     g.add_argument("--baseline", action="store_true",
                    help="also time the engine as first measured (batch 512, no compile) for the side-by-side ratio")
     g.add_argument("--out", default=None, help="also write every figure to this JSON file")
@@ -209,9 +209,10 @@ def train_reference(arch, images, labels, args, runtime):
 
 # ----------------------------------------------------------------------------- inference
 
-def router_at_share(name, students, selector, images, share, runtime):
-    """A ``name`` router whose threshold sends ``share`` of ``images`` to the second student."""
-    router = build_router(name, flops=[1.0] * len(students))
+def router_at_share(name, students, flops, selector, images, share, runtime):
+    """A ``name`` router whose threshold sends ``share`` of ``images`` to the dearer student, the cheaper
+    (by ``flops``) first."""
+    router = build_router(name, flops=flops, order=sorted(range(len(students)), key=flops.__getitem__)[:2])
     router.temperature_ = torch.ones(len(students))
     logits = torch.stack([batched_logits(s, images, runtime) for s in students], 1).cpu()
     scores = batched_logits(selector, images, runtime).cpu() if router.uses_selector else None
@@ -228,11 +229,13 @@ def inference(test_images, args, runtime):
         return prepare_model(model.eval(), runtime, args.compile)
 
     teacher = prepare(build_model(TEACHER, len(CLASSES)))
-    students = [prepare(build_model(arch, len(CLASSES))) for arch in STUDENT_ARCHS]
+    students = [build_model(arch, len(CLASSES)) for arch in STUDENT_ARCHS]
+    flops = [model_stats(s)["flops"] / 1e9 for s in students]
+    students = [prepare(s) for s in students]
     selector = prepare(build_model("selector", len(STUDENT_ARCHS)))
     # Routed sub-batches vary in size: one dynamic-shape compile rather than prepare_model's one per size.
     routed = [torch.compile(s._orig_mod, dynamic=True) for s in students] if args.compile else students
-    cascade, selection = (router_at_share(name, students, selector, images, args.defer_share, runtime)
+    cascade, selection = (router_at_share(name, students, flops, selector, images, args.defer_share, runtime)
                           for name in ("cascade", "selector"))
     systems = {
         "teacher": lambda: batched_logits(teacher, images, runtime, bs),
@@ -303,8 +306,8 @@ def main(argv=None):
     speeds = inference(test_images, args, runtime)
     labels = {"teacher": f"teacher {TEACHER}", **{a: f"student {a}" for a in STUDENT_ARCHS},
               "both_students": "both students",
-              "cascade": f"cascade (2nd student on {args.defer_share:.0%})",
-              "selector_routing": f"selector + 1 student ({args.defer_share:.0%} to the 2nd)"}
+              "cascade": f"cascade (dearer student on {args.defer_share:.0%})",
+              "selector_routing": f"selector + 1 student ({args.defer_share:.0%} to the dearer)"}
     timed_images = min(len(test_images), args.steps * args.infer_batch_size)
     print(f"\ninference: batch {args.infer_batch_size}, eval, no_grad{', bf16 autocast' if cuda else ''}, "
           f"{timed_images} test images on the device, the second of two passes timed, random weights")

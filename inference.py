@@ -147,7 +147,8 @@ def evaluate_all(args, networks):
     headline = fit(args.router, args.budget, selector=selector)
     if headline is None:
         raise UserError(f"no {args.router} routing fits --budget {args.budget:g} on the hold-out split; raise it")
-    routed = f"Routed: {args.router}, at most {args.budget:g}x student {headline.order[0] + 1}'s GFLOPs"
+    cheapest = students[headline.order[0]]
+    routed = f"Routed: {args.router}, at most {args.budget:g}x the cheapest student's GFLOPs ({cheapest.arch})"
     systems[routed] = headline.route(test)
     systems.update({net.label: single(net) for net in twins})
     systems["Ensemble (both students, probabilities averaged)"] = \
@@ -174,7 +175,7 @@ def evaluate_all(args, networks):
         curve = fit(name, None, selector=selector).curve(test, labels)
         curves[name] = (curve.gflops.tolist(), curve.accuracy.tolist())
 
-    comparisons = {f"{routed} vs {s.label}": compare(correct[routed], correct[s.label]) for s in students}
+    comparisons = {f"{routed} vs {s.label}": compare(correct[routed], correct[s.label]) for s in [*students, teacher]}
     comparisons["Selector routing vs random routing at its shares"] = compare(
         correct["Selector routing (threshold with the best hold-out accuracy)"],
         correct["Random routing at the selector's shares"])
@@ -189,6 +190,7 @@ def evaluate_all(args, networks):
     return {
         "accuracy": {name: c.double().mean().item() for name, c in correct.items()},
         "gflops": {name: routing.gflops for name, routing in systems.items()},
+        "teacher": teacher.label,
         "routed": {"name": routed, "router": args.router, "budget": args.budget, "order": list(headline.order),
                    "budget_gflops": args.budget * min(flops), "share": ran.double().mean(0).tolist(),
                    "threshold": headline.threshold_},
@@ -205,7 +207,7 @@ def per_class(correct, labels):
     return [correct[labels == c].double().mean().item() for c in range(len(CLASSES))]
 
 
-def measure_speed(args, runtime, networks, headline, images):
+def measure_speed(args, runtime, networks, headline, routed_gflops, images):
     """Parameters, GFLOPs and images/s of each network and of the routed system, timed alike on every device."""
     teacher, students, selector = networks.teacher, networks.students, networks.selector
     bs = args.batch_size
@@ -222,7 +224,7 @@ def measure_speed(args, runtime, networks, headline, images):
     routed_params = sum(s.stats["params"] for s in students) + (selector.stats["params"] if headline.uses_selector
                                                                   else 0)
     costs[f"routed ({headline.name})"] = {
-        "params": routed_params, "gflops": None,
+        "params": routed_params, "gflops": routed_gflops,
         "images_per_s": speed(lambda: batched_routed(headline, students, selector, images, runtime, bs))}
     return costs
 
@@ -238,7 +240,7 @@ def provenance(networks):
         kd = "—" if c["kind"] != "student" else ("no" if not c.get("kd") else
                                                   f"{config.get('kd_loss')} T={config.get('temperature')} "
                                                   f"alpha={config.get('alpha')}")
-        rows.append({"role": net.role, "path": net.path, "epoch": c["epoch"], "epochs": c["epochs"],
+        rows.append({"role": net.role, "path": net.path, "epochs": net.progress, "best_epoch": c["epoch"],
                      "complete": bool(c.get("complete")), "seed": config.get("seed", "—"), "kd": kd,
                      "device": prov.get("device", "—"), "git_commit": prov.get("git_commit", "—")})
     return rows
@@ -253,7 +255,8 @@ def main(argv=None):
     networks = load_networks(args, runtime, data)
     results, headline = evaluate_all(args, networks)
     images, labels = make_splits(data, split)["test"]
-    results["costs"] = measure_speed(args, runtime, networks, headline, images)
+    results["costs"] = measure_speed(args, runtime, networks, headline, results["gflops"][results["routed"]["name"]],
+                                     images)
     results.update(
         test_images=len(labels), device=device_name(runtime.device), torch=str(torch.__version__),
         batch_size=args.batch_size, command=args.command, split=split.as_dict(),

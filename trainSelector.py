@@ -46,8 +46,8 @@ def build_parser():
                         help="student checkpoints (StudentTrain.py), two or more, in routing order "
                              "(default: checkpoints/[NAME/]student_densenet121.pt and student_googlenet.pt)")
     parser.add_argument("--views", type=NON_NEGATIVE_INT, default=4,
-                        help="augmented views (random crop and flip) of each selector-training image, "
-                             "besides the clean one")
+                        help="augmented views of each selector-training image besides the clean one: translated "
+                             "and flipped as the students' training images were (their --translate and --padding)")
     parser.add_argument("--val-fraction", type=FRACTION, default=0.2,
                         help="share of the hold-out split kept out of selector training, for its model "
                              "selection, its report and the fitting of its routing threshold")
@@ -79,11 +79,26 @@ def parse_args(argv=None):
     return finish_training_args(parser, args, "selector", stem=stem, train_images=examples)
 
 
-def selector_examples(images, labels, views, seed):
-    """The clean images followed by ``views`` augmented copies, with their class labels."""
+def selector_examples(images, labels, views, seed, translate=4, padding="reflect"):
+    """The clean images followed by ``views`` augmented copies, with their class labels.
+
+    The copies are translated (by up to ``translate`` pixels, the border filled as ``padding`` says) and
+    flipped as the students' own training images were, so that the students' errors on them are errors
+    they make on images like those they will be routed.
+    """
     generator = torch.Generator().manual_seed(seed)
-    augmented = [random_translate_flip(images, generator, padding_mode="zeros") for _ in range(views)]
+    augmented = [random_translate_flip(images, generator, translate, padding) for _ in range(views)]
     return torch.cat([images, *augmented]), labels.repeat(views + 1)
+
+
+def students_augmentation(students):
+    """``(translate, padding)`` the students trained with (the first student's, with a warning if they differ)."""
+    settings = [(s.checkpoint["config"]["translate"], s.checkpoint["config"]["padding"]) for s in students]
+    if len(set(settings)) > 1:
+        print("warning: the students trained with different translations "
+              + ", ".join(f"{s.path}: {t} pixels, {p} padding" for s, (t, p) in zip(students, settings))
+              + "; the selector's views use the first's")
+    return settings[0]
 
 
 def student_logits(students, images, runtime):
@@ -135,7 +150,8 @@ def main(argv=None):
               "little about new images")
         images, labels = splits["train"]
     val = validation_mask(labels, args.val_fraction, split.split_seed)
-    train_images, train_labels = selector_examples(images[~val], labels[~val], args.views, args.seed)
+    train_images, train_labels = selector_examples(images[~val], labels[~val], args.views, args.seed,
+                                                   *students_augmentation(students))
     if args.shuffle_labels:
         train_labels = shuffled_labels(train_labels, args.seed)
     logits = student_logits(students, train_images, runtime)

@@ -288,6 +288,23 @@ def test_without_mixing_labels_stay_class_indices():
         assert y.dtype == torch.int64 and y.dim() == 1
 
 
+def test_views_are_averaged_in_float32_whatever_the_precision_of_the_logits():
+    """Under bf16 autocast each view's logits are bf16: their sum must not be rounded to bf16 on the way."""
+    torch.manual_seed(0)
+    weight, outputs = torch.randn(3 * 8 * 8, 10), []
+
+    def model(x):
+        outputs.append((x.flatten(1) @ weight).bfloat16())
+        return outputs[-1]
+
+    x = torch.randn(64, 3, 8, 8)
+    averaged = predict(model, x, "flip-shift")
+    assert averaged.dtype == torch.float32 and len(outputs) == 6
+    torch.testing.assert_close(averaged, sum(o.float() for o in outputs) / 6, rtol=0, atol=0)
+    assert not torch.equal(averaged, (sum(outputs) / 6).float())  # what a bf16 sum gives instead
+    assert predict(model, x, "none").dtype == torch.float32
+
+
 @pytest.mark.parametrize("tta,views", [("none", 1), ("flip", 2), ("flip-shift", 6)])
 def test_predict_averages_the_views_of_its_tta_mode(tta, views):
     calls = []

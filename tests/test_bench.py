@@ -16,8 +16,8 @@ TINY = ["--device", "cpu", "--partial-data", "--limit", "16", "--batch-size", "4
         "--steps", "1", "--warmup-steps", "0", "--workers", "0", "--infer-batch-size", "8"]
 INFERENCE_ROWS = {"teacher": "teacher resnet50", "densenet121": "student densenet121",
                   "googlenet": "student googlenet", "both_students": "both students",
-                  "cascade": "cascade (2nd student on 15%)",
-                  "selector_routing": "selector + 1 student (15% to the 2nd)"}
+                  "cascade": "cascade (dearer student on 15%)",
+                  "selector_routing": "selector + 1 student (15% to the dearer)"}
 NUMBER = r"(\d+\.\d+)"
 
 
@@ -51,13 +51,15 @@ def test_too_few_images_for_a_batch_is_refused_before_decoding(tmp_path):
 
 @pytest.mark.parametrize("name", ["cascade", "selector"])
 @pytest.mark.parametrize("share", [0.0, 0.25, 1.0])
-def test_routers_send_the_asked_share_to_the_second_student(name, share):
+@pytest.mark.parametrize("flops", [(1.0, 2.0), (2.0, 1.0)])
+def test_routers_send_the_asked_share_to_the_dearer_student(name, share, flops):
     torch.manual_seed(0)
     students = [build_model("selector", 10).eval() for _ in range(2)]  # small stand-ins with 10 outputs
     selector = build_model("selector", 2).eval()
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     runtime = Runtime(torch.device("cpu"))
-    router = bench.router_at_share(name, students, selector, images, share, runtime)
+    router = bench.router_at_share(name, students, list(flops), selector, images, share, runtime)
     _, ran = bench.batched_routed(router, students, selector, images, runtime, batch_size=16)
-    assert ran[:, 1].float().mean().item() == pytest.approx(share, abs=1 / 40)
-    assert ran[:, 0].all() if name == "cascade" else (ran.sum(1) == 1).all()
+    cheap, dear = (0, 1) if flops[0] < flops[1] else (1, 0)
+    assert ran[:, dear].float().mean().item() == pytest.approx(share, abs=1 / 40)
+    assert ran[:, cheap].all() if name == "cascade" else (ran.sum(1) == 1).all()

@@ -44,6 +44,8 @@ def test_smoke_pipeline_writes_every_result(smoke_run):
         assert (results / name).stat().st_size > 0
     table = (results / "results.md").read_text()
     assert "| Teacher resnet50 | 81% |" in table and "79.67%" in table
+    assert "| teacher | 23.52 M | 2.596 | 1.00 |" in table and "| student 2 | 5.60 M | 0.904 | 0.35 |" in table
+    assert "**Against the teacher.** The routed system " in table and "x its GFLOPs per image" in table
 
 
 def test_oracle_bounds_every_one_student_system(smoke_run):
@@ -217,15 +219,34 @@ def test_selector_routing_runs_one_student_per_image():
     assert routing.prediction.tolist() == [1, 2, 2, 1, 2]
 
 
-def random_student(path, arch, holdout):
+def random_student(path, arch, holdout, translate=4, padding="reflect"):
     """A student checkpoint with untrained weights: enough for the selector's plumbing."""
     from models import build_model
     from utils.checkpoint import clean_state_dict, save_checkpoint
 
     model = build_model(arch)
     save_checkpoint(path, {"kind": "student", "arch": arch, "num_classes": 10, "model": clean_state_dict(model),
-                           "split": {"holdout": holdout, "split_seed": 0, "limit": 0}, "complete": True})
+                           "split": {"holdout": holdout, "split_seed": 0, "limit": 0}, "complete": True,
+                           "config": {"translate": translate, "padding": padding, "tta": "none"}})
     return str(path)
+
+
+def test_the_selector_sees_views_augmented_as_the_students_training_images_were(tmp_path, capsys):
+    from trainSelector import selector_examples, students_augmentation
+    from utils.networks import Network
+    from utils.runtime import Runtime
+
+    paths = [random_student(tmp_path / f"s{k}.pt", "googlenet", 0, translate=3) for k in range(2)]
+    students = [Network(path, "student", "", Runtime(torch.device("cpu"))) for path in paths]
+    assert students_augmentation(students) == (3, "reflect")
+    images = torch.randint(1, 256, (20, 3, 32, 32), dtype=torch.uint8)  # no black pixel anywhere
+    labels = torch.arange(20) % 10
+    views, view_labels = selector_examples(images, labels, 2, 0, *students_augmentation(students))
+    assert torch.equal(views[:20], images) and torch.equal(view_labels, labels.repeat(3))
+    assert not torch.equal(views[20:40], images) and (views > 0).all()  # moved, and reflected: no black border
+    zeros, _ = selector_examples(images, labels, 2, 0, 3, "zeros")
+    assert (zeros[20:] == 0).any()  # what the selector used to see
+    assert torch.equal(selector_examples(images, labels, 0, 0, 3, "reflect")[0], images)  # --views 0
 
 
 def test_selector_without_holdout_falls_back_to_training_images(tmp_path, capsys):

@@ -32,7 +32,7 @@ from tests.conftest import REPO, write_tree
 from utils.checkpoint import load_checkpoint
 from utils.cli import UserError, run
 from utils.data import DataError, load_cifar10
-from utils.engine import learning_rate
+from utils.engine import learning_rate, warmup_steps
 from utils.runs import prepare_run
 
 STEPS = 4  # steps per epoch of `flags`: 8 training images in batches of 2
@@ -196,7 +196,7 @@ def test_a_signal_stops_after_the_step_and_resume_ends_like_an_uninterrupted_run
     teacherTrain.main(argv)  # the printed command, as the user would paste it
     assert signal.getsignal(signal.SIGINT) is handler and signal.getsignal(signal.SIGTERM) is handler
     final = load(checkpoint)
-    assert final["complete"] is True and final["epoch"] == 2
+    assert final["complete"] is True and final["epochs_run"] == 2
     assert_same_run(checkpoint, uninterrupted)
 
 
@@ -329,7 +329,8 @@ def test_a_huge_learning_rate_stops_the_run_before_anything_non_finite_is_saved(
         teacherTrain.main(flags(tree, checkpoint, "--lr", "1e12", limit=limit, holdout=holdout))
     what, epoch, step, lr, kept = diverged(str(e.value), steps)
     assert what == found
-    assert lr == float(f"{learning_rate((epoch - 1) * steps + step - 1, 2 * steps, 2 * steps, 1e12 * 2 / 512):.4g}")
+    warmup = warmup_steps(2, steps, 2 * steps)
+    assert lr == float(f"{learning_rate((epoch - 1) * steps + step - 1, 2 * steps, warmup, 1e12 * 2 / 512):.4g}")
     saved = checkpoints(tmp_path)
     assert kept == (f"the last good state is {checkpoint.with_suffix('.last.pt')}" if saved else "nothing was saved")
     for path in saved:
@@ -353,7 +354,8 @@ def test_a_nan_in_epoch_2_keeps_the_checkpoints_of_epoch_1(tree, tmp_path, monke
         teacherTrain.main(flags(tree, checkpoint))
     what, epoch, step, lr, kept = diverged(str(e.value))
     assert (what, epoch, step) == ("loss", 2, 2)
-    assert lr == float(f"{learning_rate(STEPS + 1, 2 * STEPS, 2 * STEPS, 0.2 * 2 / 512):.4g}")
+    warmup = warmup_steps(2, STEPS, 2 * STEPS)
+    assert lr == float(f"{learning_rate(STEPS + 1, 2 * STEPS, warmup, 0.2 * 2 / 512):.4g}")
     assert kept == f"the last good state is {checkpoint.with_suffix('.last.pt')}"
     now = contents(tmp_path)
     for name in ("teacher.pt", "teacher.last.pt"):

@@ -28,8 +28,8 @@ NAME = "exp"
 
 
 def tiny(tree, *extra):
-    return ["--data-dir", str(tree), "--partial-data", "--limit", "2", "--holdout", "2", "--batch-size", "2",
-            "--epochs", "1", "--device", "cpu", *extra]
+    return ["--data-dir", str(tree), "--partial-data", "--limit", "2", "--holdout", "2", "--batch-size", "1",
+            "--epochs", "1", "--device", "cpu", *extra]  # 2 steps: the last step's learning rate is 0
 
 
 def teacher_argv(tree, *extra, name=NAME):
@@ -261,7 +261,8 @@ def random_student(path, seed):
         torch.manual_seed(seed)
         model = build_model("googlenet")
     save_checkpoint(path, {"kind": "student", "arch": "googlenet", "num_classes": 10, "model": clean_state_dict(model),
-                           "split": {"holdout": 4, "split_seed": 0, "limit": 4}, "complete": True})
+                           "split": {"holdout": 4, "split_seed": 0, "limit": 4}, "complete": True,
+                           "config": {"translate": 4, "padding": "reflect", "tta": "none"}})
 
 
 def test_a_selector_of_a_changed_student_is_stale(trained, tmp_path):

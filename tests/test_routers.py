@@ -266,3 +266,24 @@ def test_accuracy_vs_flops_plot(easy_hard, tmp_path):
     points = {"student 1": (FLOPS[0], 0.7), "oracle": (sum(FLOPS), 0.95)}
     plot_accuracy_vs_flops({"cascade": (curve.gflops, curve.accuracy)}, points, tmp_path / "a.png", "test")
     assert (tmp_path / "a.png").stat().st_size > 0
+
+
+class Scored:
+    """A stand-in for a trained ``Network``: its GFLOPs and its logits on the hold-out and test splits."""
+
+    def __init__(self, gflops, logits, labels):
+        self.gflops, self.logits = gflops, {"holdout": (logits, labels), "test": (logits, labels)}
+
+
+@pytest.mark.parametrize("name", ["cascade", "deferral"])
+def test_a_router_runs_the_cheapest_student_first_in_whichever_order_they_are_listed(easy_hard, name):
+    from utils.routing import fit_router
+
+    (holdout, labels), _ = easy_hard
+    cheap, dear = (Scored(gflops, holdout.logits[:, k], labels) for k, gflops in enumerate((0.9, 1.8)))
+    for students in ([cheap, dear], [dear, cheap]):
+        router = fit_router(name, 1.0, students, None)
+        assert students[router.order[0]] is cheap and router.flops[router.order[0]] == 0.9
+        routing = router.route(StudentOutputs(torch.stack([s.logits["holdout"][0] for s in students], 1)))
+        assert routing.ran[:, router.order[0]].all() and not routing.ran[:, router.order[1]].any()
+        assert routing.gflops == pytest.approx(0.9)  # a budget of 1x the cheapest: it alone

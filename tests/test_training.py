@@ -16,6 +16,7 @@ import torch.nn as nn
 import StudentTrain
 import teacherTrain
 import utils.checkpoint
+import utils.engine
 import utils.losses
 from models import build_model
 from tests.conftest import REPO, write_tree
@@ -27,7 +28,7 @@ from utils.checkpoint import (
 )
 from utils.cli import UserError, run
 from utils.data import CLASSES, DeviceLoader, Split, load_cifar10, make_splits
-from utils.engine import evaluate, learning_rate
+from utils.engine import evaluate, learning_rate, warmup_steps
 from utils.losses import distillation_loss
 from utils.runtime import Runtime
 
@@ -256,7 +257,7 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(tree, tmp_path):
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["epoch"] == 2 and state["complete"] is True and len(state["history"]) == 2
     final = load_checkpoint(checkpoint, hint=TEACHER_HINT, kind="teacher", arch=TEACHER_ARCH)
-    assert final["complete"] is True and final["test_acc"] is not None and final["epoch"] == 2
+    assert final["complete"] is True and final["test_acc"] is not None and final["epochs_run"] == 2
     assert [r["epoch"] for r in metrics(checkpoint)] == [1, 2]
     model_from_checkpoint(final, checkpoint, TEACHER_HINT)
 
@@ -334,6 +335,23 @@ def test_checkpoint_of_another_architecture_or_kind(teacher):
         load_checkpoint(teacher, hint=TEACHER_HINT, arch="densenet121")
     with pytest.raises(CheckpointError, match="not a student"):
         load_checkpoint(teacher, hint="python StudentTrain.py", kind="student")
+
+
+def test_a_googlenet_checkpoint_of_the_first_format_loads_as_googlenet32(tmp_path):
+    """Format 1 called "googlenet" the network without max-pooling before its inception blocks."""
+    torch.manual_seed(0)
+    old = build_model("googlenet32").eval()
+    state = utils.checkpoint.clean_state_dict(old)
+    path = tmp_path / "student_googlenet.pt"
+    torch.save({"format": "mskd-checkpoint/1", "kind": "student", "arch": "googlenet", "num_classes": 10,
+                "model": state, "weights_sha256": utils.checkpoint.weights_fingerprint(state)}, path)
+    checkpoint = load_checkpoint(path, hint="", kind="student", arch="googlenet32")
+    model = model_from_checkpoint(checkpoint, path, "").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), old(x))
+    with pytest.raises(CheckpointError, match="holds a googlenet32, not a googlenet"):
+        load_checkpoint(path, hint="", arch="googlenet")
 
 
 def test_weights_that_do_not_fit_the_architecture(teacher, tmp_path):
@@ -423,18 +441,52 @@ def test_resume_after_an_epoch_without_evaluation(tree, tmp_path):
     assert torch.load(checkpoint.with_suffix(".last.pt"), weights_only=True)["epoch"] == 1
     teacherTrain.main([*argv, "--resume"])
     final = load_checkpoint(checkpoint, hint=TEACHER_HINT, kind="teacher")
-    assert final["complete"] is True and final["epoch"] == 2 and final["holdout_acc"] is not None
+    assert final["complete"] is True and final["epochs_run"] == 2 and final["holdout_acc"] is not None
     assert [r["epoch"] for r in metrics(checkpoint)] == [1, 2]
     assert "holdout_acc" not in metrics(checkpoint)[0] and "holdout_acc" in metrics(checkpoint)[1]
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine():
-
     lrs = [learning_rate(step, total_steps=100, warmup_steps=10, peak=0.4) for step in range(100)]
     assert lrs[0] == pytest.approx(0.04) and lrs[9] == pytest.approx(0.4)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert lrs[-1] < 0.001
+    assert lrs[-1] == 0
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 40])
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_every_schedule_however_short_decays_to_zero_at_its_last_step(epochs, schedule):
+    """The default warm-up of 2 epochs would be the whole of a 1- or 2-epoch run: it is capped at 20%."""
+    steps_per_epoch = 10
+    total = epochs * steps_per_epoch
+    warmup = warmup_steps(2.0, steps_per_epoch, total)
+    assert warmup == min(20, int(0.2 * total))
+    lrs = [learning_rate(step, total, warmup, peak=0.4, schedule=schedule) for step in range(total)]
+    assert lrs[-1] == 0 and max(lrs) == pytest.approx(0.4)
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # after the warm-up, only down
+
+
+def test_the_final_checkpoint_names_the_epoch_of_the_weights_it_holds(tree, tmp_path, monkeypatch):
+    """Three epochs whose hold-out accuracy falls after the first: the checkpoint holds epoch 1's weights."""
+    holdout_accs, evaluate = iter([0.9, 0.5, 0.4]), utils.engine.evaluate
+    kept = {}
+
+    def scripted(model, loader, *args, **kwargs):
+        scores = evaluate(model, loader, *args, **kwargs)
+        if loader.train is False and len(kept) < 3:  # the hold-out evaluations of epochs 1, 2, 3
+            kept[len(kept) + 1] = {k: v.clone() for k, v in model.state_dict().items()}
+            scores["acc"] = next(holdout_accs)
+        return scores
+
+    monkeypatch.setattr(utils.engine, "evaluate", scripted)
+    checkpoint = tmp_path / "teacher.pt"
+    teacherTrain.main(teacher_flags(tree, checkpoint, epochs=3))
+    final = load_checkpoint(checkpoint, hint=TEACHER_HINT)
+    assert (final["epoch"], final["epochs_run"], final["epochs"]) == (1, 3, 3)
+    assert final["holdout_acc"] == 0.9 and final["complete"] is True
+    assert all(torch.equal(final["model"][k], v) for k, v in kept[1].items())
+    assert not all(torch.equal(final["model"][k], v) for k, v in kept[3].items())
 
 
 def test_recipes_fill_the_flags_not_given_and_the_command_line_wins():
@@ -448,10 +500,10 @@ def test_recipes_fill_the_flags_not_given_and_the_command_line_wins():
 
 
 def test_linear_schedule_decays_to_zero_in_a_straight_line():
-
     lrs = [learning_rate(step, total_steps=110, warmup_steps=10, peak=1.0, schedule="linear")
            for step in range(10, 110)]
-    assert lrs[0] == pytest.approx(1.0) and lrs[50] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.01)
+    assert lrs[0] == pytest.approx(0.99) and lrs[49] == pytest.approx(0.5) and lrs[-1] == 0
+    assert all(a - b == pytest.approx(0.01) for a, b in zip(lrs, lrs[1:]))
 
 
 def test_a_kd_student_trains_with_every_augmentation_and_logs_its_loss_terms(teacher, tree, tmp_path):

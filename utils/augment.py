@@ -98,25 +98,28 @@ def _shift_diagonally(x, d):
 
 
 def tta_logits(model, x, translations=0):
-    """Mean logits over ``x``, its mirror and, when ``translations`` > 0, both moved diagonally by that many pixels.
+    """Mean float32 logits over ``x``, its mirror and, when ``translations`` > 0, both moved diagonally by that
+    many pixels.
 
     ``x`` is the normalised float batch. The translations are the two diagonal shifts
     ``+-translations`` (reflect padding), as in airbench: 6 forward passes for
     ``translations=1``; with ``translations=0`` this is the flip TTA
-    ``(model(x) + model(x.flip(3))) / 2`` exactly.
+    ``(model(x) + model(x.flip(3))) / 2`` exactly. Each view's logits are made float32 before they are
+    summed: under bf16 autocast, summing them in bf16 would round away differences that decide the argmax.
     """
     moved = [_shift_diagonally(x, d) for d in ((0, translations, -translations) if translations else (0,))]
     views = [view for m in moved for view in (m, m.flip(3))]
-    return sum(model(view) for view in views) / len(views)
+    return sum(model(view).float() for view in views) / len(views)
 
 
 TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6}  # forward passes per image
 
 
 def predict(model, x, tta="none"):
-    """Logits of ``model`` for the normalised batch ``x``, averaged over the views of ``tta`` (see ``TTA_VIEWS``)."""
+    """Float32 logits of ``model`` for the normalised batch ``x``, averaged over the views of ``tta`` (see
+    ``TTA_VIEWS``)."""
     if tta == "none":
-        return model(x)
+        return model(x).float()
     return tta_logits(model, x, translations=1 if tta == "flip-shift" else 0)
 
 

@@ -10,7 +10,9 @@ import torchvision
 from models import build_model
 from utils.cli import UserError
 
-FORMAT = "mskd-checkpoint/1"
+FORMAT = "mskd-checkpoint/2"
+# Format 1 called "googlenet" what is now "googlenet32" (no max-pooling before the inception blocks).
+RENAMED_IN_FORMAT_2 = {"googlenet": "googlenet32"}
 
 
 class CheckpointError(UserError):
@@ -65,8 +67,10 @@ def load_checkpoint(path, hint, kind=None, arch=None):
     except Exception as e:
         raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}); "
                               f"delete it and run `{hint}` again") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") not in (FORMAT, "mskd-checkpoint/1"):
         raise CheckpointError(f"{path} is not a checkpoint of this project; run `{hint}`")
+    if checkpoint["format"] == "mskd-checkpoint/1" and "arch" in checkpoint:
+        checkpoint["arch"] = RENAMED_IN_FORMAT_2.get(checkpoint["arch"], checkpoint["arch"])
     if kind and checkpoint.get("kind") != kind:
         raise CheckpointError(f"{path} holds a {checkpoint.get('kind')}, not a {kind}; run `{hint}`")
     if arch and checkpoint.get("arch") != arch:

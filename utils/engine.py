@@ -34,14 +34,24 @@ from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from utils.cli import UserError
 from utils.data import DeviceLoader
 from utils.plots import plot_history
-from utils.runs import RunFiles, check_free_space, config_changes, provenance, resume_command, write_config
+from utils.runs import (
+    RunFiles,
+    check_free_space,
+    config_changes,
+    provenance,
+    resume_command,
+    write_config,
+)
 from utils.runtime import device_name, prepare_model
+
+WARMUP_MAX_SHARE = 0.2  # the warm-up never takes more of a run than this, so every schedule decays to 0
 
 
 def classification_metric(logits, targets):
-    """``(correct predictions, summed cross-entropy)`` of a batch; soft targets count by their argmax."""
+    """``(correct predictions, summed cross-entropy)`` of a batch, in float32; soft targets count by their argmax."""
+    logits = logits.float()
     labels = targets if targets.dim() == 1 else targets.argmax(1)
-    return (logits.argmax(1) == labels).sum(), F.cross_entropy(logits.float(), labels, reduction="sum")
+    return (logits.argmax(1) == labels).sum(), F.cross_entropy(logits, labels, reduction="sum")
 
 
 @dataclass
@@ -66,11 +76,17 @@ class Member:
 
 # ----------------------------------------------------------------------------- steps and evaluation
 
+def warmup_steps(warmup_epochs, steps_per_epoch, total_steps):
+    """Steps of linear warm-up: ``warmup_epochs`` of them, but never more than ``WARMUP_MAX_SHARE`` of the run."""
+    return min(round(warmup_epochs * steps_per_epoch), int(WARMUP_MAX_SHARE * total_steps))
+
+
 def learning_rate(step, total_steps, warmup_steps, peak, schedule="cosine"):
-    """Linear warm-up to ``peak``, then a cosine or linear (a triangular, one-cycle-like schedule) decay to 0."""
+    """The rate of step ``step`` (from 0): a linear warm-up that reaches ``peak`` at its last step, then a cosine
+    or linear (a triangular, one-cycle-like schedule) decay that reaches 0 at the run's last step."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = (step + 1 - warmup_steps) / (total_steps - warmup_steps)
     return peak * (0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress)
 
 
@@ -118,7 +134,7 @@ def evaluate(model, loader, runtime, tta="none", metric=classification_metric):
     sums = torch.zeros(3, device=runtime.device)  # correct, loss * images, images
     for x, y in loader:
         with runtime.autocast:
-            logits = predict(model, x, tta).float()
+            logits = predict(model, x, tta)
         correct, loss = metric(logits, y)
         sums[0] += correct
         sums[1] += loss
@@ -210,10 +226,10 @@ class Trainee:
         self.optimizer = make_optimizer(self.model, self.peak_lr, args.momentum, args.weight_decay, runtime)
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = args.epochs * steps_per_epoch
-        self.warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+        self.warmup_steps = warmup_steps(args.warmup_epochs, steps_per_epoch, self.total_steps)
         self.meta = {**member.meta, "config": vars(args), "epochs": args.epochs,
                      "provenance": provenance(runtime.device)}
-        self.sums, self.history, self.best_acc, self.best_state = {}, [], -1.0, None
+        self.sums, self.history, self.best_acc, self.best_state, self.best_epoch = {}, [], -1.0, None, None
         self.rng = None  # this member's random stream (dropout), kept apart when several train together
 
     @property
@@ -296,7 +312,7 @@ class Trainee:
         self.history = state["history"]
         if files.best.exists():  # its weights and their hold-out accuracy always go together
             best = load_checkpoint(files.best, hint="start the run afresh with --force")
-            self.best_state = best["model"]
+            self.best_state, self.best_epoch = best["model"], best["epoch"]
             self.best_acc = -1.0 if best["holdout_acc"] is None else best["holdout_acc"]
         return state["epoch"], state.get("step", 0), state.get("elapsed", 0.0), state.get("epoch_seconds", 0.0)
 
@@ -494,7 +510,7 @@ def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime):
         t.history.append(record)
         improved = holdout_loader is None or record.get("holdout_acc", -1.0) > t.best_acc
         if improved:
-            t.best_acc = record.get("holdout_acc", t.best_acc)
+            t.best_acc, t.best_epoch = record.get("holdout_acc", t.best_acc), epoch + 1
             t.best_state = clean_state_dict(t.eval_model)
         if not runtime.is_main:
             continue
@@ -504,7 +520,8 @@ def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime):
         with open(t.files.log, "a") as f:
             f.write(json.dumps(record) + "\n")
         if improved:
-            save_checkpoint(t.files.best, {**t.meta, "model": t.best_state, "epoch": epoch + 1,
+            save_checkpoint(t.files.best, {**t.meta, "model": t.best_state, "epoch": t.best_epoch,
+                                           "epochs_run": epoch + 1,
                                            "holdout_acc": t.best_acc if t.best_acc >= 0 else None,
                                            "test_acc": None, "complete": False})
         save_checkpoint(t.files.last, t.resume_state(loop, epoch + 1, 0))
@@ -535,7 +552,7 @@ def _finish(trainee, test_loader):
     t.eval_model.load_state_dict(t.best_state)
     test_acc = evaluate(t.eval_model, test_loader, runtime, t.args.tta, t.member.metric)["acc"] \
         if test_loader is not None else None
-    final = {**t.meta, "model": t.best_state, "epoch": len(t.history),
+    final = {**t.meta, "model": t.best_state, "epoch": t.best_epoch, "epochs_run": len(t.history),
              "holdout_acc": t.best_acc if t.best_acc >= 0 else None, "test_acc": test_acc, "complete": True}
     if runtime.is_main:
         save_checkpoint(t.files.best, final)

@@ -46,8 +46,7 @@ class Network:
         self.split = Split.of(self.checkpoint) if "split" in self.checkpoint else None
         self.logits = None  # {"holdout", "test"} -> (logits, labels), after load_logits
         if not self.checkpoint.get("complete") and runtime.is_main:
-            print(f"warning: {path} comes from an unfinished run ({self.checkpoint['epoch']}/"
-                  f"{self.checkpoint['epochs']} epochs); its results are marked")
+            print(f"warning: {path} comes from an unfinished run ({self.progress} epochs); its results are marked")
 
     def __call__(self, x):
         """Logits for a normalised batch, averaged over the test-time views the network was trained to use."""
@@ -68,10 +67,14 @@ class Network:
         return self.checkpoint["arch"]
 
     @property
+    def progress(self):
+        """``"3/40"``: the epochs its run had done when the checkpoint was saved, of those it was to run."""
+        return f"{self.checkpoint.get('epochs_run', self.checkpoint['epoch'])}/{self.checkpoint['epochs']}"
+
+    @property
     def label(self):
         kd = {True: " (KD)", False: " without KD"}.get(self.checkpoint.get("kd"), "")
-        done = "" if self.checkpoint.get("complete") else \
-            f" [unfinished: {self.checkpoint['epoch']}/{self.checkpoint['epochs']} epochs]"
+        done = "" if self.checkpoint.get("complete") else f" [unfinished: {self.progress} epochs]"
         return f"{self.role} {self.arch}{kd}{done}"
 
     def load_logits(self, data, batch_size=1024):

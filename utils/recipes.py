@@ -36,6 +36,7 @@ RECIPES = {
     "resnet18": {**COMMON, "epochs": 60},
     "densenet121": {**COMMON, "epochs": 40},
     "googlenet": {**COMMON, "epochs": 40},
+    "googlenet32": {**COMMON, "epochs": 40},
     # The selector trains on images the students were judged on: no augmentation, no smoothing.
     "selector": {**COMMON, "epochs": 30, "lr": 0.1, "label_smoothing": 0.0, "translate": 0, "cutout": 0},
 }

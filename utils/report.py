@@ -34,10 +34,6 @@ def _pct(x):
     return f"{100 * x:.2f}%"
 
 
-def _gflops(value):
-    return "as in its row above" if value is None else f"{value:.3f}"
-
-
 def _points(c):
     return f"{100 * c['difference']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]"
 
@@ -45,8 +41,42 @@ def _points(c):
 def provenance_row(p):
     """One network's row of "Where these numbers come from"."""
     complete = "yes" if p["complete"] else "**no**"
-    return (f"| {p['role']} | `{p['path']}` | {p['epoch']}/{p['epochs']} | {complete} | {p['seed']} | {p['kd']} "
-            f"| {p['device']} | {p['git_commit']} |")
+    return (f"| {p['role']} | `{p['path']}` | {p['epochs']} | {p['best_epoch']} | {complete} | {p['seed']} "
+            f"| {p['kd']} | {p['device']} | {p['git_commit']} |")
+
+
+def against_teacher(r):
+    """In plain words: does the routed system reach the teacher's accuracy, and at what share of its cost?"""
+    routed, teacher = r["routed"]["name"], r["teacher"]
+    c = r["comparisons"][f"{routed} vs {teacher}"]
+    cost = {k: r["costs"][f"routed ({r['routed']['router']})"][k] / r["costs"]["teacher"][k]
+            for k in ("gflops", "images_per_s")}
+    if c["low"] > 0:
+        verdict = "is more accurate than the teacher"
+    elif c["high"] < 0:
+        verdict = "does not reach the teacher's accuracy"
+    else:
+        verdict = "is as accurate as the teacher within the interval"
+    cheaper = "less" if cost["gflops"] < 1 else "**more**"
+    return [f"**Against the teacher.** The routed system {verdict}: {_points(c)} points on the same test images "
+            f"(95% paired interval), at {cost['gflops']:.2f}x its GFLOPs per image ({cheaper} compute than the "
+            f"teacher) and {cost['images_per_s']:.2f}x its measured images/s."]
+
+
+def cost_lines(r):
+    """The cost table, each system against the teacher, and the verdict against the teacher."""
+    if "teacher" not in r.get("costs", {}):
+        return ["Not measured in this run."]
+    teacher = r["costs"]["teacher"]
+    return [
+        f"Images/s: the second of two passes over the test set (the first, untimed, sees every batch shape), batch "
+        f"{r['batch_size']}, on {r['device']}. GFLOPs counted by `torch.utils.flop_counter` (a multiply-add is 2).", "",
+        "| System | Parameters | GFLOPs / image | x the teacher's | Images/s | x the teacher's |",
+        "|---|---|---|---|---|---|",
+        *[f"| {name} | {c['params'] / 1e6:.2f} M | {c['gflops']:.3f} | {c['gflops'] / teacher['gflops']:.2f} "
+          f"| {c['images_per_s']:.0f} | {c['images_per_s'] / teacher['images_per_s']:.2f} |"
+          for name, c in r["costs"].items()], "",
+        *against_teacher(r)]
 
 
 def write_markdown(results, path, budgets):
@@ -75,7 +105,7 @@ def write_markdown(results, path, budgets):
         + ", ".join(f"{100 * s:.1f}%" for s in routed["share"]) + " of the test images.", "",
         "## Routing policies at fixed compute budgets", "",
         "Test accuracy (GFLOPs per image) of each policy with its threshold fitted on the hold-out split for a "
-        "budget of k times the cheaper student's GFLOPs; — where no threshold fits.", "",
+        "budget of k times the cheapest student's GFLOPs; — where no threshold fits.", "",
         "| Policy | " + " | ".join(f"{b:g}x" for b in budgets) + " |", "|---|" + "---|" * len(budgets),
         *[f"| {name} | " + " | ".join(f"{_pct(cells[f'{b:g}']['accuracy'])} ({cells[f'{b:g}']['gflops']:.3f})"
                                       if f"{b:g}" in cells else "—" for b in budgets) + " |"
@@ -94,11 +124,7 @@ def write_markdown(results, path, budgets):
           for name, c in r["calibration"].items()],
         "",
         "## Cost and speed", "",
-        f"Images/s: the second of two passes over the test set (the first, untimed, sees every batch shape), batch "
-        f"{r['batch_size']}, on {r['device']}. GFLOPs counted by `torch.utils.flop_counter` (a multiply-add is 2).", "",
-        "| System | Parameters | GFLOPs / image | Images/s |", "|---|---|---|---|",
-        *[f"| {name} | {c['params'] / 1e6:.2f} M | {_gflops(c['gflops'])} | {c['images_per_s']:.0f} |"
-          for name, c in r["costs"].items()], "",
+        *cost_lines(r), "",
         "## Routed system: share of each class's images each student ran on", "",
         "| Class | " + " | ".join(r["students"]) + " |", "|---|" + "---|" * len(r["students"]),
         *[f"| {c} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + " |"
@@ -108,8 +134,8 @@ def write_markdown(results, path, budgets):
         *[f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + " |" for name, accs in r["per_class"].items()],
         "",
         "## Where these numbers come from", "",
-        "| Network | Checkpoint | Epochs | Complete | Seed | KD | Trained on | Git commit |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Network | Checkpoint | Epochs run | Weights of epoch | Complete | Seed | KD | Trained on | Git commit |",
+        "|---|---|---|---|---|---|---|---|---|",
         *[provenance_row(p) for p in r["provenance"]], "",
         "Plots: " + ", ".join(f"`{p}`" for p in PLOTS) + ".", "",
     ]
