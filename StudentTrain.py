@@ -9,6 +9,7 @@ autocast. Writes checkpoints/[NAME/]student_<arch>.pt (student_<arch>_nokd.pt wi
 .last.pt resume state, metrics log, curves and config.json.
 """
 
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from utils.cli import (
     run,
 )
 from utils.data import CLASSES, Split, data_record, load_cifar10, make_splits
-from utils.engine import Member, fit
+from utils.engine import Member, TimeBox, fit
 from utils.losses import KD_LOSSES, classification_loss, distillation_loss
 from utils.networks import Network
 from utils.recipes import STUDENTS
@@ -36,8 +37,8 @@ from utils.runtime import setup_runtime, teardown_runtime
 from utils.train_flags import add_model_args, add_split_args, add_training_args, finish_training_args
 
 # Flags every student of one loop shares: they see the same batches, epochs and split.
-LOOP_FLAGS = ("epochs", "batch_size", "translate", "padding", "cutout", "mix", "mix_alpha", "mix_prob", "seed",
-              "eval_every", "log_every", "time_budget")
+LOOP_FLAGS = ("epochs", "minutes", "batch_size", "translate", "padding", "cutout", "mix", "mix_alpha", "mix_prob",
+              "seed", "eval_every", "save_every", "log_every", "time_budget")
 
 
 def build_parser():
@@ -122,6 +123,7 @@ def loss_and_meta(flags, teacher, data, split):
 
 
 def main(argv=None):
+    started = time.time()
     runs = parse_args(argv)
     args = runs[0]  # what the loop shares: data, device, seed, epochs, batches
     runtime = setup_runtime(args)
@@ -131,8 +133,10 @@ def main(argv=None):
             print(f"  and {other.checkpoint}: " + ", ".join(f"{k} {v}" for k, v in vars(other).items()
                                                             if v != getattr(args, k)))
     files = [prepare_run(flags, runtime.is_main) for flags in runs]
-    # before decoding: ImageNet weights may be missing
-    models = [build_model(flags.arch, len(CLASSES), **flags.model_args) for flags in runs]
+    models = []
+    for flags in runs:  # each starts as it would in a run of its own; before decoding: ImageNet weights may be missing
+        torch.manual_seed(flags.seed)
+        models.append(build_model(flags.arch, len(CLASSES), **flags.model_args))
     data = load_cifar10(args.data_dir, args.download, verbose=runtime.is_main, allow_partial=args.partial_data)
     split = Split.from_args(args)
     teacher = load_teacher(args, data, runtime) if not all(flags.no_kd for flags in runs) else None
@@ -140,7 +144,7 @@ def main(argv=None):
     for flags, model, run_files in zip(runs, models, files):
         loss_fn, meta = loss_and_meta(flags, teacher, data, split)
         members.append(Member(model, loss_fn, flags, meta, run_files))
-    fit(members, make_splits(data, split), args, runtime, teacher=teacher)
+    fit(members, make_splits(data, split), args, runtime, teacher=teacher, time_box=TimeBox.of(args, started))
     teardown_runtime(runtime)
 
 

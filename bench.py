@@ -244,7 +244,7 @@ def inference(test_images, args, runtime):
         "cascade": lambda: batched_routed(cascade, routed, selector, images, runtime, bs),
         "selector_routing": lambda: batched_routed(selection, routed, selector, images, runtime, bs),
     }
-    return {name: len(images) / timed(fn, runtime)[1] for name, fn in systems.items()}
+    return {name: len(images) / timed(fn, runtime)[1][0] for name, fn in systems.items()}
 
 
 # ----------------------------------------------------------------------------- report

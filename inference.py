@@ -4,17 +4,20 @@ Every network's logits on the hold-out and test splits are computed once per che
 (``<stem>.logits.pt``). The routing policies of utils/routers.py are fitted on the hold-out
 split only — the cascade and learned deferral on all of it, the selector on its validation
 images, which it never trained on — and then applied to the test split:
-  cascade   run the cheaper student; where its (temperature-scaled) confidence is low, also
-            run the other and average both
+  cascade   run the cheapest student; where its (temperature-scaled) confidence is low, also
+            run the next and average both
   deferral  the same, with a learned decision (logistic regression on the first student's
             probabilities)
   selector  the selector CNN looks at the image and sends it to one student, by predicted gain
---router and --budget (a multiple of the cheaper student's GFLOPs) choose the routed system of
-the headline row and of --images. For comparison: each student, the no-KD twins where
-StudentTrain.py --no-kd wrote them, the ensemble, random routing at the selector's shares, the
-selector trained on shuffled labels (selector_shuffled.pt, if present) and the oracle, with paired
-bootstrap intervals and McNemar tests. Writes results/[NAME/]results.md, results.json and plots.
-With --images, classifies your own image files with the routed system instead.
+--router and --budget (a multiple of the cheapest student's GFLOPs) choose the routed system of
+the headline row. For comparison: each student, the no-KD twins where StudentTrain.py --no-kd
+wrote them, the ensemble, random routing at the selector's shares, the selector trained on
+shuffled labels (selector_shuffled.pt, if present) and the oracle, with paired bootstrap
+intervals and McNemar tests. Writes, in results/[NAME/], a results bundle (utils/bundle.py):
+results.md, results.json, the plots and logits.npz.
+
+--bundle DIR does all of it again from a bundle alone (no checkpoints, no data, no GPU): the
+same tables and plots, the measured costs copied from the bundle.
 """
 
 import functools
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from utils.bundle import LOGITS, read_bundle, write_logits
 from utils.cli import (
     POSITIVE_INT,
     UserError,
@@ -35,12 +39,13 @@ from utils.cli import (
     run,
 )
 from utils.data import CLASSES, load_cifar10, make_splits
-from utils.networks import Network
+from utils.networks import Network, Trained
 from utils.report import write_report
 from utils.routers import ROUTERS, EnsembleRouter, RandomRouter, Routing, oracle_routing
 from utils.routing import (
     add_routing_args,
     batched_routed,
+    check_selector_students,
     load_selector,
     load_students,
     outputs_of,
@@ -48,19 +53,24 @@ from utils.routing import (
     timed,
     try_fit,
 )
-from utils.runs import RESULTS_ROOT, default_checkpoint, default_students
-from utils.runtime import batched_logits, device_name, setup_runtime
+from utils.runs import RESULTS_ROOT, continue_command, default_checkpoint, default_students
+from utils.runtime import batched_logits, device_name, setup_runtime, stoppable
 from utils.stats import expected_calibration_error, mcnemar, paired_bootstrap
 
 BUDGETS = (1.0, 1.25, 1.5)  # the budget table's columns: multiples of the cheapest student's GFLOPs per image
+TIMED_PASSES = 3  # over the test split, for each system's images/s
 
 
 def build_parser():
     parser = make_parser(__doc__, Path(__file__).name)
     add_routing_args(parser)
     parser.add_argument("--teacher", default=None, help="teacher checkpoint (default: checkpoints/[NAME/]teacher.pt)")
-    parser.add_argument("--out", default=None, help="folder for results.md, results.json and the plots "
-                                                    "(default: results/[NAME/])")
+    parser.add_argument("--bundle", default=None, metavar="DIR",
+                        help="analyse a results bundle (a folder with results.json and logits.npz) instead of "
+                             "checkpoints: no data, no network is run; the costs are the bundle's")
+    parser.add_argument("--out", default=None, help="folder for results.md, results.json, the plots and "
+                                                    "logits.npz (default: results/[NAME/], or with --bundle "
+                                                    "results/<the bundle folder's name>)")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=1024, help="images per forward pass")
     add_data_args(parser)
     add_device_args(parser, compile=False, seed=False)
@@ -72,7 +82,7 @@ def parse_args(argv=None):
     args.teacher = args.teacher or default_checkpoint(args.name, "teacher")
     args.students = args.students or default_students(args.name)
     args.selector = args.selector or default_checkpoint(args.name, "selector")
-    args.out = args.out or str(RESULTS_ROOT / args.name)
+    args.out = args.out or str(RESULTS_ROOT / (Path(args.bundle).resolve().name if args.bundle else args.name))
     return args
 
 
@@ -80,15 +90,27 @@ def parse_args(argv=None):
 
 @dataclass
 class Networks:
-    teacher: Network
+    teacher: Trained
     students: list
     twins: list  # the students' no-KD twins that exist
-    selector: Network
-    control: Network | None  # the selector trained on shuffled labels, if it exists
+    selector: Trained
+    control: Trained | None  # the selector trained on shuffled labels, if it exists
 
     def __iter__(self):
         return iter([self.teacher, *self.students, *self.twins, self.selector, *([self.control] if self.control
                                                                                  else [])])
+
+    def layout(self):
+        """Where each role sits in ``list(self)``: how a bundle remembers them."""
+        s, t = len(self.students), len(self.twins)
+        return {"teacher": 0, "students": list(range(1, 1 + s)), "twins": list(range(1 + s, 1 + s + t)),
+                "selector": 1 + s + t, "control": 2 + s + t if self.control else None}
+
+    @classmethod
+    def from_layout(cls, networks, layout):
+        return cls(networks[layout["teacher"]], [networks[k] for k in layout["students"]],
+                   [networks[k] for k in layout["twins"]], networks[layout["selector"]],
+                   None if layout["control"] is None else networks[layout["control"]])
 
 
 def nokd_twin(path):
@@ -106,11 +128,20 @@ def load_networks(args, runtime, data):
              for k, twin in enumerate(map(nokd_twin, args.students), 1) if twin]
     selector = load_selector(args.selector, students, runtime)
     control_path = Path(args.selector).with_name(Path(args.selector).stem + "_shuffled.pt")
-    control = load_selector(control_path, students, runtime) if control_path.exists() else None
+    control = load_selector(control_path, students, runtime, role="Selector on shuffled labels") \
+        if control_path.exists() else None
     networks = Networks(teacher, students, twins, selector, control)
     for net in networks:
         net.load_logits(data)
     return networks
+
+
+def networks_of_bundle(folder):
+    """``(results, Networks)`` of a bundle: each network's record and logits, no weights."""
+    results, networks = read_bundle(folder)
+    networks = Networks.from_layout(networks, results["layout"])
+    check_selector_students(networks.selector.checkpoint, networks.selector.path, networks.students)
+    return results, networks
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -208,24 +239,25 @@ def per_class(correct, labels):
 
 
 def measure_speed(args, runtime, networks, headline, routed_gflops, images):
-    """Parameters, GFLOPs and images/s of each network and of the routed system, timed alike on every device."""
+    """Parameters, GFLOPs and images/s of each network and of the routed system, timed alike on every device:
+    the median and the range of ``TIMED_PASSES`` passes over the test split, after an untimed one."""
     teacher, students, selector = networks.teacher, networks.students, networks.selector
     bs = args.batch_size
 
-    def speed(fn):
-        return len(images) / timed(fn, runtime)[1]
+    def cost(params, gflops, fn):
+        speeds = sorted(len(images) / seconds for seconds in timed(fn, runtime, TIMED_PASSES)[1])
+        return {"params": params, "gflops": gflops, "images_per_s": speeds[len(speeds) // 2],
+                "images_per_s_range": [speeds[0], speeds[-1]]}
 
-    costs = {net.role.lower(): {"params": net.stats["params"], "gflops": net.gflops,
-                                "images_per_s": speed(lambda net=net: batched_logits(net, images, runtime, bs))}
+    costs = {net.role.lower(): cost(net.stats["params"], net.gflops,
+                                    lambda net=net: batched_logits(net, images, runtime, bs))
              for net in [teacher, *students]}
-    costs["both students"] = {"params": sum(s.stats["params"] for s in students),
-                              "gflops": sum(s.gflops for s in students),
-                              "images_per_s": speed(lambda: [batched_logits(s, images, runtime, bs) for s in students])}
+    costs["both students"] = cost(sum(s.stats["params"] for s in students), sum(s.gflops for s in students),
+                                  lambda: [batched_logits(s, images, runtime, bs) for s in students])
     routed_params = sum(s.stats["params"] for s in students) + (selector.stats["params"] if headline.uses_selector
                                                                   else 0)
-    costs[f"routed ({headline.name})"] = {
-        "params": routed_params, "gflops": routed_gflops,
-        "images_per_s": speed(lambda: batched_routed(headline, students, selector, images, runtime, bs))}
+    costs[f"routed ({headline.name})"] = cost(routed_params, routed_gflops,
+                                              lambda: batched_routed(headline, students, selector, images, runtime, bs))
     return costs
 
 
@@ -246,29 +278,65 @@ def provenance(networks):
     return rows
 
 
+def training(networks):
+    """How each network was trained: epochs (chosen by a time box, or given), images/s, wall and start-up time."""
+    rows = {}
+    for net in networks:
+        timing = net.checkpoint.get("timing") or {}
+        rows[net.label] = {"epochs": net.checkpoint["epochs"], "best_epoch": net.checkpoint["epoch"],
+                           "minutes": timing.get("minutes"), "train_images_per_s": timing.get("train_images_per_s"),
+                           "startup_seconds": timing.get("startup_seconds"),
+                           "wall_seconds": timing.get("wall_seconds")}
+    return rows
+
+
+def describe(networks, split):
+    """What the results say about the networks and the data, the same from checkpoints or from a bundle."""
+    return {"split": split.as_dict(),
+            "students": [f"student {k} ({s.arch})" for k, s in enumerate(networks.students, 1)],
+            "unfinished": [net.path for net in networks if not net.checkpoint.get("complete")],
+            "provenance": provenance(networks), "training": training(networks),
+            "checkpoints": {net.label: net.path for net in networks}, "layout": networks.layout(),
+            "networks": [net.record() for net in networks], "budget_multiples": list(BUDGETS)}
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.bundle:
+        return analyse_bundle(args)
     runtime = setup_runtime(args)
     print_config(args, "inference.py")
     split = students_split(args.students)
     data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)
-    networks = load_networks(args, runtime, data)
-    results, headline = evaluate_all(args, networks)
-    images, labels = make_splits(data, split)["test"]
-    results["costs"] = measure_speed(args, runtime, networks, headline, results["gflops"][results["routed"]["name"]],
-                                     images)
+    with stoppable("evaluating the networks (the logits computed so far are kept)", continue_command(args.command)):
+        networks = load_networks(args, runtime, data)
+        results, headline = evaluate_all(args, networks)
+        images, labels = make_splits(data, split)["test"]
+        routed_gflops = results["gflops"][results["routed"]["name"]]
+        results["costs"] = measure_speed(args, runtime, networks, headline, routed_gflops, images)
     results.update(
-        test_images=len(labels), device=device_name(runtime.device), torch=str(torch.__version__),
-        batch_size=args.batch_size, command=args.command, split=split.as_dict(),
-        data=f"data fingerprint {data.fingerprint}" + (f", stratified --limit {split.limit}" if split.limit else ""),
-        students=[f"student {k} ({s.arch})" for k, s in enumerate(networks.students, 1)],
-        unfinished=[net.path for net in networks if not net.checkpoint.get("complete")],
-        provenance=provenance(networks),
-        checkpoints={net.role: net.path for net in networks})
+        describe(networks, split), test_images=len(labels), device=device_name(runtime.device),
+        torch=str(torch.__version__), batch_size=args.batch_size, command=args.command,
+        data=f"data fingerprint {data.fingerprint}" + (f", stratified --limit {split.limit}" if split.limit else ""))
     out = Path(args.out)
-    write_report(results, out, BUDGETS)
+    write_report(results, out)
+    write_logits(networks, out / LOGITS)
     print((out / "results.md").read_text())
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and four plots in {out}/")
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {LOGITS} and the plots in {out}/")
+
+
+def analyse_bundle(args):
+    """Every table and plot again from a bundle: the same figures, from its logits alone."""
+    bundle, networks = networks_of_bundle(args.bundle)
+    results, _ = evaluate_all(args, networks)
+    kept = ("costs", "test_images", "device", "torch", "batch_size", "command", "data", "pipeline")
+    results.update(describe(networks, networks.students[0].split), **{k: bundle[k] for k in kept if k in bundle},
+                   reanalysis=f"re-analysed from the bundle {args.bundle} by `{args.command}`")
+    out = Path(args.out)
+    write_report(results, out)
+    write_logits(networks, out / LOGITS)
+    print((out / "results.md").read_text())
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {LOGITS} and the plots in {out}/")
 
 
 if __name__ == "__main__":

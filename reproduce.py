@@ -1,31 +1,47 @@
 """Run the whole pipeline: teacher -> students -> selector -> inference, then print each stage's wall time.
 
-A stage whose checkpoint is complete and up to date is skipped; an interrupted one resumes; a
-stale one (trained from another teacher, other students, other data or other flags) is
-trained again. --force retrains every stage.
+The students (and, with --with-nokd, their no-KD twins) train together in one loop on the same
+batches. The selector is trained twice: as itself, and on shuffled labels as a control
+(selector_shuffled.pt). The results bundle (utils/bundle.py) goes to results/NAME/bundle/:
+results.md, results.json, the plots, logits.npz and metrics.jsonl.
+
+A stage whose checkpoints are complete and up to date is skipped; an interrupted one resumes. A
+stale one (trained from another teacher, other students, other data or other flags, another
+--seed included) stops the command with its reason: nothing complete is ever deleted without
+--force (which retrains every stage), or write the new run elsewhere with --name.
+
+--minutes M boxes the whole pipeline, data decoding and start-up included, in M minutes: each
+training stage gets a share of what is left when it starts (printed at the start; a stage that
+ends early hands its time on), measures its own speed and chooses its epochs (utils/engine.py).
+--epochs-from BUNDLE trains every stage with the epochs that bundle's run chose.
 Presets:
   smoke  CPU, a small stratified subset, one epoch per stage: the pipeline end to end in about a
          minute, for trying the repository and for CI (experiment name "smoke")
-  full   the GPU recipe behind the README's table: each network's recipe (utils/recipes.py)
-The selector is trained twice: as itself, and on shuffled labels as a control (selector_shuffled.pt).
+  full   the GPU recipe: each network's recipe (utils/recipes.py)
 With --seeds S1 S2 ..., the pipeline runs once per seed (experiment NAME/seed<S>) and a table of
 each row's mean and standard deviation over the seeds is written to results/NAME/seeds.md.
+Exit codes: 0 done; 2 a refusal (one line saying why); 75 a training stage stopped by
+--time-budget; 130/143 stopped by SIGINT/SIGTERM. Run the same command again to go on.
 """
 
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import inference
 import StudentTrain
 import teacherTrain
 import trainSelector
+from utils.bundle import METRICS, bundle_sizes, read_bundle
 from utils.checkpoint import load_checkpoint
 from utils.cli import (
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
+    POSITIVE,
     POSITIVE_INT,
+    UserError,
     default_data_dir,
     make_parser,
     parse,
@@ -35,13 +51,27 @@ from utils.cli import (
 from utils.data import load_cifar10
 from utils.losses import KD_LOSSES
 from utils.recipes import STUDENTS
-from utils.runs import RESULTS_ROOT, RunFiles, config_changes, student_stem
+from utils.report import write_results
+from utils.runs import RESULTS_ROOT, RunFiles, config_changes, continued_by, student_stem
 
 PRESETS = {
-    "smoke": {"name": "smoke", "device": "cpu", "split": ["--limit", "20", "--holdout", "100"],
-              "train": ["--epochs", "1", "--batch-size", "10", "--log-every", "1"], "selector": ["--views", "1"]},
-    "full": {"name": "", "device": "auto", "split": [], "train": [], "selector": []},
+    "smoke": {"name": "smoke", "device": "cpu", "epochs": 1, "split": ["--limit", "20", "--holdout", "100"],
+              "train": ["--batch-size", "10", "--log-every", "1"], "selector": ["--views", "1"]},
+    "full": {"name": "", "device": "auto", "epochs": None, "split": [], "train": [], "selector": []},
 }
+# Of the time left when it starts, the share of each stage still to run (inference is not time-boxed: its share
+# is what is kept for it). With --with-nokd the students' loop trains twice as many networks.
+SHARES = {"teacher": 0.40, "students": 0.42, "selector": 0.04, "selector, shuffled-label control": 0.04,
+          "inference": 0.10}
+SHARES_WITH_NOKD = {**SHARES, "teacher": 0.30, "students": 0.56}
+
+
+@dataclass
+class Stage:
+    title: str
+    module: object  # the script whose main() trains it
+    paths: list  # the checkpoints it writes
+    argv: list
 
 
 def build_parser():
@@ -54,12 +84,19 @@ def build_parser():
     seeds.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of every training stage")
     seeds.add_argument("--seeds", type=NON_NEGATIVE_INT, nargs="+",
                        help="run the pipeline once per seed (experiments NAME/seed<S>) and summarise them")
-    parser.add_argument("--epochs", type=POSITIVE_INT, default=None,
-                        help="epochs of every training stage (default: the preset's, else each script's own)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=POSITIVE_INT, default=None,
+                        help="epochs of every training stage (default: the preset's, else each network's recipe)")
+    length.add_argument("--minutes", type=POSITIVE, default=None,
+                        help="a time box for the whole pipeline: each training stage gets a share of the time left "
+                             "and chooses its epochs to fit it")
+    length.add_argument("--epochs-from", default=None, metavar="BUNDLE",
+                        help="train each stage with the epochs the run that wrote this results bundle chose")
     parser.add_argument("--kd-loss", default="kl", choices=KD_LOSSES, help="KD loss of the students")
     parser.add_argument("--with-nokd", action="store_true",
-                        help="also train both students without KD (same recipe), for the KD-versus-no-KD rows")
-    parser.add_argument("--force", action="store_true", help="retrain every stage, even those complete and current")
+                        help="also train both students without KD, in the students' loop, for the KD-gain rows")
+    parser.add_argument("--force", action="store_true",
+                        help="retrain every stage, replacing what is there, even complete and current checkpoints")
     parser.add_argument("--time-budget", type=NON_NEGATIVE, default=None,
                         help="minutes after which a training stage saves and stops; rerun the same command to go on")
     parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
@@ -80,42 +117,63 @@ def parse_args(argv=None):
     return args
 
 
+def stage_epochs(args):
+    """``{stage title: --epochs}``: the user's, a bundle's chosen ones, or the preset's (None: the recipe's or a
+    time box's)."""
+    if args.epochs_from:
+        results, networks = read_bundle(args.epochs_from)
+        layout = results["layout"]
+        chosen = {title: networks[layout[role][0] if role == "students" else layout[role]].checkpoint["epochs"]
+                  for title, role in (("teacher", "teacher"), ("students", "students"), ("selector", "selector"))}
+        control = layout["control"]
+        chosen["selector, shuffled-label control"] = networks[control].checkpoint["epochs"] if control is not None \
+            else chosen["selector"]
+        return chosen
+    epochs = args.epochs or (None if args.minutes else PRESETS[args.preset]["epochs"])
+    return dict.fromkeys(SHARES, epochs)
+
+
 def stages(args, name, seed):
-    """``[(title, script module, checkpoint, argv)]`` of one pipeline run."""
+    """``([Stage], common flags of inference.py)`` of one pipeline run."""
     preset = PRESETS[args.preset]
     data = ["--data-dir", args.data_dir, *(["--download"] if args.download else []),
             *(["--partial-data"] if args.partial_data else [])]
     common = ["--name", name, "--device", args.device, *data]
-    train = [*common, *preset["train"], "--seed", str(seed), *(["--epochs", str(args.epochs)] if args.epochs else []),
-             *(["--time-budget", str(args.time_budget)] if args.time_budget is not None else [])]
-    ckpt = Path("checkpoints") / name
-    result = [("teacher", teacherTrain, ckpt / "teacher.pt", [*train, *preset["split"]])]
-    kd = [True, False] if args.with_nokd else [True]
-    for with_kd in kd:
-        for number, arch in STUDENTS.items():
-            title = f"student {number} ({arch})" + ("" if with_kd else " without KD")
-            result.append((title, StudentTrain, ckpt / f"{student_stem(arch, with_kd)}.pt",
-                           [*train, *preset["split"], "--model", number,
-                            *(["--kd-loss", args.kd_loss] if with_kd else ["--no-kd"])]))
-    result.append(("selector", trainSelector, ckpt / "selector.pt", [*train, *preset["selector"]]))
-    result.append(("selector, shuffled-label control", trainSelector, ckpt / "selector_shuffled.pt",
-                   [*train, *preset["selector"], "--shuffle-labels"]))
-    return result, common
+    epochs = stage_epochs(args)
+
+    def train(title):
+        return [*common, *preset["train"], "--seed", str(seed),
+                *(["--epochs", str(epochs[title])] if epochs[title] else []),
+                *(["--time-budget", str(args.time_budget)] if args.time_budget is not None else [])]
+
+    folder = Path("checkpoints") / name
+    kinds = [True, False] if args.with_nokd else [True]
+    students = [folder / f"{student_stem(arch, kd)}.pt" for arch in STUDENTS.values() for kd in kinds]
+    return [
+        Stage("teacher", teacherTrain, [folder / "teacher.pt"], [*train("teacher"), *preset["split"]]),
+        Stage("students", StudentTrain, students,
+              [*train("students"), *preset["split"], "--model", *STUDENTS, "--kd-loss", args.kd_loss,
+               *(["--with-nokd"] if args.with_nokd else [])]),
+        Stage("selector", trainSelector, [folder / "selector.pt"], [*train("selector"), *preset["selector"]]),
+        Stage("selector, shuffled-label control", trainSelector, [folder / "selector_shuffled.pt"],
+              [*train("selector, shuffled-label control"), *preset["selector"], "--shuffle-labels"]),
+    ], common
 
 
 def _peek(path):
     return load_checkpoint(path, hint="python reproduce.py --force")
 
 
-def stage_state(module, path, argv, fingerprint):
-    """``(state, why)``: 'complete', 'partial' (resumable), 'stale' (to retrain) or 'missing'."""
+def checkpoint_state(path, expected, fingerprint):
+    """``(state, why)`` of one checkpoint against the flags ``expected`` of the run that should write it:
+    'complete', 'partial' (resumable), 'stale' (trained otherwise) or 'missing'."""
     files = RunFiles.of(path)
     if not files.best.exists() and not files.last.exists():
         return "missing", ""
     checkpoint = _peek(files.last if files.last.exists() else files.best)
-    parsed = module.parse_args(argv)
-    expected = next(run for run in parsed if run.checkpoint == str(path)) if isinstance(parsed, list) else parsed
     changed = config_changes(checkpoint["config"], vars(expected))
+    if expected.minutes is not None and checkpoint["config"].get("minutes") is not None:
+        changed = [k for k in changed if k != "epochs"]  # each time box chose its own
     inputs = [("teacher", checkpoint["teacher"])] if checkpoint.get("teacher") else []
     inputs += [(f"student {k}", s) for k, s in enumerate(checkpoint.get("students", []), 1)]
     moved = [what for what, record in inputs
@@ -131,30 +189,108 @@ def stage_state(module, path, argv, fingerprint):
     return ("complete", "") if complete else ("partial", "")
 
 
-def run_pipeline(args, name, seed, fingerprint):
-    """Train every stage that needs it, then run inference; returns the stage wall times, or None if stopped."""
-    wall = {}
+def stage_state(stage, fingerprint, time_boxed=False):
+    """``(state, why)`` of a stage: that of its checkpoints when they agree; a mix of complete and missing
+    ones is 'stale' too (its loop cannot train some of them alone). ``time_boxed``: it is to run with --minutes."""
+    try:
+        parsed = stage.module.parse_args([*stage.argv, *(["--minutes", "1"] if time_boxed else [])])
+    except UserError as e:  # what the stage reads (the selector's students) is not there
+        if any(RunFiles.of(path).last.exists() or Path(path).exists() for path in stage.paths):
+            return "stale", str(e)
+        return "missing", ""
+    expected = {run.checkpoint: run for run in parsed} if isinstance(parsed, list) else {parsed.checkpoint: parsed}
+    states = {path: checkpoint_state(path, expected[str(path)], fingerprint) for path in stage.paths}
+    stale = [(path, why) for path, (state, why) in states.items() if state == "stale"]
+    if stale:
+        path, why = stale[0]
+        return "stale", why if len(stage.paths) == 1 else f"{path} {why}"
+    kinds = {state for state, _ in states.values()}
+    if len(kinds) > 1:
+        return "stale", ", ".join(f"{path} {state}" for path, (state, _) in states.items())
+    return kinds.pop(), ""
+
+
+def stage_budget(deadline, plan, title, shares):
+    """Minutes for stage ``title``: its share of the time left, among the stages that still have to run."""
+    left = deadline - time.time()
+    share = shares[title] / sum(shares[t] for t in [*plan, "inference"])
+    return max(left * share, 1.0) / 60
+
+
+def run_pipeline(args, name, seed, fingerprint, started=None):
+    """Train every stage that needs it, then run inference into the results bundle; returns the stage wall times.
+
+    A stage stopped early (a signal, --time-budget) ends the process with its exit code, after the wall times.
+    """
+    started = started or time.time()
+    deadline = started + 60 * args.minutes if args.minutes else None
+    shares = SHARES_WITH_NOKD if args.with_nokd else SHARES
     plan, common = stages(args, name, seed)
-    for title, module, path, argv in plan:
-        state, why = ("missing", "") if args.force else stage_state(module, path, argv, fingerprint)
+
+    def state_of(stage):
+        state, why = ("missing", "") if args.force else stage_state(stage, fingerprint, bool(deadline))
+        if state == "stale":
+            raise UserError(f"the {stage.title} stage of experiment '{name}' is stale ({why}); nothing was deleted: "
+                            "retrain every stage with --force, or write this run elsewhere with --name")
+        return state
+
+    states = {stage.title: state_of(stage) for stage in plan}  # a stale stage stops the pipeline before any work
+    to_run = [stage.title for stage in plan if states[stage.title] != "complete"]
+    if deadline:
+        print(f"time box of {args.minutes:g} min, shared when each stage starts: " + ", ".join(
+            f"{t} {100 * shares[t]:.0f}%" for t in [*to_run, "inference"]))
+    wall = {}
+    for stage in plan:
+        state = state_of(stage) if wall else states[stage.title]  # what the stages before it trained may change it
+        paths = ", ".join(map(str, stage.paths))
         if state == "complete":
-            print(f"== {title}: {path} is complete, skipped (--force reruns it)")
+            print(f"== {stage.title}: {paths} complete, skipped (--force retrains it)")
             continue
-        note = {"partial": " (resuming)", "stale": f" (stale: {why}; retraining)"}.get(state, "")
-        print(f"== {title} -> {path}{note}")
-        flag = {"partial": ["--resume"], "stale": ["--force"]}.get(state, ["--force"] if args.force else [])
+        print(f"== {stage.title} -> {paths}" + (" (resuming)" if state == "partial" else ""))
+        flags = {"partial": ["--resume"]}.get(state, ["--force"] if args.force or _leftovers(stage) else [])
+        if deadline:
+            flags += ["--minutes", f"{stage_budget(deadline, to_run, stage.title, shares):.4f}"]
+        to_run.remove(stage.title)
         start = time.time()
-        module.main([*argv, *flag])
-        wall[title] = time.time() - start
-        if not load_checkpoint(path, hint="python reproduce.py").get("complete"):
-            print(f"{title} stopped before its last epoch; run the same command again to continue")
+        try:
+            with continued_by(args.command):
+                stage.module.main([*stage.argv, *flags])
+        except SystemExit:
+            wall[stage.title] = time.time() - start
+            print(f"{stage.title} stopped before its end; run the same command again to go on")
             report(wall)
-            return None
+            raise
+        wall[stage.title] = time.time() - start
+    out = RESULTS_ROOT / name / "bundle"
     start = time.time()
-    inference.main([*common, "--out", str(RESULTS_ROOT / name)])
+    inference.main([*common, "--out", str(out)])
     wall["inference"] = time.time() - start
+    finish_bundle(out, plan, wall, args, time.time() - started)
     report(wall)
     return wall
+
+
+def _leftovers(stage):
+    """Whether a missing stage left files that a fresh run must replace (an unresumable start)."""
+    return any(path.exists() for p in stage.paths for path in RunFiles.of(p))
+
+
+def finish_bundle(out, plan, wall, args, total_seconds):
+    """Add to the bundle every stage's training log (``metrics.jsonl``) and the pipeline's wall times."""
+    with open(out / METRICS, "w") as f:
+        for stage in plan:
+            for path in stage.paths:
+                log = RunFiles.of(path).log
+                for line in log.read_text().splitlines() if log.exists() else []:
+                    f.write(json.dumps({"run": str(path), **json.loads(line)}) + "\n")
+    results = json.loads((out / "results.json").read_text())
+    results["pipeline"] = {"command": args.command, "minutes": args.minutes, "stages": wall,
+                           "total_seconds": total_seconds}
+    write_results(results, out)
+    files, within = bundle_sizes(out)
+    if not within:
+        print(f"warning: the bundle {out} is larger than a bundle kept in git may be: "
+              + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in files))
 
 
 def report(wall):
@@ -166,7 +302,8 @@ def report(wall):
 
 def summarise(name, seeds):
     """``results/NAME/seeds.md`` and ``.json``: each row's mean and standard deviation over the seeds."""
-    runs = {seed: json.loads((RESULTS_ROOT / name / f"seed{seed}" / "results.json").read_text()) for seed in seeds}
+    runs = {seed: json.loads((RESULTS_ROOT / name / f"seed{seed}" / "bundle" / "results.json").read_text())
+            for seed in seeds}
     rows = {}
     for seed, results in runs.items():
         for row, acc in results["accuracy"].items():
@@ -190,16 +327,16 @@ def summarise(name, seeds):
 
 
 def main(argv=None):
+    started = time.time()
     args = parse_args(argv)
     print_config(args, "reproduce.py")
     fingerprint = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data).fingerprint
     if not args.seeds:
-        run_pipeline(args, args.name, args.seed, fingerprint)
+        run_pipeline(args, args.name, args.seed, fingerprint, started)
         return
     for seed in args.seeds:
         print(f"\n######## seed {seed}")
-        if run_pipeline(args, str(Path(args.name) / f"seed{seed}"), seed, fingerprint) is None:
-            return
+        run_pipeline(args, str(Path(args.name) / f"seed{seed}"), seed, fingerprint)
     summarise(args.name, args.seeds)
 
 

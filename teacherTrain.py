@@ -4,6 +4,7 @@ Writes checkpoints/[NAME/]teacher.pt (best weights by hold-out accuracy, with th
 accuracy), teacher.last.pt (resume state), a metrics log, training curves and config.json.
 """
 
+import time
 from pathlib import Path
 
 from models import CLASSIFIERS, build_model
@@ -16,7 +17,7 @@ from utils.cli import (
     run,
 )
 from utils.data import CLASSES, Split, data_record, load_cifar10, make_splits
-from utils.engine import Member, fit
+from utils.engine import Member, TimeBox, fit
 from utils.losses import classification_loss
 from utils.recipes import TEACHER
 from utils.runs import prepare_run
@@ -47,6 +48,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    started = time.time()
     args = parse_args(argv)
     runtime = setup_runtime(args)
     if runtime.is_main:
@@ -58,7 +60,7 @@ def main(argv=None):
     meta = {"kind": "teacher", "arch": args.arch, "num_classes": len(CLASSES), "model_args": args.model_args,
             "loss": f"cross-entropy (label smoothing {args.label_smoothing:g})", **data_record(data, split)}
     fit([Member(model, classification_loss(args.label_smoothing), args, meta, files)], make_splits(data, split),
-        args, runtime)
+        args, runtime, time_box=TimeBox.of(args, started))
     teardown_runtime(runtime)
 
 

@@ -12,6 +12,7 @@ The split is the students' own, read from their checkpoints. Writes
 checkpoints/[NAME/]selector.pt, which records the students it was made for.
 """
 
+import time
 from pathlib import Path
 
 import torch
@@ -32,11 +33,11 @@ from utils.cli import (
     run,
 )
 from utils.data import load_cifar10, make_splits
-from utils.engine import Member, fit
+from utils.engine import Member, TimeBox, fit
 from utils.routers import selector_targets, shuffled_labels, students_disagree
 from utils.routing import load_students, student_record, students_split, validation_mask
-from utils.runs import default_students, prepare_run
-from utils.runtime import batched_logits, setup_runtime, teardown_runtime
+from utils.runs import continue_command, default_students, prepare_run
+from utils.runtime import batched_logits, setup_runtime, stoppable, teardown_runtime
 from utils.train_flags import add_training_args, finish_training_args
 
 
@@ -103,7 +104,8 @@ def students_augmentation(students):
 
 def student_logits(students, images, runtime):
     """``(N, S, C)``: every student's logits (with its test-time views) on uint8 ``images``, on the CPU."""
-    return torch.stack([batched_logits(student, images, runtime).cpu() for student in students], 1)
+    return torch.stack([batched_logits(student, images, runtime, desc=f"{student.role} on {len(images)} examples")
+                        .cpu() for student in students], 1)
 
 
 def routed_metric(logits, right):
@@ -134,6 +136,7 @@ def report(selector, logits, images, labels, runtime):
 
 
 def main(argv=None):
+    started = time.time()
     args = parse_args(argv)
     split = students_split(args.students)
     runtime = setup_runtime(args)
@@ -154,7 +157,9 @@ def main(argv=None):
                                                    *students_augmentation(students))
     if args.shuffle_labels:
         train_labels = shuffled_labels(train_labels, args.seed)
-    logits = student_logits(students, train_images, runtime)
+    with stoppable("labelling the selector's examples (nothing of it is saved)", continue_command(args.command)):
+        logits = student_logits(students, train_images, runtime)
+        val_logits = student_logits(students, images[val], runtime)
     targets = selector_targets(logits, train_labels)
     if args.disagreement_only:
         keep = students_disagree(logits, train_labels)
@@ -166,7 +171,6 @@ def main(argv=None):
           + (", only where the students disagree" if args.disagreement_only else "") + f"), {int(val.sum())} for "
           "validation; share of examples each student gets right: "
           + ", ".join(f"{s.path}: {share:.3f}" for s, share in zip(students, targets.mean(0).tolist())))
-    val_logits = student_logits(students, images[val], runtime)
 
     def loss_fn(out, y, teacher_logits=None):
         return F.binary_cross_entropy_with_logits(out.float(), y)
@@ -176,18 +180,17 @@ def main(argv=None):
             "loss": "binary cross-entropy of 'this student is right'" + (" (shuffled labels)" * args.shuffle_labels)}
     selector = build_model("selector", len(students))
     holdout = (images[val], selector_targets(val_logits, labels[val]))
-    finals = fit([Member(selector, loss_fn, args, meta, files, metric=routed_metric)],
-                 {"train": (train_images, targets), "holdout": holdout}, args, runtime, augment=False)
-    if finals is not None:
-        final = finals[0]
-        selector.load_state_dict(final["model"])
-        selector.eval()
-        final["report"] = r = report(selector, val_logits, images[val], labels[val], runtime)
-        save_checkpoint(args.checkpoint, final)
-        print(f"on {r['examples']} held-out images it did not train on, the student the selector picks is right on "
-              f"{r['routed_acc']:.4f}; students alone " + ", ".join(f"{a:.4f}" for a in r["student_accs"])
-              + f", oracle {r['oracle_acc']:.4f}; the students disagree on {r['disagreement_share']:.3f} of them; "
-              "shares " + ", ".join(f"{s:.3f}" for s in r["routing_share"]))
+    (final,) = fit([Member(selector, loss_fn, args, meta, files, metric=routed_metric)],
+                   {"train": (train_images, targets), "holdout": holdout}, args, runtime, augment=False,
+                   time_box=TimeBox.of(args, started))
+    selector.load_state_dict(final["model"])
+    selector.eval()
+    final["report"] = r = report(selector, val_logits, images[val], labels[val], runtime)
+    save_checkpoint(args.checkpoint, final)
+    print(f"on {r['examples']} held-out images it did not train on, the student the selector picks is right on "
+          f"{r['routed_acc']:.4f}; students alone " + ", ".join(f"{a:.4f}" for a in r["student_accs"])
+          + f", oracle {r['oracle_acc']:.4f}; the students disagree on {r['disagreement_share']:.3f} of them; "
+          "shares " + ", ".join(f"{s:.3f}" for s in r["routing_share"]))
     teardown_runtime(runtime)
 
 

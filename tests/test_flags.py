@@ -135,11 +135,14 @@ def parsed(script, argv):
 
 
 @pytest.mark.parametrize("script", TRAINERS)
-def test_default_warmup_is_capped_by_a_short_run(script, tmp_path, monkeypatch):
+def test_the_default_warmup_fits_any_run_and_a_given_one_must_fit_it(script, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert parsed(script, []).warmup_epochs == 2
-    assert parsed(script, ["--epochs", "1"]).warmup_epochs == 1
+    assert parsed(script, ["--epochs", "1"]).warmup_epochs == 2  # the engine keeps it to 20% of the run
     assert parsed(script, ["--epochs", "3", "--warmup-epochs", "3"]).warmup_epochs == 3
+    assert parsed(script, ["--minutes", "5"]).epochs is None  # chosen by the time box
+    line = refusal(SCRIPTS[script], ["--minutes", "5", "--epochs", "3"], tmp_path, monkeypatch, capsys)
+    assert "give --minutes or --epochs, not both" in line
 
 
 # ----------------------------------------------------------------------------- the command line itself

@@ -5,10 +5,10 @@ tiny synthetic tree (two images per split, one step per epoch); the pipeline-lev
 tests replace only the plan and the inference stage, so no full pipeline runs here.
 """
 
-import argparse
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +21,7 @@ import trainSelector
 from models import build_model
 from tests.conftest import write_tree
 from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+from utils.cli import UserError
 from utils.data import load_cifar10
 from utils.runs import default_checkpoint
 
@@ -63,16 +64,13 @@ USER_FLAGS = ["--preset", "smoke", "--seed", "3", "--epochs", "2", "--device", "
 def test_user_flags_reach_every_training_stage_and_win_over_the_preset():
     args = reproduce.parse_args(USER_FLAGS)
     plan, common = reproduce.stages(args, "mine", 3)
-    assert [title for title, *_ in plan] == [
-        "teacher", "student 1 (densenet121)", "student 2 (googlenet)",
-        "student 1 (densenet121) without KD", "student 2 (googlenet) without KD", "selector",
-        "selector, shuffled-label control"]
-    for title, module, path, argv in plan:
-        parsed = module.build_parser().parse_args(argv)
-        assert (parsed.seed, parsed.epochs, parsed.device, parsed.time_budget) == (3, 2, "cpu", 1.5), title
+    assert [stage.title for stage in plan] == ["teacher", "students", "selector", "selector, shuffled-label control"]
+    for stage in plan:
+        parsed = stage.module.build_parser().parse_args(stage.argv)
+        assert (parsed.seed, parsed.epochs, parsed.device, parsed.time_budget) == (3, 2, "cpu", 1.5), stage.title
         assert (parsed.name, parsed.data_dir, parsed.partial_data, parsed.download) == ("mine", "/data/c10", True, True)
-        assert [argv[i + 1] for i, flag in enumerate(argv) if flag == "--epochs"] == ["1", "2"], title  # preset, user
-        assert str(path).startswith(os.path.join("checkpoints", "mine", "")), title
+        assert stage.argv.count("--epochs") == 1, stage.title  # the user's, not the preset's as well
+        assert all(str(path).startswith(os.path.join("checkpoints", "mine", "")) for path in stage.paths)
     parsed = inference.build_parser().parse_args(common)
     assert (parsed.name, parsed.device, parsed.data_dir, parsed.partial_data, parsed.download) == (
         "mine", "cpu", "/data/c10", True, True)
@@ -80,17 +78,16 @@ def test_user_flags_reach_every_training_stage_and_win_over_the_preset():
 
 def test_each_flag_goes_only_to_the_stages_that_use_it():
     plan, _ = reproduce.stages(reproduce.parse_args(USER_FLAGS), "mine", 3)
-    by_title = {title: argv for title, _, _, argv in plan}
-    kd = ["student 1 (densenet121)", "student 2 (googlenet)"]
-    no_kd = [f"{title} without KD" for title in kd]
+    by_title = {stage.title: stage.argv for stage in plan}
     for title, argv in by_title.items():
-        assert ("--kd-loss" in argv) == (title in kd), title  # a twin without KD does not depend on the KD loss
-        assert ("--no-kd" in argv) == (title in no_kd), title
+        assert ("--kd-loss" in argv) == ("--with-nokd" in argv) == (title == "students"), title
         split = not title.startswith("selector")  # the selector reads its split from the students' checkpoints
         assert ("--limit" in argv and "--holdout" in argv) == split, title
         if split:
             assert (value(argv, "--limit"), value(argv, "--holdout")) == ("20", "100"), title
-    assert value(by_title["student 2 (googlenet)"], "--kd-loss") == "mse"
+    assert value(by_title["students"], "--kd-loss") == "mse"
+    students = by_title["students"]
+    assert students[students.index("--model") + 1:students.index("--model") + 3] == ["1", "2"]  # one loop
     assert value(by_title["selector"], "--views") == "1"
     assert "--shuffle-labels" in by_title["selector, shuffled-label control"]
     assert "--shuffle-labels" not in by_title["selector"]
@@ -98,31 +95,63 @@ def test_each_flag_goes_only_to_the_stages_that_use_it():
 
 def test_scripts_write_the_checkpoints_the_plan_inspects():
     plan, _ = reproduce.stages(reproduce.parse_args(USER_FLAGS), "mine", 3)
-    for title, module, path, argv in plan:
-        if module is trainSelector:  # its parse_args reads the students' checkpoints
-            parsed = module.build_parser().parse_args(argv)
-            written = default_checkpoint(parsed.name, "selector_shuffled" if parsed.shuffle_labels else "selector")
-        elif module is StudentTrain:
-            (written,) = [flags.checkpoint for flags in module.parse_args(argv)]
+    for stage in plan:
+        if stage.module is trainSelector:  # its parse_args reads the students' checkpoints
+            parsed = stage.module.build_parser().parse_args(stage.argv)
+            written = [default_checkpoint(parsed.name, "selector_shuffled" if parsed.shuffle_labels else "selector")]
+        elif stage.module is StudentTrain:
+            written = [flags.checkpoint for flags in stage.module.parse_args(stage.argv)]
         else:
-            written = module.parse_args(argv).checkpoint
-        assert written == str(path), title
+            written = [stage.module.parse_args(stage.argv).checkpoint]
+        assert written == list(map(str, stage.paths)), stage.title
+    assert [path.name for path in plan[1].paths] == ["student_densenet121.pt", "student_densenet121_nokd.pt",
+                                                     "student_googlenet.pt", "student_googlenet_nokd.pt"]
 
 
 def test_presets_alone_fill_in_device_and_epochs():
     smoke, _ = reproduce.stages(reproduce.parse_args(["--preset", "smoke"]), "smoke", 0)
-    for title, module, _, argv in smoke:
-        parsed = module.build_parser().parse_args(argv)
-        assert (parsed.epochs, parsed.device, parsed.seed, parsed.time_budget) == (1, "cpu", 0, None), title
-        if module is StudentTrain:
-            assert parsed.kd_loss == "kl", title
+    for stage in smoke:
+        parsed = stage.module.build_parser().parse_args(stage.argv)
+        assert (parsed.epochs, parsed.device, parsed.seed, parsed.time_budget) == (1, "cpu", 0, None), stage.title
     full, common = reproduce.stages(reproduce.parse_args(["--preset", "full"]), "", 0)
-    for title, module, path, argv in full:
-        parsed = module.build_parser().parse_args(argv)
-        assert not parsed.compile and parsed.device == "auto" and "--epochs" not in argv, title  # recipes
-        assert not {"--limit", "--holdout"} & set(argv), title  # every script's own split
-        assert str(path).startswith("checkpoints" + os.sep) and path.parent.name == "checkpoints"
-    assert len(full) == 5 and inference.build_parser().parse_args(common).name == ""
+    for stage in full:
+        parsed = stage.module.build_parser().parse_args(stage.argv)
+        assert not parsed.compile and parsed.device == "auto" and "--epochs" not in stage.argv, stage.title
+        assert not {"--limit", "--holdout"} & set(stage.argv), stage.title  # every script's own split
+        assert all(path.parent.name == "checkpoints" for path in stage.paths)
+    assert len(full) == 4 and inference.build_parser().parse_args(common).name == ""
+
+
+def test_a_time_box_leaves_the_epochs_to_each_stage():
+    plan, _ = reproduce.stages(reproduce.parse_args(["--preset", "smoke", "--minutes", "8"]), "smoke", 0)
+    assert all("--epochs" not in stage.argv for stage in plan)  # --minutes is added when each stage starts
+    assert reproduce.parse_args(["--minutes", "8"]).minutes == 8
+
+
+def test_epochs_from_a_bundle_give_each_stage_the_epochs_that_run_chose(tmp_path):
+    bundle = fake_bundle(tmp_path / "bundle", {"teacher": 23, "students": 11, "selector": 9, "control": 7})
+    plan, _ = reproduce.stages(reproduce.parse_args(["--epochs-from", str(bundle), "--with-nokd"]), "again", 0)
+    assert {stage.title: value(stage.argv, "--epochs") for stage in plan} == {
+        "teacher": "23", "students": "11", "selector": "9", "selector, shuffled-label control": "7"}
+
+
+def fake_bundle(folder, epochs):
+    """A results bundle with one network per role, of the given epochs: what --epochs-from reads."""
+    import numpy as np
+
+    folder.mkdir(parents=True)
+    roles = ["teacher", "students", "students", "selector", "control"]
+    networks = [{"role": role, "path": f"{role}.pt", "params": 1, "flops": 1,
+                 "checkpoint": {"kind": role, "arch": "googlenet", "epochs": epochs[role], "epoch": 1,
+                                "split": {"holdout": 2, "split_seed": 0, "limit": 2}}} for role in roles]
+    layout = {"teacher": 0, "students": [1, 2], "twins": [], "selector": 3, "control": 4}
+    (folder / "results.json").write_text(json.dumps({"networks": networks, "layout": layout, "test_images": 2,
+                                                     "split": networks[0]["checkpoint"]["split"]}))
+    arrays = {f"{split}_labels": np.zeros(2, dtype=np.int64) for split in ("holdout", "test")}
+    arrays.update({f"{split}_{k}": np.zeros((2, 10), dtype=np.float32) for split in ("holdout", "test")
+                   for k in range(len(roles))})
+    np.savez(folder / "logits.npz", **arrays)
+    return folder
 
 
 # ----------------------------------------------------------------------------- staleness
@@ -151,23 +180,33 @@ def copy_of(trained, tmp_path, monkeypatch):
     return tree, fingerprint
 
 
+def teacher_stage(tree, *extra, name=NAME):
+    return reproduce.Stage("teacher", teacherTrain, [Path(f"checkpoints/{name}/teacher.pt")],
+                           teacher_argv(tree, *extra, name=name))
+
+
+def student_stage(tree, *extra, name=NAME):
+    return reproduce.Stage("student", StudentTrain, [Path(f"checkpoints/{name}/student_googlenet.pt")],
+                           student_argv(tree, *extra, name=name))
+
+
 def test_stages_trained_as_asked_are_complete(trained, monkeypatch):
     root, tree, fingerprint = trained
     monkeypatch.chdir(root)
-    assert reproduce.stage_state(teacherTrain, TEACHER, teacher_argv(tree), fingerprint) == ("complete", "")
-    assert reproduce.stage_state(StudentTrain, STUDENT, student_argv(tree), fingerprint) == ("complete", "")
-    # flags that do not change the result (time budget, logging, device, data location) leave a stage current
-    control = student_argv(tree, "--time-budget", "5", "--log-every", "7", "--data-dir", str(root / "copy"))
-    assert reproduce.stage_state(StudentTrain, STUDENT, control, fingerprint) == ("complete", "")
+    assert reproduce.stage_state(teacher_stage(tree), fingerprint) == ("complete", "")
+    assert reproduce.stage_state(student_stage(tree), fingerprint) == ("complete", "")
+    # flags that do not change the result (time budget, logging, saving, device, data location) leave it current
+    control = student_stage(tree, "--time-budget", "5", "--log-every", "7", "--save-every", "0", "--data-dir",
+                            str(root / "copy"))
+    assert reproduce.stage_state(control, fingerprint) == ("complete", "")
 
 
 def test_other_flags_make_a_stage_stale(trained, monkeypatch):
     root, tree, fingerprint = trained
     monkeypatch.chdir(root)
-    state, why = reproduce.stage_state(StudentTrain, STUDENT, student_argv(tree, "--epochs", "2"), fingerprint)
+    state, why = reproduce.stage_state(student_stage(tree, "--epochs", "2"), fingerprint)
     assert state == "stale" and why.startswith("trained with other flags: --epochs")
-    state, why = reproduce.stage_state(StudentTrain, STUDENT, student_argv(tree, "--kd-loss", "mse", "--seed", "4"),
-                                       fingerprint)
+    state, why = reproduce.stage_state(student_stage(tree, "--kd-loss", "mse", "--seed", "4"), fingerprint)
     assert state == "stale" and "--kd-loss" in why and "--seed" in why
 
 
@@ -176,77 +215,95 @@ def test_other_data_makes_every_stage_stale(trained, tmp_path, monkeypatch):
     other = load_cifar10(write_tree(tmp_path / "other", per_class=(5, 2)), allow_partial=True, verbose=False)
     assert other.fingerprint != fingerprint
     monkeypatch.chdir(root)
-    assert reproduce.stage_state(teacherTrain, TEACHER, teacher_argv(tree), other.fingerprint) == (
-        "stale", "trained on other data")
-    assert reproduce.stage_state(StudentTrain, STUDENT, student_argv(tree), other.fingerprint) == (
-        "stale", "trained on other data")
+    assert reproduce.stage_state(teacher_stage(tree), other.fingerprint) == ("stale", "trained on other data")
+    assert reproduce.stage_state(student_stage(tree), other.fingerprint) == ("stale", "trained on other data")
 
 
 def test_nothing_trained_is_missing(trained, monkeypatch):
     root, tree, fingerprint = trained
     monkeypatch.chdir(root)
-    argv = teacher_argv(tree, name="never")
-    assert reproduce.stage_state(teacherTrain, "checkpoints/never/teacher.pt", argv, fingerprint) == ("missing", "")
+    assert reproduce.stage_state(teacher_stage(tree, name="never"), fingerprint) == ("missing", "")
+
+
+def test_a_stage_of_several_checkpoints_some_complete_and_some_missing_is_stale(trained, monkeypatch):
+    root, tree, fingerprint = trained
+    monkeypatch.chdir(root)
+    both = reproduce.Stage("students", StudentTrain, [Path(STUDENT), Path(STUDENT.replace(".pt", "_nokd.pt"))],
+                           student_argv(tree, "--with-nokd"))
+    state, why = reproduce.stage_state(both, fingerprint)
+    assert state == "stale" and f"{STUDENT} complete" in why and "_nokd.pt missing" in why
 
 
 def test_a_student_of_a_vanished_teacher_is_stale(copy_of):
     tree, fingerprint = copy_of
     os.remove(TEACHER)
-    assert reproduce.stage_state(StudentTrain, STUDENT, student_argv(tree), fingerprint) == (
-        "stale", "its teacher changed since")
+    assert reproduce.stage_state(student_stage(tree), fingerprint) == ("stale", "its teacher changed since")
 
 
 def plan_of(monkeypatch, *plan):
     """Make ``run_pipeline`` train these stages, and record the inference stage instead of running it."""
     monkeypatch.setattr(reproduce, "stages", lambda args, name, seed: (list(plan), ["--name", name]))
+    monkeypatch.setattr(reproduce, "finish_bundle", lambda *args: None)
     calls = []
     monkeypatch.setattr(inference, "main", calls.append)
     return calls
 
 
-def test_a_retrained_teacher_makes_its_student_stale_and_the_pipeline_retrains_only_the_student(
-        copy_of, monkeypatch, capsys):
+def pipeline_args(*argv):
+    return reproduce.parse_args(["--name", NAME, *argv])
+
+
+def test_a_stale_stage_stops_the_pipeline_and_deletes_nothing_without_force(copy_of, monkeypatch, capsys):
     tree, fingerprint = copy_of
     old_teacher, old_student = sha(TEACHER), sha(STUDENT)
     teacherTrain.main(teacher_argv(tree, "--seed", "1", "--force"))
     assert sha(TEACHER) != old_teacher
-    assert reproduce.stage_state(StudentTrain, STUDENT, student_argv(tree), fingerprint) == (
-        "stale", "its teacher changed since")
-    teacher_bytes = open(TEACHER, "rb").read()
-    calls = plan_of(monkeypatch,
-                    ("teacher", teacherTrain, TEACHER, teacher_argv(tree, "--seed", "1")),
-                    ("student", StudentTrain, STUDENT, student_argv(tree)))
+    teacher_bytes, student_bytes = open(TEACHER, "rb").read(), open(STUDENT, "rb").read()
+    calls = plan_of(monkeypatch, teacher_stage(tree, "--seed", "1"), student_stage(tree))
 
-    wall = reproduce.run_pipeline(argparse.Namespace(force=False), NAME, 0, fingerprint)
+    with pytest.raises(UserError) as e:
+        reproduce.run_pipeline(pipeline_args(), NAME, 0, fingerprint)
+    assert str(e.value) == (f"the student stage of experiment '{NAME}' is stale (its teacher changed since); nothing "
+                            "was deleted: retrain every stage with --force, or write this run elsewhere with --name")
+    assert open(TEACHER, "rb").read() == teacher_bytes and open(STUDENT, "rb").read() == student_bytes
+    assert calls == []
 
-    out = capsys.readouterr().out
-    assert f"== teacher: {TEACHER} is complete, skipped" in out
-    assert f"== student -> {STUDENT} (stale: its teacher changed since; retraining)" in out
-    assert open(TEACHER, "rb").read() == teacher_bytes
+    wall = reproduce.run_pipeline(pipeline_args("--force"), NAME, 0, fingerprint)
     student = load_checkpoint(STUDENT, hint="")
     assert student["weights_sha256"] != old_student and student["teacher"]["weights_sha256"] == sha(TEACHER)
-    assert reproduce.stage_state(StudentTrain, STUDENT, student_argv(tree), fingerprint) == ("complete", "")
-    assert set(wall) == {"student", "inference"}
-    assert calls == [["--name", NAME, "--out", os.path.join("results", NAME)]]
+    assert reproduce.stage_state(student_stage(tree), fingerprint) == ("complete", "")
+    assert set(wall) == {"teacher", "student", "inference"}
+    assert calls == [["--name", NAME, "--out", os.path.join("results", NAME, "bundle")]]
 
 
-def test_a_pipeline_stopped_by_its_time_budget_goes_on_when_run_again(trained, tmp_path, monkeypatch, capsys):
+def test_another_seed_on_an_existing_experiment_is_refused(copy_of, monkeypatch):
+    tree, fingerprint = copy_of
+    plan_of(monkeypatch, teacher_stage(tree, "--seed", "5"), student_stage(tree, "--seed", "5"))
+    with pytest.raises(UserError, match="the teacher stage .* is stale \\(trained with other flags: --seed\\)"):
+        reproduce.run_pipeline(pipeline_args(), NAME, 5, fingerprint)
+
+
+def test_a_pipeline_stopped_by_its_time_budget_exits_75_and_goes_on_when_run_again(trained, tmp_path, monkeypatch,
+                                                                                    capsys):
     _, tree, fingerprint = trained
     monkeypatch.chdir(tmp_path)
     teacher, student = "checkpoints/cut/teacher.pt", "checkpoints/cut/student_googlenet.pt"
     budget = ["--time-budget", "0"]  # every stage stops after its first epoch
-    calls = plan_of(monkeypatch, ("teacher", teacherTrain, teacher, teacher_argv(tree, "--epochs", "2", *budget,
-                                                                                 name="cut")),
-                    ("student", StudentTrain, student, student_argv(tree, *budget, name="cut")))
+    calls = plan_of(monkeypatch, teacher_stage(tree, "--epochs", "2", *budget, name="cut"),
+                    student_stage(tree, *budget, name="cut"))
+    args = pipeline_args()
 
-    assert reproduce.run_pipeline(argparse.Namespace(force=False), "cut", 0, fingerprint) is None
-    assert "teacher stopped before its last epoch" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        reproduce.run_pipeline(args, "cut", 0, fingerprint)
+    assert stop.value.code == 75
+    out = capsys.readouterr().out
+    assert "teacher stopped before its end; run the same command again to go on" in out
+    assert f"continue with: {args.command}" in out  # the pipeline's command, not the stage's
     assert calls == [] and not os.path.exists(student)
-    assert reproduce.stage_state(teacherTrain, teacher, teacher_argv(tree, "--epochs", "2", name="cut"),
-                                 fingerprint) == ("partial", "")
+    assert reproduce.stage_state(teacher_stage(tree, "--epochs", "2", name="cut"), fingerprint) == ("partial", "")
     first_epoch = load_checkpoint(teacher.replace(".pt", ".last.pt"), hint="")["history"]
 
-    assert reproduce.run_pipeline(argparse.Namespace(force=False), "cut", 0, fingerprint) is not None
+    assert reproduce.run_pipeline(args, "cut", 0, fingerprint) is not None
 
     out = capsys.readouterr().out
     assert f"== teacher -> {teacher} (resuming)" in out and f"== student -> {student}\n" in out
@@ -273,15 +330,16 @@ def test_a_selector_of_a_changed_student_is_stale(trained, tmp_path):
     argv = ["--students", *students, "--data-dir", str(tree), "--partial-data", "--device", "cpu", "--views", "0",
             "--epochs", "1", "--batch-size", "3", "--checkpoint", str(tmp_path / "selector.pt")]
     trainSelector.main(argv)
-    assert reproduce.stage_state(trainSelector, tmp_path / "selector.pt", argv, fingerprint) == ("complete", "")
+    stage = reproduce.Stage("selector", trainSelector, [tmp_path / "selector.pt"], argv)
+    assert reproduce.stage_state(stage, fingerprint) == ("complete", "")
     random_student(students[1], seed=7)
-    assert reproduce.stage_state(trainSelector, tmp_path / "selector.pt", argv, fingerprint) == (
-        "stale", "its student 2 changed since")
+    assert reproduce.stage_state(stage, fingerprint) == ("stale", "its student 2 changed since")
 
 
 # ----------------------------------------------------------------------------- --seeds
 
 def fake_results(folder, accuracy, kd_gain):
+    folder = folder / "bundle"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(
         {"accuracy": accuracy, "kd_gain": {arch: {"difference": d, "low": d - 1, "high": d + 1}
@@ -321,11 +379,11 @@ def seeds_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calls, stop_at = [], []
 
-    def fake_pipeline(args, name, seed, fingerprint):
+    def fake_pipeline(args, name, seed, fingerprint, started=None):
         plan, _ = reproduce.stages(args, name, seed)
-        calls.append((name, seed, {value(argv, "--seed") for _, _, _, argv in plan}, fingerprint))
+        calls.append((name, seed, {value(stage.argv, "--seed") for stage in plan}, fingerprint))
         if seed in stop_at:
-            return None
+            raise SystemExit(143)  # a stage stopped by SIGTERM
         fake_results(tmp_path / "results" / name, {"Teacher": 0.5 + seed / 100}, {})
         return {}
 
@@ -347,8 +405,9 @@ def test_seeds_run_one_pipeline_per_seed_then_summarise(seeds_run, tmp_path):
 def test_seeds_stop_at_a_stopped_pipeline_without_a_summary(seeds_run, tmp_path):
     tree, calls, stop_at = seeds_run
     stop_at.append(0)
-    reproduce.main(["--preset", "smoke", "--seeds", "0", "1", "--data-dir", str(tree), "--partial-data"])
-    assert [seed for _, seed, _, _ in calls] == [0]
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["--preset", "smoke", "--seeds", "0", "1", "--data-dir", str(tree), "--partial-data"])
+    assert stop.value.code == 143 and [seed for _, seed, _, _ in calls] == [0]
     assert not (tmp_path / "results" / "smoke" / "seeds.md").exists()
 
 

@@ -28,7 +28,7 @@ from utils.checkpoint import (
 )
 from utils.cli import UserError, run
 from utils.data import CLASSES, DeviceLoader, Split, load_cifar10, make_splits
-from utils.engine import evaluate, learning_rate, warmup_steps
+from utils.engine import evaluate, evaluated_epoch, learning_rate, warmup_steps
 from utils.losses import distillation_loss
 from utils.runtime import Runtime
 
@@ -240,7 +240,9 @@ def test_kd_loss_pulls_the_student_towards_the_teacher(alpha):
 def test_interrupt_and_resume_match_an_uninterrupted_run(tree, tmp_path):
     checkpoint = tmp_path / "run" / "teacher.pt"
     last = checkpoint.with_suffix(".last.pt")
-    teacherTrain.main(teacher_flags(tree, checkpoint, "--time-budget", "0", epochs=2))
+    with pytest.raises(SystemExit) as stop:
+        teacherTrain.main(teacher_flags(tree, checkpoint, "--time-budget", "0", epochs=2))
+    assert stop.value.code == 75  # EX_TEMPFAIL: not done, run it again
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["epoch"] == 1 and state["complete"] is False
     best = load_checkpoint(checkpoint, hint=TEACHER_HINT, kind="teacher")
@@ -434,16 +436,24 @@ def test_torchrun_two_processes_on_cpu(tree, tmp_path):
 
 
 def test_resume_after_an_epoch_without_evaluation(tree, tmp_path):
-    # with --eval-every 2 the first epoch has no hold-out accuracy, hence no best weights yet
+    # with --eval-every 2 in 3 epochs, epoch 1 has no hold-out accuracy, hence no best weights yet
     checkpoint = tmp_path / "teacher.pt"
-    argv = teacher_flags(tree, checkpoint, "--eval-every", "2", epochs=2)
-    teacherTrain.main([*argv, "--time-budget", "0"])
+    argv = teacher_flags(tree, checkpoint, "--eval-every", "2", epochs=3)
+    with pytest.raises(SystemExit):
+        teacherTrain.main([*argv, "--time-budget", "0"])
     assert torch.load(checkpoint.with_suffix(".last.pt"), weights_only=True)["epoch"] == 1
+    assert not checkpoint.exists()
     teacherTrain.main([*argv, "--resume"])
     final = load_checkpoint(checkpoint, hint=TEACHER_HINT, kind="teacher")
-    assert final["complete"] is True and final["epochs_run"] == 2 and final["holdout_acc"] is not None
-    assert [r["epoch"] for r in metrics(checkpoint)] == [1, 2]
-    assert "holdout_acc" not in metrics(checkpoint)[0] and "holdout_acc" in metrics(checkpoint)[1]
+    assert final["complete"] is True and final["epochs_run"] == 3 and final["holdout_acc"] is not None
+    assert [r["epoch"] for r in metrics(checkpoint)] == [1, 2, 3]
+    assert ["holdout_acc" in r for r in metrics(checkpoint)] == [False, True, True]  # every 2, and the last 2
+
+
+@pytest.mark.parametrize("epochs, every, evaluated", [(10, 5, [5, 6, 7, 8, 9, 10]), (12, 5, [5, 8, 9, 10, 11, 12]),
+                                                      (3, 5, [1, 2, 3]), (4, 1, [1, 2, 3, 4])])
+def test_the_hold_out_split_is_evaluated_every_k_epochs_and_at_each_of_the_last_k(epochs, every, evaluated):
+    assert [e + 1 for e in range(epochs) if evaluated_epoch(e, epochs, every)] == evaluated
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine():

@@ -6,6 +6,10 @@ import os
 import shlex
 import sys
 
+from tqdm import tqdm
+
+LOG_SECONDS = 20  # progress lines in a log file: at most one per this many seconds
+
 
 class UserError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
@@ -126,6 +130,31 @@ def add_device_args(parser, compile=True, seed=True):
         g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0,
                        help="seed for initialisation, shuffling and augmentation")
     return g
+
+
+class _Lines:
+    """A stream for tqdm that writes each update as a line of its own: what a log file can hold."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        for line in text.replace("\r", "\n").split("\n"):
+            if line.strip():
+                self.stream.write(line.rstrip() + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress(total, desc, unit="img", initial=0, disable=False):
+    """A progress bar: tqdm's on a terminal; in a log file or a job's output one plain line per update, at
+    most every ``LOG_SECONDS`` and none for work that ends within ``LOG_SECONDS`` (no runs of carriage returns)."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, initial=initial, leave=False,
+                    disable=disable)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, initial=initial, disable=disable,
+                file=_Lines(sys.stderr), mininterval=LOG_SECONDS, delay=LOG_SECONDS, ncols=100)
 
 
 def print_config(args, title):

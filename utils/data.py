@@ -17,16 +17,16 @@ import pickle
 import tarfile
 import zipfile
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from utils.augment import Augmentation
-from utils.cli import UserError
+from utils.cli import UserError, progress
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -201,8 +201,9 @@ def _tree_members(kind, path):
 
 def _read_tree(kind, path, verbose):
     images = {"train": {c: [] for c in CLASSES}, "test": {c: [] for c in CLASSES}}
+    found = []  # (split, class, file name, encoded bytes, where)
     try:
-        for name, read in tqdm(_tree_members(kind, path), desc="decoding", unit="img", disable=not verbose):
+        for name, read in _tree_members(kind, path):
             parts = name.split("/")
             if "__MACOSX" in parts or parts[-1].startswith("."):  # macOS metadata, not images
                 continue
@@ -211,10 +212,12 @@ def _read_tree(kind, path, verbose):
             split, cls, file = parts[-3:]
             if cls not in images[split]:
                 raise DataError(f"{path}: unexpected class folder {split}/{cls}; CIFAR-10 has {', '.join(CLASSES)}")
-            images[split][cls].append((file, _decode(read(), f"{path}:{name}")))
+            found.append((split, cls, file, read(), f"{path}:{name}"))
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
         raise DataError(f"{path} is damaged or not a valid archive ({type(e).__name__}: {e}); "
                         "replace it with an intact copy") from None
+    for (split, cls, file, _, _), array in zip(found, _decode_all([f[3:] for f in found], verbose)):
+        images[split][cls].append((file, array))
     arrays = {}
     for split, by_class in images.items():
         missing = [c for c, files in by_class.items() if not files]
@@ -225,6 +228,28 @@ def _read_tree(kind, path, verbose):
         arrays[f"{split}_images"] = np.stack([a for _, a in ordered]).transpose(0, 3, 1, 2).copy()
         arrays[f"{split}_labels"] = np.array([label for label, _ in ordered], dtype=np.int64)
     return arrays
+
+
+def _decode_all(encoded, verbose, chunk=2000):
+    """``_decode`` of every ``(bytes, where)``, in order, in parallel processes (PIL decodes holding the GIL, so
+    threads would not help)."""
+    chunks = [encoded[i:i + chunk] for i in range(0, len(encoded), chunk)]
+    workers = min(os.cpu_count() or 1, len(chunks))
+    decoded = []
+    with progress(len(encoded), "decoding", disable=not verbose) as bar:
+        pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        try:
+            for part in pool.map(_decode_chunk, chunks) if pool else map(_decode_chunk, chunks):
+                decoded += part
+                bar.update(len(part))
+        finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
+    return decoded
+
+
+def _decode_chunk(encoded):
+    return [_decode(data, where) for data, where in encoded]
 
 
 def _decode(data, where):
@@ -330,15 +355,27 @@ def normalize(images, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def pad_batch(x, size):
+    """``x`` with zero images appended up to ``size``: on a GPU every batch then has one shape, so cuDNN
+    selects its kernels once (evaluation is per image, so the padding changes no other image's output)."""
+    if len(x) >= size:
+        return x
+    padded = torch.cat([x, x.new_zeros((size - len(x), *x.shape[1:]))])
+    return padded.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+        memory_format=torch.channels_last) and x.dim() == 4 else padded
+
+
 class DeviceLoader:
     """Batches of a whole split kept on ``device`` as one uint8 tensor.
 
-    Training: a seeded permutation per epoch (each rank takes its shard) and the ``augment``
-    of ``utils.augment.Augmentation`` on the device (default: the classic crop and flip), drawn
-    from a generator seeded per batch, so that iterating from a batch in mid-epoch
-    (``batches(start)``, for an exact resume) gives what a whole epoch would have given there.
-    Evaluation: the split in order, each rank a disjoint shard. ``targets`` may be class
-    indices ``(N,)`` or soft targets ``(N, K)``.
+    Training: a seeded permutation per epoch (each rank takes its shard), in full batches only
+    (the permutation's last ``len % batch_size`` images sit the epoch out: every step has one
+    shape, so a GPU selects its kernels once), and the ``augment`` of ``utils.augment.Augmentation``
+    on the device (default: the classic crop and flip), drawn from a generator seeded per batch,
+    so that iterating from a batch in mid-epoch (``batches(start)``, for an exact resume) gives
+    what a whole epoch would have given there. Evaluation: the split in order, each rank a
+    disjoint shard, the last batch possibly short. ``targets`` may be class indices ``(N,)`` or
+    soft targets ``(N, K)``.
     """
 
     def __init__(self, images, targets, batch_size, device, train=False, augment=None, seed=0,
@@ -366,10 +403,12 @@ class DeviceLoader:
 
     @property
     def num_samples(self):
-        return len(self._indices())
+        """Images one epoch serves (on this rank)."""
+        return len(self) * self.batch_size if self.train else len(self._indices())
 
     def __len__(self):
-        return -(-self.num_samples // self.batch_size)
+        n = len(self._indices())
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def __iter__(self):
         return self.batches()

@@ -1,19 +1,27 @@
 """The one training engine: teacher, students and selector all train through ``fit``.
 
 ``fit`` trains one or several ``Member``s on the same batches: each has its own model, loss,
-optimizer, learning-rate schedule, weight EMA and checkpoints, and a frozen ``teacher`` runs once
-per batch for all of them. An epoch is ``train_one_epoch`` (the steps, metric sums kept on the
-device, a watch for non-finite losses) then ``end_of_epoch`` (hold-out evaluation, the best
-weights by hold-out accuracy, saving); at the end the test split is evaluated once, on the best
-weights. SGD with Nesterov momentum, linear warm-up then cosine or linear decay stepped per batch;
-bf16 autocast and ``channels_last`` on CUDA, fp32 on the CPU; DistributedDataParallel under ``torchrun``.
+optimizer, learning-rate schedule, weight EMA, random stream and checkpoints, and a frozen
+``teacher`` runs once per batch for all of them. An epoch is ``train_one_epoch`` (the steps,
+metric sums kept on the device, a watch for non-finite losses) then ``end_of_epoch`` (hold-out
+evaluation, the best weights by hold-out accuracy, saving); at the end the test split is
+evaluated once, on the best weights. SGD with Nesterov momentum, linear warm-up then cosine or
+linear decay to 0, stepped per batch; bf16 autocast and ``channels_last`` on CUDA, fp32 on the
+CPU; DistributedDataParallel under ``torchrun``.
 
-Nothing is lost: every epoch ``<stem>.last.pt`` (resume state) and ``<stem>.pt`` (best weights)
-are written atomically. SIGINT or SIGTERM finishes the current step, saves a mid-epoch resume
-state and exits; ``--resume`` then ends exactly where an uninterrupted run ends. A non-finite
-loss, weight or hold-out loss stops the run with one line, before anything is saved from it.
+Time as an input: given a ``TimeBox`` (``--minutes``), ``plan_epochs`` times a few real steps
+and a hold-out evaluation, puts everything back as it was, and chooses the number of epochs
+that ends the stage inside its budget; the schedule is then built for that number, so a
+time-boxed run is a complete run that ``--epochs N`` repeats exactly.
+
+Nothing is lost: the resume state ``<stem>.last.pt`` and the best weights ``<stem>.pt`` are
+written atomically, every ``--save-every`` minutes, before any stop and at the end. SIGINT or
+SIGTERM finishes the current step, saves a mid-epoch resume state and exits; ``--resume`` then
+ends exactly where an uninterrupted run ends. A non-finite loss, weight or hold-out loss stops
+the run with one line, before anything is saved from it.
 """
 
+import io
 import json
 import math
 import signal
@@ -27,24 +35,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 from utils.augment import Augmentation, predict
 from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
-from utils.cli import UserError
-from utils.data import DeviceLoader
+from utils.cli import UserError, progress
+from utils.data import DeviceLoader, pad_batch
 from utils.plots import plot_history
-from utils.runs import (
-    RunFiles,
-    check_free_space,
-    config_changes,
-    provenance,
-    resume_command,
-    write_config,
-)
-from utils.runtime import device_name, prepare_model
+from utils.runs import RunFiles, check_free_space, config_changes, continue_command, provenance, write_config
+from utils.runtime import StopSignal, device_name, prepare_model
 
 WARMUP_MAX_SHARE = 0.2  # the warm-up never takes more of a run than this, so every schedule decays to 0
+EXIT_TIME_BUDGET = 75  # exit code of a run stopped by --time-budget (EX_TEMPFAIL): run the command again
+CALIBRATION_STEPS = (3, 8)  # steps run untimed (kernel selection, compilation), then timed, by plan_epochs
+SAFETY_SHARE = 0.03  # of a time box, kept back for what plan_epochs cannot measure
 
 
 def classification_metric(logits, targets):
@@ -74,6 +77,26 @@ class Member:
     metric: Callable = classification_metric
 
 
+@dataclass(frozen=True)
+class TimeBox:
+    """When a stage began (``time.time()``) and how many seconds it may take in all (None: no limit)."""
+
+    started: float
+    seconds: float | None = None
+
+    @classmethod
+    def of(cls, args, started=None):
+        """The stage's box from ``--minutes`` (if the script has it), starting now or at ``started``."""
+        minutes = getattr(args, "minutes", None)
+        return cls(time.time() if started is None else started, None if minutes is None else 60 * minutes)
+
+    def elapsed(self):
+        return time.time() - self.started
+
+    def left(self):
+        return self.seconds - self.elapsed()
+
+
 # ----------------------------------------------------------------------------- steps and evaluation
 
 def warmup_steps(warmup_epochs, steps_per_epoch, total_steps):
@@ -88,6 +111,12 @@ def learning_rate(step, total_steps, warmup_steps, peak, schedule="cosine"):
         return peak * (step + 1) / warmup_steps
     progress = (step + 1 - warmup_steps) / (total_steps - warmup_steps)
     return peak * (0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress)
+
+
+def evaluated_epoch(epoch, epochs, every):
+    """Whether epoch ``epoch`` (from 0) is evaluated on the hold-out split: every ``every`` epochs, and each of
+    the last ``every`` (where the best weights of a decaying schedule are)."""
+    return (epoch + 1) % every == 0 or epoch >= epochs - every
 
 
 def make_optimizer(model, lr, momentum, weight_decay, runtime):
@@ -127,14 +156,21 @@ def train_step(net, optimizer, loss_fn, x, y, runtime, sums, metric=classificati
 
 
 @torch.no_grad()
-def evaluate(model, loader, runtime, tta="none", metric=classification_metric):
-    """``{"acc", "loss"}`` of ``model`` on a loader's split: ``metric``'s correct share and mean loss."""
+def evaluate(model, loader, runtime, tta="none", metric=classification_metric, stop=None):
+    """``{"acc", "loss"}`` of ``model`` on a loader's split: ``metric``'s correct share and mean loss.
+
+    On a GPU the last batch is padded to the others' shape. With a ``StopSignal`` that has caught a signal,
+    it stops after the current batch and returns None.
+    """
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=runtime.device)  # correct, loss * images, images
     for x, y in loader:
+        if stop is not None and stop.signum is not None:
+            model.train(was_training)
+            return None
         with runtime.autocast:
-            logits = predict(model, x, tta)
+            logits = predict(model, pad_batch(x, loader.batch_size) if runtime.cuda else x, tta)[:len(y)]
         correct, loss = metric(logits, y)
         sums[0] += correct
         sums[1] += loss
@@ -145,31 +181,6 @@ def evaluate(model, loader, runtime, tta="none", metric=classification_metric):
 
 
 # ----------------------------------------------------------------------------- stopping safely
-
-class StopSignal:
-    """While active, SIGINT and SIGTERM only ask the loop to stop; a second signal acts as usual."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum, self.previous = None, {}
-
-    def __enter__(self):
-        try:
-            self.previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
-        except ValueError:  # not the main thread: signals cannot be caught here
-            self.previous = {}
-        return self
-
-    def _request(self, signum, frame):
-        self.signum = signum
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
 
 class NonFiniteWatch:
     """Notices a non-finite loss without a host synchronisation per step, and tells which step it was."""
@@ -205,6 +216,38 @@ def _agreed(flag, runtime):
     return runtime.all_sum(torch.tensor(float(flag), device=runtime.device)).item() > 0
 
 
+# ----------------------------------------------------------------------------- random streams
+
+def _rng_states(runtime):
+    """``(CPU state, CUDA state or None)`` of the process's random generators."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(runtime.device) if runtime.cuda else None
+
+
+def _set_rng(runtime, rng):
+    torch.set_rng_state(rng[0])
+    if runtime.cuda and rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], runtime.device)
+
+
+def _seeded_rng(runtime, seed):
+    """The random state ``torch.manual_seed(seed)`` gives, without touching the process's own."""
+    with torch.random.fork_rng(devices=[runtime.device] if runtime.cuda else []):
+        torch.manual_seed(seed)
+        return _rng_states(runtime)
+
+
+@contextmanager
+def _own_stream(trainee, several):
+    """Run ``trainee``'s step with its own random stream when several members train together, so that each
+    draws (dropout) exactly what it would draw training alone."""
+    if not several:
+        yield
+        return
+    _set_rng(trainee.runtime, trainee.rng)
+    yield
+    trainee.rng = _rng_states(trainee.runtime)
+
+
 # ----------------------------------------------------------------------------- one member in training
 
 class Trainee:
@@ -215,22 +258,34 @@ class Trainee:
         self.member, self.runtime, self.args = member, runtime, member.args
         args = member.args
         self.model = prepare_model(member.model, runtime)
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) \
-            if args.ema else None
-        self.eval_model = self.ema.module if self.ema else self.model
         net = self.model
         if runtime.world_size > 1:
             net = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.cuda else None)
         self.net = torch.compile(net, dynamic=False) if args.compile else net
         self.peak_lr = args.lr * args.batch_size / 512
-        self.optimizer = make_optimizer(self.model, self.peak_lr, args.momentum, args.weight_decay, runtime)
         self.steps_per_epoch = steps_per_epoch
-        self.total_steps = args.epochs * steps_per_epoch
-        self.warmup_steps = warmup_steps(args.warmup_epochs, steps_per_epoch, self.total_steps)
-        self.meta = {**member.meta, "config": vars(args), "epochs": args.epochs,
-                     "provenance": provenance(runtime.device)}
+        self.reset()
+        if args.epochs is not None:
+            self.set_epochs(args.epochs)
         self.sums, self.history, self.best_acc, self.best_state, self.best_epoch = {}, [], -1.0, None, None
+        self.best_saved = True  # whether the best weights so far are those in files.best
         self.rng = None  # this member's random stream (dropout), kept apart when several train together
+
+    def reset(self):
+        """A fresh optimizer and EMA: the state before any step."""
+        args = self.args
+        self.optimizer = make_optimizer(self.model, self.peak_lr, args.momentum, args.weight_decay, self.runtime)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) \
+            if args.ema else None
+        self.eval_model = self.ema.module if self.ema else self.model
+
+    def set_epochs(self, epochs):
+        """The run's length, and the schedule built for it."""
+        self.args.epochs = epochs
+        self.total_steps = epochs * self.steps_per_epoch
+        self.warmup_steps = warmup_steps(self.args.warmup_epochs, self.steps_per_epoch, self.total_steps)
+        self.meta = {**self.member.meta, "config": vars(self.args), "epochs": epochs,
+                     "provenance": provenance(self.runtime.device)}
 
     @property
     def files(self):
@@ -249,6 +304,7 @@ class Trainee:
             self.ema.update_parameters(self.model)
 
     def start_epoch(self):
+        self.model.train()
         self.watch = NonFiniteWatch(self.runtime.device)
 
     def diverged(self, what, epoch, step):
@@ -285,12 +341,26 @@ class Trainee:
     def resume_state(self, loop, epoch, step):
         """What ``--resume`` needs to go on after ``step`` steps of epoch ``epoch`` (0: at its start)."""
         mid_epoch = step > 0
+        rng, cuda_rng = self.rng or _rng_states(self.runtime)
         return {**self.meta, "model": clean_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
-                "ema": self.ema.state_dict() if self.ema else None, **_rng_states(self.runtime, self.rng),
+                "ema": self.ema.state_dict() if self.ema else None, "rng": rng, "cuda_rng": cuda_rng,
                 "epoch": epoch, "step": step,
                 "sums": {k: v.detach().cpu() for k, v in self.sums.items()} if mid_epoch else {},
                 "history": self.history, "elapsed": loop.elapsed(),
                 "epoch_seconds": loop.epoch_seconds() if mid_epoch else 0.0, "complete": epoch == self.args.epochs}
+
+    def best_checkpoint(self, **extra):
+        """The checkpoint of the best weights so far: ``epoch`` is the epoch they come from."""
+        return {**self.meta, "model": self.best_state, "epoch": self.best_epoch, "epochs_run": len(self.history),
+                "holdout_acc": self.best_acc if self.best_acc >= 0 else None, "test_acc": None, "complete": False,
+                **extra}
+
+    def save(self, loop, epoch, step=0):
+        """Write the resume state, and the best weights if they changed since they were last written."""
+        if not self.best_saved:
+            save_checkpoint(self.files.best, self.best_checkpoint())
+            self.best_saved = True
+        save_checkpoint(self.files.last, self.resume_state(loop, epoch, step))
 
     def restore(self):
         """Load the resume state into the model, optimizer, EMA and random stream; returns ``(epoch, step,
@@ -298,6 +368,12 @@ class Trainee:
         files, meta = self.files, self.member.meta
         state = load_checkpoint(files.last, hint="start the run without --resume", kind=meta["kind"],
                                 arch=meta["arch"])
+        for key, what in (("data_fingerprint", "other CIFAR-10 pixels"), ("split", "another split")):
+            if state.get(key) != meta.get(key):
+                raise UserError(f"{files.last} was started on {what} ({state.get(key)}, not {meta.get(key)}); resume "
+                                "it with the data it started on, or start afresh with --force")
+        if getattr(self.args, "minutes", None) is not None:  # a time-boxed run goes on with the epochs it chose
+            self.set_epochs(state["config"]["epochs"])
         changed = config_changes(state.get("config", {}), vars(self.args))
         if changed:
             k = changed[0]
@@ -310,6 +386,7 @@ class Trainee:
         self.rng = state["rng"], state.get("cuda_rng")
         self.sums = {k: v.to(self.runtime.device) for k, v in state.get("sums", {}).items()}
         self.history = state["history"]
+        self.meta["timing"] = state.get("timing")
         if files.best.exists():  # its weights and their hold-out accuracy always go together
             best = load_checkpoint(files.best, hint="start the run afresh with --force")
             self.best_state, self.best_epoch = best["model"], best["epoch"]
@@ -317,40 +394,15 @@ class Trainee:
         return state["epoch"], state.get("step", 0), state.get("elapsed", 0.0), state.get("epoch_seconds", 0.0)
 
 
-def _rng_states(runtime, rng=None):
-    """The random state to save: a member's own stream, or the process's."""
-    if rng is not None:
-        return {"rng": rng[0], "cuda_rng": rng[1]}
-    return {"rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(runtime.device) if runtime.cuda else None}
-
-
-def _set_rng(runtime, rng):
-    torch.set_rng_state(rng[0])
-    if runtime.cuda and rng[1] is not None:
-        torch.cuda.set_rng_state(rng[1], runtime.device)
-
-
-@contextmanager
-def _own_stream(trainee, several):
-    """Run ``trainee``'s step with its own random stream when several members train together, so that each
-    draws (dropout) exactly what it would draw training alone."""
-    if not several:
-        yield
-        return
-    _set_rng(trainee.runtime, trainee.rng)
-    yield
-    trainee.rng = tuple(_rng_states(trainee.runtime).values())
-
-
 @dataclass
 class Loop:
-    """Where the run stands in time: seconds spent before this process, and when this process and the
-    current epoch began."""
+    """Where the run stands in time: seconds spent before this process, when this process and the current
+    epoch began, and when the files were last written."""
 
     elapsed_before: float = 0.0
     started: float = field(default_factory=time.time)
     epoch_started: float = field(default_factory=time.time)
+    saved: float = field(default_factory=time.time)
 
     def elapsed(self):
         return self.elapsed_before + time.time() - self.started
@@ -358,28 +410,38 @@ class Loop:
     def epoch_seconds(self):
         return time.time() - self.epoch_started
 
+    def save_due(self, minutes):
+        return time.time() - self.saved >= 60 * minutes
+
 
 # ----------------------------------------------------------------------------- the loop
 
-def fit(members, splits, args, runtime, teacher=None, augment=True):
+def fit(members, splits, args, runtime, teacher=None, augment=True, time_box=None):
     """Train ``members`` on ``splits["train"]``, select on ``splits["holdout"]``, test once on ``splits["test"]``.
 
     ``splits`` maps a split name to ``(uint8 images, targets)`` (``holdout`` and ``test`` may be
     missing or empty). ``args`` holds what the members share: epochs, batch size, augmentation, seed,
     logging, the time budget (each member's own flags are in its ``args``). ``teacher``: a frozen
     network whose logits on each batch go to every loss. ``augment=False`` turns the flags'
-    augmentation off (the selector's case). Returns each member's final checkpoint dict, or
-    ``None`` when ``--time-budget`` stopped the run early.
+    augmentation off (the selector's case). ``time_box``: when the stage began, and with
+    ``--minutes`` its budget, from which ``plan_epochs`` chooses the epochs. Returns each member's
+    final checkpoint dict. A stop before the end (a signal, ``--time-budget``) exits the process with
+    a documented code, after saving what ``--resume`` needs.
     """
     members = list(members)
-    loaders = _loaders(splits, args, runtime, augment and Augmentation.from_args(args, members[0].meta["num_classes"]))
-    train_loader, holdout_loader, test_loader = loaders
+    time_box = time_box or TimeBox(time.time())
+    train_loader, holdout_loader, test_loader = _loaders(
+        splits, args, runtime, augment and Augmentation.from_args(args, members[0].meta["num_classes"]))
     trainees = [Trainee(m, runtime, len(train_loader)) for m in members]
     if runtime.is_main:  # best + last (weights, momentum, EMA) + the temporary copy of the largest
         for t in trainees:
             weight_bytes = sum(v.numel() * v.element_size() for v in t.model.state_dict().values())
             check_free_space(t.files.best.parent, weight_bytes * (6 if t.ema else 4))
-    start_epoch, start_step, loop = _start(trainees, args, runtime)
+    plan = None
+    if time_box.seconds is not None and not args.resume:
+        plan = plan_epochs(trainees, train_loader, holdout_loader, test_loader, args, runtime, teacher, time_box)
+    start_epoch, start_step, loop = _start(trainees, args, runtime, plan)
+    startup_seconds = time_box.elapsed()
 
     with StopSignal() as stop:
         for epoch in range(start_epoch, args.epochs):
@@ -391,11 +453,14 @@ def fit(members, splits, args, runtime, teacher=None, augment=True):
             stopped_at = train_one_epoch(trainees, train_loader, epoch, first_step, args, runtime, teacher, stop)
             if stopped_at is not None:
                 _stop(trainees, loop, args, runtime, stop.signum, epoch, stopped_at)
-            end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime)
+            last = epoch + 1 == args.epochs
             out_of_time = args.time_budget is not None and loop.elapsed() - loop.elapsed_before > 60 * args.time_budget
-            if epoch + 1 < args.epochs and _agreed(out_of_time or stop.signum is not None, runtime):
-                return _stop(trainees, loop, args, runtime, stop.signum, epoch + 1)
-    return [_finish(t, test_loader) for t in trainees]
+            stopping = not last and _agreed(out_of_time or stop.signum is not None, runtime)
+            end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime,
+                         save=last or stopping or loop.save_due(args.save_every))
+            if stopping:
+                _stop(trainees, loop, args, runtime, stop.signum, epoch + 1)
+        return [_finish(t, test_loader, time_box, startup_seconds, stop) for t in trainees]
 
 
 def _loaders(splits, args, runtime, augment):
@@ -416,9 +481,100 @@ def _loaders(splits, args, runtime, augment):
     return loader("train", train=True), loader("holdout"), loader("test")
 
 
-def _start(trainees, args, runtime):
-    """Restore every member on ``--resume`` (they must stand at the same step), print where the run
-    starts, write each member's config and metrics log; returns ``(epoch, step, Loop)``."""
+def _step_all(trainees, x, y, teacher, step, runtime):
+    """One step of every member on the batch ``(x, y)``, the teacher's forward pass shared."""
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad(), runtime.autocast:
+            teacher_logits = teacher(x)
+    for t in trainees:
+        with _own_stream(t, len(trainees) > 1):
+            t.step(x, y, teacher_logits, step)
+
+
+def plan_epochs(trainees, train_loader, holdout_loader, test_loader, args, runtime, teacher, time_box):
+    """Choose the number of epochs that ends the stage inside ``time_box``, and set every member's schedule.
+
+    A few real training steps (the first untimed: kernel selection, compilation) and a hold-out
+    evaluation are timed, then the weights, BatchNorm statistics, optimizer, EMA and random state
+    are put back as they were, so the run that follows is the one ``--epochs N`` gives. The epochs
+    are the most whose steps, hold-out evaluations, saves, final test evaluation and a safety
+    share fit in what is left of the box. Returns what was measured and chosen.
+    """
+    initial = [{k: v.clone() for k, v in t.model.state_dict().items()} for t in trainees]
+    rng = _rng_states(runtime)
+    for t in trainees:
+        t.set_epochs(1)  # a schedule to step with; the rates do not change the timing
+        t.start_epoch()
+        t.rng = rng
+    untimed, timed = CALIBRATION_STEPS
+
+    def batches():
+        for epoch in range(untimed + timed):
+            train_loader.set_epoch(epoch)
+            yield from train_loader.batches()
+
+    stream = batches()
+    for i, (x, y) in zip(range(untimed), stream):
+        _step_all(trainees, x, y, teacher, i, runtime)
+    runtime.synchronize()
+    start = time.perf_counter()
+    for i, (x, y) in zip(range(timed), stream):
+        _step_all(trainees, x, y, teacher, i, runtime)
+    runtime.synchronize()
+    step_seconds = (time.perf_counter() - start) / timed
+    eval_seconds = save_seconds = 0.0
+    for t in trainees:
+        start = time.perf_counter()
+        if holdout_loader is not None:
+            evaluate(t.eval_model, holdout_loader, runtime, args.tta, t.member.metric)
+            clean_state_dict(t.eval_model)  # what a better hold-out score costs besides
+        eval_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        torch.save(t.resume_state(Loop(), 0, 0), io.BytesIO())
+        save_seconds += time.perf_counter() - start
+    for t, state in zip(trainees, initial):
+        t.model.load_state_dict(state)
+        t.reset()
+        t.sums = {}
+    _set_rng(runtime, rng)
+
+    test_seconds = eval_seconds * (len(test_loader.images) / len(holdout_loader.images)
+                                   if test_loader is not None and holdout_loader is not None else 0)
+    epoch_seconds = step_seconds * len(train_loader)
+    left = time_box.left() - SAFETY_SHARE * time_box.seconds - test_seconds - 2 * save_seconds
+    epochs = choose_epochs(left, epoch_seconds, eval_seconds, save_seconds, args.eval_every, args.save_every)
+    if epochs == 0:
+        needed = time_box.elapsed() + epoch_seconds + eval_seconds + test_seconds + 3 * save_seconds
+        needed /= 1 - SAFETY_SHARE
+        raise UserError(f"--minutes {time_box.seconds / 60:g} is too short: one epoch takes about "
+                        f"{epoch_seconds:.0f} s here, and this stage needs at least {needed / 60:.2f} minutes "
+                        f"for one; give --minutes {math.ceil(needed / 60 * 100) / 100:g} or more")
+    for t in trainees:
+        t.set_epochs(epochs)
+    images = train_loader.batch_size * runtime.world_size
+    return {"minutes": time_box.seconds / 60, "epochs": epochs, "step_seconds": step_seconds,
+            "images_per_s": images / step_seconds, "holdout_eval_seconds": eval_seconds,
+            "planned_seconds": time_box.elapsed() + left}
+
+
+def choose_epochs(seconds, epoch_seconds, eval_seconds, save_seconds, eval_every, save_every):
+    """The most epochs whose steps, hold-out evaluations (``evaluated_epoch``) and saves (every ``save_every``
+    minutes, or every epoch with 0) take at most ``seconds``."""
+    epochs = 0
+    while True:
+        n = epochs + 1
+        evals = sum(evaluated_epoch(e, n, eval_every) for e in range(n))
+        saves = 1 + n * epoch_seconds / (60 * save_every) if save_every else n
+        if n * epoch_seconds + evals * eval_seconds + saves * save_seconds > seconds:
+            return epochs
+        epochs = n
+
+
+def _start(trainees, args, runtime, plan):
+    """Restore every member on ``--resume`` (they must stand at the same step) or seed each member's random
+    stream, print where the run starts, write each member's config and metrics log; returns
+    ``(epoch, step, Loop)``."""
     epoch = step = 0
     loop = Loop()
     if args.resume:
@@ -427,18 +583,22 @@ def _start(trainees, args, runtime):
         if any(p[:2] != (epoch, step) for p in others):
             where = ", ".join(f"{path} at epoch {p[0]}, step {p[1]}" for path, p in positions.items())
             raise UserError(f"these runs stopped at different points ({where}); resume each on its own")
+        args.epochs = trainees[0].args.epochs
         loop = Loop(elapsed_before=elapsed)
         loop.epoch_started -= epoch_seconds
-    for t in trainees:
-        if len(trainees) == 1:  # one member: its stream is the process's
-            if t.rng is not None:
-                _set_rng(runtime, t.rng)
-            t.rng = None
-        elif t.rng is None:
-            t.rng = tuple(_rng_states(runtime).values())
+    else:  # every member draws what it would draw in a run of its own, from --seed
+        for t in trainees:
+            t.rng = _seeded_rng(runtime, args.seed)
+            t.meta["timing"] = plan
+    if len(trainees) == 1:  # one member: its stream is the process's
+        _set_rng(runtime, trainees[0].rng)
+        trainees[0].rng = None
     if runtime.is_main:
         print(f"device: {device_name(runtime.device)}" + (f" x {runtime.world_size} processes"
                                                           if runtime.world_size > 1 else ""))
+        if plan:
+            print(f"time box of {plan['minutes']:g} min: {plan['images_per_s']:.0f} images/s measured, "
+                  f"{plan['epochs']} epochs planned to end after {plan['planned_seconds'] / 60:.2f} min")
         for t in trainees:
             print(("" if len(trainees) == 1 else f"{t.files.best}: ")
                   + f"peak learning rate {t.peak_lr:g} (--lr {t.args.lr:g} x batch {args.batch_size} / 512), "
@@ -449,7 +609,7 @@ def _start(trainees, args, runtime):
         elif args.resume:
             print(f"resuming {resuming}: every epoch is done, the test evaluation follows")
         for t in trainees:
-            write_config(t.files.config, t.args, runtime.device, t.member.meta["kind"])
+            write_config(t.files.config, t.args, runtime.device, t.member.meta["kind"], timing=t.meta["timing"])
             t.files.log.write_text("".join(json.dumps(record) + "\n" for record in t.history))
     return epoch, step, loop
 
@@ -458,22 +618,13 @@ def train_one_epoch(trainees, loader, epoch, first_step, args, runtime, teacher,
     """The epoch's steps from ``first_step`` on, every member on each batch; returns the number of
     steps done when a stop signal ends the epoch early, else None."""
     loader.set_epoch(epoch)
-    several = len(trainees) > 1
     for t in trainees:
-        t.model.train()
         t.start_epoch()
     steps = len(loader)
-    with tqdm(total=loader.num_samples, initial=min(first_step * loader.batch_size, loader.num_samples), unit="img",
-              unit_scale=True, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not runtime.is_main,
-              leave=False) as bar:
+    with progress(loader.num_samples, f"epoch {epoch + 1}/{args.epochs}", initial=first_step * loader.batch_size,
+                  disable=not runtime.is_main) as bar:
         for i, (x, y) in enumerate(loader.batches(first_step), first_step):
-            teacher_logits = None
-            if teacher is not None:
-                with torch.no_grad(), runtime.autocast:
-                    teacher_logits = teacher(x)
-            for t in trainees:
-                with _own_stream(t, several):
-                    t.step(x, y, teacher_logits, epoch * steps + i)
+            _step_all(trainees, x, y, teacher, epoch * steps + i, runtime)
             bar.update(len(y))
             at_log_point = (i + 1) % args.log_every == 0
             if at_log_point:
@@ -481,7 +632,7 @@ def train_one_epoch(trainees, loader, epoch, first_step, args, runtime, teacher,
                     t.check_finite(epoch, first_step, i)
                 shown = [t.running() for t in trainees]
                 bar.set_postfix(loss="/".join(f"{loss:.3f}" for loss, _ in shown),
-                                acc="/".join(f"{acc:.3f}" for _, acc in shown))
+                                acc="/".join(f"{acc:.3f}" for _, acc in shown), refresh=False)
             # under torchrun every process must stop after the same step: they agree at log points
             stopping = stop.signum is not None if runtime.world_size == 1 else \
                 at_log_point and _agreed(stop.signum is not None, runtime)
@@ -492,15 +643,14 @@ def train_one_epoch(trainees, loader, epoch, first_step, args, runtime, teacher,
     return None
 
 
-def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime):
+def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime, save):
     """For each member: the divergence check, the epoch's record and hold-out evaluation, the best
-    weights so far, the log line, and its saved files."""
+    weights so far, the log line, and (with ``save``) its resume state and best weights on disk."""
     for t in trainees:
         args = t.args
         t.check_finite(epoch, first_step, t.steps_per_epoch - 1)
         record = t.epoch_record(epoch, loop.epoch_seconds())
-        last_epoch = epoch + 1 == args.epochs
-        if holdout_loader is not None and ((epoch + 1) % args.eval_every == 0 or last_epoch):
+        if holdout_loader is not None and evaluated_epoch(epoch, args.epochs, args.eval_every):
             scores = evaluate(t.eval_model, holdout_loader, runtime, args.tta, t.member.metric)
             if not math.isfinite(scores["loss"]):
                 raise t.diverged("hold-out loss", epoch, t.steps_per_epoch - 1)
@@ -508,10 +658,9 @@ def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime):
         record["elapsed_s"] = loop.elapsed()
         record = {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in record.items()}
         t.history.append(record)
-        improved = holdout_loader is None or record.get("holdout_acc", -1.0) > t.best_acc
-        if improved:
+        if holdout_loader is None or record.get("holdout_acc", -1.0) > t.best_acc:
             t.best_acc, t.best_epoch = record.get("holdout_acc", t.best_acc), epoch + 1
-            t.best_state = clean_state_dict(t.eval_model)
+            t.best_state, t.best_saved = clean_state_dict(t.eval_model), False
         if not runtime.is_main:
             continue
         prefix = f"{t.files.best.stem}: " if len(trainees) > 1 else ""
@@ -519,41 +668,43 @@ def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime):
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch"))
         with open(t.files.log, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if improved:
-            save_checkpoint(t.files.best, {**t.meta, "model": t.best_state, "epoch": t.best_epoch,
-                                           "epochs_run": epoch + 1,
-                                           "holdout_acc": t.best_acc if t.best_acc >= 0 else None,
-                                           "test_acc": None, "complete": False})
-        save_checkpoint(t.files.last, t.resume_state(loop, epoch + 1, 0))
+        if save:
+            t.save(loop, epoch + 1)
+    if save:
+        loop.saved = time.time()
 
 
 def _stop(trainees, loop, args, runtime, signum, epoch, step=0):
-    """The one way out before the last epoch: save a mid-epoch resume state if ``step`` > 0 (an epoch's
-    end has saved its own), say how to continue, then exit with 128 + the signal's number, or return
-    None when the time budget ran out."""
+    """The one way out before the last epoch: save a mid-epoch resume state if ``step`` > 0 (an epoch's end
+    has saved its own), say how to continue, then exit with 128 + the signal's number, or
+    ``EXIT_TIME_BUDGET`` when ``--time-budget`` ran out."""
     steps = trainees[0].steps_per_epoch
     if runtime.is_main:
         if step:
             for t in trainees:
-                save_checkpoint(t.files.last, t.resume_state(loop, epoch, step))
+                t.save(loop, epoch, step)
         where = f"at epoch {epoch + 1}/{args.epochs}, step {step}/{steps}" if step else \
             f"after epoch {epoch}/{args.epochs}"
         why = signal.Signals(signum).name if signum else f"time budget of {args.time_budget:g} min spent"
         print(f"\n{why}: stopped {where}; saved {', '.join(str(t.files.last) for t in trainees)}\n"
-              f"continue with: {resume_command(args.command)}")
-    if signum is None:
-        return None
-    raise SystemExit(128 + signum)
+              f"continue with: {continue_command(args.command)}")
+    raise SystemExit(128 + signum if signum else EXIT_TIME_BUDGET)
 
 
-def _finish(trainee, test_loader):
+def _finish(trainee, test_loader, time_box, startup_seconds, stop):
     """The best weights, evaluated once on the test split, saved as the complete checkpoint."""
     t, runtime = trainee, trainee.runtime
     t.eval_model.load_state_dict(t.best_state)
-    test_acc = evaluate(t.eval_model, test_loader, runtime, t.args.tta, t.member.metric)["acc"] \
-        if test_loader is not None else None
-    final = {**t.meta, "model": t.best_state, "epoch": t.best_epoch, "epochs_run": len(t.history),
-             "holdout_acc": t.best_acc if t.best_acc >= 0 else None, "test_acc": test_acc, "complete": True}
+    scores = evaluate(t.eval_model, test_loader, runtime, t.args.tta, t.member.metric, stop) \
+        if test_loader is not None else {"acc": None}
+    if scores is None:
+        if runtime.is_main:
+            print(f"\n{signal.Signals(stop.signum).name}: stopped during the final test evaluation (every epoch is "
+                  f"saved); continue with: {continue_command(t.args.command)}")
+        raise SystemExit(128 + stop.signum)
+    timing = {**(t.meta.get("timing") or {}), "startup_seconds": startup_seconds, "wall_seconds": time_box.elapsed(),
+              "train_images_per_s": sum(r["images_per_s"] for r in t.history) / max(len(t.history), 1)}
+    final = t.best_checkpoint(test_acc=scores["acc"], complete=True, timing=timing)
     if runtime.is_main:
         save_checkpoint(t.files.best, final)
         plot_history(t.history, t.files.plot, title=run_title(t.member.meta, t.files.best),

@@ -4,6 +4,8 @@
 student's knowledge distillation (the teacher), by the selector's labelling (the students), by
 ``evaluate.py``, ``inference.py`` and ``predict.py``. Called on a normalised batch it gives its
 logits averaged over the test-time views it was trained to use (``--tta``); its GFLOPs count them.
+``Trained`` is what is known of it without the weights — its checkpoint's record, its cost and
+its logits — which is what a results bundle keeps, and all that routing and the tables need.
 
 ``<stem>.logits.pt`` beside the checkpoint holds its logits on the hold-out and test splits, tied
 to the checkpoint's weights (their fingerprint), the data's fingerprint and the split; when any of
@@ -23,6 +25,8 @@ from utils.data import Split, make_splits
 from utils.runtime import batched_logits, prepare_model
 
 FORMAT = "mskd-logits/1"
+# What a checkpoint holds besides its record: the weights and the state of an unfinished run.
+NOT_RECORDED = ("model", "optimizer", "ema", "rng", "cuda_rng", "sums", "history")
 
 
 def logits_path(checkpoint_path):
@@ -30,32 +34,22 @@ def logits_path(checkpoint_path):
     return path.with_name(f"{path.name.removesuffix('.pt')}.logits.pt")
 
 
-class Network:
-    """A trained network on the device, in eval mode, with its checkpoint (``kind``: teacher, student,
-    selector, or None for any); ``hint`` is the command that makes the checkpoint, for errors.
+class Trained:
+    """A trained network as its checkpoint's record (no weights), its parameters and FLOPs per plain forward
+    pass, and its logits ``{"holdout", "test"} -> (logits (N, K), labels (N,))`` once known.
 
-    ``role`` names it in tables (``"Student 1"``). Unfinished checkpoints are announced.
+    ``role`` names it in tables (``"Student 1"``).
     """
 
-    def __init__(self, path, kind, hint, runtime, role=""):
-        self.role, self.path, self.runtime = role, str(path), runtime
-        self.checkpoint = load_checkpoint(path, hint=hint, kind=kind)
-        model = model_from_checkpoint(self.checkpoint, path, hint).eval().requires_grad_(False)
-        self.model = prepare_model(model, runtime)
-        self.tta = self.checkpoint.get("config", {}).get("tta", "none")
-        self.split = Split.of(self.checkpoint) if "split" in self.checkpoint else None
-        self.logits = None  # {"holdout", "test"} -> (logits, labels), after load_logits
-        if not self.checkpoint.get("complete") and runtime.is_main:
-            print(f"warning: {path} comes from an unfinished run ({self.progress} epochs); its results are marked")
+    def __init__(self, role, path, checkpoint, params=None, flops=None, logits=None):
+        self.role, self.path, self.checkpoint, self.logits = role, str(path), checkpoint, logits
+        self._params, self._flops = params, flops
+        self.tta = checkpoint.get("config", {}).get("tta", "none")
+        self.split = Split.of(checkpoint) if "split" in checkpoint else None
 
-    def __call__(self, x):
-        """Logits for a normalised batch, averaged over the test-time views the network was trained to use."""
-        return predict(self.model, x, self.tta)
-
-    @functools.cached_property
+    @property
     def stats(self):
-        """``{"params", "flops", "feature_map"}`` of one plain forward pass (``models.model_stats``)."""
-        return model_stats(self.model)
+        return {"params": self._params, "flops": self._flops}
 
     @property
     def gflops(self):
@@ -73,9 +67,44 @@ class Network:
 
     @property
     def label(self):
+        """``Student 1 densenet121 (KD)``, ``Teacher resnet50 [unfinished: 3/40 epochs]``, ``Selector``."""
         kd = {True: " (KD)", False: " without KD"}.get(self.checkpoint.get("kd"), "")
         done = "" if self.checkpoint.get("complete") else f" [unfinished: {self.progress} epochs]"
-        return f"{self.role} {self.arch}{kd}{done}"
+        arch = "" if self.checkpoint["kind"] == "selector" else f" {self.arch}"
+        return f"{self.role}{arch}{kd}{done}"
+
+    def record(self):
+        """What a results bundle keeps of it (JSON): everything but the weights and its logits."""
+        return {"role": self.role, "path": self.path, "params": self.stats["params"], "flops": self.stats["flops"],
+                "checkpoint": {k: v for k, v in self.checkpoint.items() if k not in NOT_RECORDED}}
+
+    @classmethod
+    def from_record(cls, record, logits):
+        return cls(record["role"], record["path"], record["checkpoint"], record["params"], record["flops"], logits)
+
+
+class Network(Trained):
+    """A trained network on the device, in eval mode, with its checkpoint (``kind``: teacher, student,
+    selector, or None for any); ``hint`` is the command that makes the checkpoint, for errors.
+    Unfinished checkpoints are announced.
+    """
+
+    def __init__(self, path, kind, hint, runtime, role=""):
+        super().__init__(role, path, load_checkpoint(path, hint=hint, kind=kind))
+        self.runtime = runtime
+        model = model_from_checkpoint(self.checkpoint, path, hint).eval().requires_grad_(False)
+        self.model = prepare_model(model, runtime)
+        if not self.checkpoint.get("complete") and runtime.is_main:
+            print(f"warning: {path} comes from an unfinished run ({self.progress} epochs); its results are marked")
+
+    def __call__(self, x):
+        """Logits for a normalised batch, averaged over the test-time views the network was trained to use."""
+        return predict(self.model, x, self.tta)
+
+    @functools.cached_property
+    def stats(self):
+        """``{"params", "flops", "feature_map"}`` of one plain forward pass (``models.model_stats``)."""
+        return model_stats(self.model)
 
     def load_logits(self, data, batch_size=1024):
         """``{"holdout", "test"}`` -> ``(float32 logits (N, K), labels (N,))`` on the CPU, from the cache
@@ -99,7 +128,8 @@ class Network:
         for name, (images, labels) in make_splits(data, self.split).items():
             if name == "train":
                 continue
-            logits = batched_logits(self, images, self.runtime, batch_size).cpu() if len(images) else \
+            desc = f"{self.role or self.arch} on the {name} split" if len(images) else None
+            logits = batched_logits(self, images, self.runtime, batch_size, desc=desc).cpu() if len(images) else \
                 torch.zeros(0, checkpoint["num_classes"])
             self.logits[name] = (logits, labels)
         if self.runtime.is_main:

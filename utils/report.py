@@ -13,13 +13,17 @@ ORIGINAL = {"teacher": "81%", "student 1": "74.19%", "student 2": "73.21%", "rou
 PLOTS = ("accuracy_vs_gflops.png", "per_class_gain.png", "routed_confusion.png", "routing_share.png")
 
 
-def write_report(results, out, budgets):
-    """``results.json``, ``results.md`` and the plots in the folder ``out``; ``budgets``: the multiples of
-    the cheapest student's GFLOPs in the budget table, in order."""
+def write_report(results, out):
+    """``results.json``, ``results.md`` and the plots in the folder ``out``."""
+    write_results(results, out)
+    write_plots(results, out)
+
+
+def write_results(results, out):
+    """``results.json`` and ``results.md`` in the folder ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, out / "results.md", budgets)
-    write_plots(results, out)
+    write_markdown(results, out / "results.md")
 
 
 def original_of(name):
@@ -68,29 +72,61 @@ def cost_lines(r):
     if "teacher" not in r.get("costs", {}):
         return ["Not measured in this run."]
     teacher = r["costs"]["teacher"]
+    cpu = r["device"].startswith("CPU")
     return [
-        f"Images/s: the second of two passes over the test set (the first, untimed, sees every batch shape), batch "
-        f"{r['batch_size']}, on {r['device']}. GFLOPs counted by `torch.utils.flop_counter` (a multiply-add is 2).", "",
-        "| System | Parameters | GFLOPs / image | x the teacher's | Images/s | x the teacher's |",
+        f"Images/s: the median [and range] of timed passes over the test set after an untimed one (which sees every "
+        f"batch shape), batch {r['batch_size']}, on {r['device']}"
+        + (" — **a CPU shared with other work: these speeds say little about a GPU's**" if cpu else "")
+        + ". GFLOPs counted by `torch.utils.flop_counter` (a multiply-add is 2).", "",
+        "| System | Parameters | GFLOPs / image | x the teacher's | Images/s [range] | x the teacher's |",
         "|---|---|---|---|---|---|",
         *[f"| {name} | {c['params'] / 1e6:.2f} M | {c['gflops']:.3f} | {c['gflops'] / teacher['gflops']:.2f} "
-          f"| {c['images_per_s']:.0f} | {c['images_per_s'] / teacher['images_per_s']:.2f} |"
+          f"| {c['images_per_s']:.0f} {_range(c)} | {c['images_per_s'] / teacher['images_per_s']:.2f} |"
           for name, c in r["costs"].items()], "",
         *against_teacher(r)]
 
 
-def write_markdown(results, path, budgets):
+def _range(cost):
+    low, high = cost.get("images_per_s_range", (None, None))
+    return "" if low is None else f"[{low:.0f}–{high:.0f}]"
+
+
+def training_lines(r):
+    """How each network was trained, and the pipeline's stages, from what the results hold."""
+    lines = ["| Network | Epochs | Weights of epoch | Time box (min) | Training images/s | Start-up (s) | Wall (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, t in r["training"].items():
+        cells = [_number(t.get(k), f) for k, f in (("minutes", "{:g}"), ("train_images_per_s", "{:.0f}"),
+                                                     ("startup_seconds", "{:.1f}"), ("wall_seconds", "{:.1f}"))]
+        lines.append(f"| {name} | {t['epochs']} | {t['best_epoch']} | " + " | ".join(cells) + " |")
+    pipeline = r.get("pipeline")
+    if pipeline:
+        budget = f" of a time box of {pipeline['minutes']:g} min" if pipeline.get("minutes") else ""
+        lines += ["", f"Wall time of each stage of `{pipeline['command']}`{budget}, as `reproduce.py` measured it "
+                  "(a skipped stage took no time):", "", "| Stage | Minutes |", "|---|---|",
+                  *[f"| {stage} | {seconds / 60:.2f} |" for stage, seconds in pipeline["stages"].items()],
+                  f"| total, data decoding and start-up included | {pipeline['total_seconds'] / 60:.2f} |"]
+    return lines
+
+
+def _number(value, fmt):
+    return "—" if value is None else fmt.format(value)
+
+
+def write_markdown(results, path):
     r = results
-    routed = r["routed"]
+    routed, budgets = r["routed"], r["budget_multiples"]
     notes = []
     if r["split"]["limit"]:
-        notes.append(f"**A quick run on a subset** (`--limit {r['split']['limit']}` images per split, such as "
-                     "`reproduce.py --preset smoke`): these numbers only show that every stage runs.")
+        notes.append(f"**A quick run on a subset** (`--limit {r['split']['limit']}` images per split): these numbers "
+                     "only show that every stage runs.")
     notes.append("Not comparable with the original's numbers: it fine-tuned ImageNet-pretrained backbones on "
                  "images upsampled to 224x224 (and had the flaws listed in the README); here every network is "
                  "trained from scratch on 32x32 CIFAR-10 unless its checkpoint says otherwise.")
     if r["unfinished"]:
         notes.append("**Unfinished checkpoints** (marked in the rows): " + ", ".join(f"`{p}`" for p in r["unfinished"]))
+    if r.get("reanalysis"):
+        notes.append(f"Tables and plots {r['reanalysis']}; costs and images/s are the bundle's own measurements.")
     lines = [
         "# Results", "",
         f"CIFAR-10 test set, {r['test_images']} images ({r['data']}). Device: {r['device']}; torch {r['torch']}. "
@@ -133,6 +169,8 @@ def write_markdown(results, path, budgets):
         "| System | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES),
         *[f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + " |" for name, accs in r["per_class"].items()],
         "",
+        "## Training", "",
+        *training_lines(r), "",
         "## Where these numbers come from", "",
         "| Network | Checkpoint | Epochs run | Weights of epoch | Complete | Seed | KD | Trained on | Git commit |",
         "|---|---|---|---|---|---|---|---|---|",

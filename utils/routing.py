@@ -63,9 +63,9 @@ def check_selector_students(selector_checkpoint, selector_path, students):
                         "with --students, or retrain it with `python trainSelector.py`")
 
 
-def load_selector(path, students, runtime):
+def load_selector(path, students, runtime, role="Selector"):
     """The selector as a ``Network``, refused if it was trained for other students."""
-    selector = Network(path, "selector", "python trainSelector.py", runtime, role="Selector")
+    selector = Network(path, "selector", "python trainSelector.py", runtime, role=role)
     check_selector_students(selector.checkpoint, path, students)
     return selector
 
@@ -150,15 +150,19 @@ def batched_routed(router, students, selector, images, runtime, batch_size=1024,
     return torch.cat(probs), torch.cat(ran)
 
 
-def timed(fn, runtime):
-    """``(result, seconds)`` of the second of two calls of ``fn()``: the same on every device.
+def timed(fn, runtime, passes=1):
+    """``(result, [seconds of each timed call])`` of ``passes`` calls of ``fn()`` after an untimed one: the same on
+    every device.
 
     The first, untimed call sees every batch shape once, so neither cuDNN's kernel search nor
     any other first-call cost is timed.
     """
-    fn()
-    runtime.synchronize()
-    start = time.perf_counter()
     result = fn()
-    runtime.synchronize()
-    return result, time.perf_counter() - start
+    seconds = []
+    for _ in range(passes):
+        runtime.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        runtime.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return result, seconds

@@ -7,6 +7,8 @@ versions, git commit, device). ``--name NAME`` puts every stage of an experiment
 written and refuses to replace an existing run unless ``--resume`` or ``--force`` says what to do.
 """
 
+import contextlib
+import contextvars
 import json
 import platform
 import shlex
@@ -26,8 +28,9 @@ CHECKPOINT_ROOT = Path("checkpoints")
 RESULTS_ROOT = Path("results")
 REPO = Path(__file__).resolve().parents[1]
 # Flags that may differ between a run and its --resume (or a stage and its rerun) without changing the result.
-RUN_CONTROL_FLAGS = frozenset({"resume", "force", "time_budget", "log_every", "compile", "device", "download",
-                               "data_dir", "checkpoint", "name", "command"})
+# --minutes too: a time-boxed run records the epochs it chose, and a rerun or resume keeps them.
+RUN_CONTROL_FLAGS = frozenset({"resume", "force", "time_budget", "minutes", "save_every", "log_every", "compile",
+                               "device", "download", "data_dir", "checkpoint", "name", "command"})
 
 
 def default_checkpoint(name, stem):
@@ -58,6 +61,25 @@ def resume_command(command):
     """``args.command`` as the command that continues its run: with ``--resume``, without ``--force``."""
     words = [word for word in shlex.split(command) if word != "--force"]
     return shlex.join(words + ["--resume"] * ("--resume" not in words))
+
+
+_OUTER_COMMAND = contextvars.ContextVar("outer_command", default=None)
+
+
+@contextlib.contextmanager
+def continued_by(command):
+    """Within it, a stopped stage tells the user to run ``command`` (``reproduce.py``'s own) to continue."""
+    token = _OUTER_COMMAND.set(command)
+    try:
+        yield
+    finally:
+        _OUTER_COMMAND.reset(token)
+
+
+def continue_command(command):
+    """The command that continues a stopped run started by ``command``: the run's own with ``--resume``, or the
+    pipeline's that runs it (``continued_by``)."""
+    return _OUTER_COMMAND.get() or resume_command(command)
 
 
 @dataclass(frozen=True)
@@ -162,9 +184,9 @@ def provenance(device):
             "torchvision": str(torchvision.__version__), "git_commit": git_commit(), "device": device_name(device)}
 
 
-def write_config(path, args, device, script):
-    """``<stem>.config.json``: the command, every flag, versions, git commit and device."""
+def write_config(path, args, device, script, **extra):
+    """``<stem>.config.json``: the command, every flag, versions, git commit and device, and ``extra``."""
     config = {"script": script, "command": getattr(args, "command", None), "flags": vars(args),
-              **provenance(device)}
+              **provenance(device), **extra}
     Path(path).write_text(json.dumps(config, indent=2, default=str) + "\n")
     return config

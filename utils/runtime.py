@@ -1,19 +1,23 @@
-"""Where the code runs: the device, mixed precision, the process group under ``torchrun``, and models put there.
+"""Where the code runs: the device, mixed precision, the process group under ``torchrun``, models put there,
+batched logits, and stop signals that end work between batches.
 
 Training, evaluation and inference all start with ``setup_runtime(args)`` and pass the
 ``Runtime`` it returns; nothing else in the code names a device.
 """
 
+import contextlib
+import contextvars
 import os
 import platform
+import signal
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from utils.cli import UserError
-from utils.data import normalize
+from utils.cli import UserError, progress
+from utils.data import normalize, pad_batch
 
 
 @dataclass
@@ -88,12 +92,64 @@ def device_name(device):
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+class StopSignal:
+    """While active, SIGINT and SIGTERM only ask the loop to stop; a second signal acts as usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        try:
+            self.previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: signals cannot be caught here
+            self.previous = {}
+        return self
+
+    def _request(self, signum, frame):
+        self.signum = signum
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Stopped(Exception):
+    """Raised by ``batched_logits`` within ``stoppable`` once a stop signal has arrived."""
+
+
+_STOP = contextvars.ContextVar("stop", default=None)
+
+
+@contextlib.contextmanager
+def stoppable(what, command):
+    """Within it, SIGINT or SIGTERM stops the work after the current batch of ``batched_logits``: one line saying
+    what was stopped and the command that continues (``command``), and exit code 128 + the signal's number."""
+    with StopSignal() as stop:
+        token = _STOP.set(stop)
+        try:
+            yield
+        except Stopped:
+            print(f"\n{signal.Signals(stop.signum).name}: stopped while {what}; continue with: {command}")
+            raise SystemExit(128 + stop.signum) from None
+        finally:
+            _STOP.reset(token)
+
+
 @torch.no_grad()
-def batched_logits(model, images, runtime, batch_size=1024):
-    """Logits (float32, on the device) of ``model`` for uint8 ``images``, in order."""
+def batched_logits(model, images, runtime, batch_size=1024, desc=None):
+    """Logits (float32, on the device) of ``model`` for uint8 ``images``, in order; on a GPU the last batch is
+    padded to the others' shape. ``desc``: show progress under that name."""
     out = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start:start + batch_size].to(runtime.device), runtime.cuda)
-        with runtime.autocast:
-            out.append(model(x).float())
+    with progress(len(images), desc or "", disable=desc is None or not runtime.is_main) as bar:
+        for start in range(0, len(images), batch_size):
+            if _STOP.get() is not None and _STOP.get().signum is not None:
+                raise Stopped
+            x = normalize(images[start:start + batch_size].to(runtime.device), runtime.cuda)
+            with runtime.autocast:
+                out.append(model(pad_batch(x, batch_size) if runtime.cuda else x)[:len(x)].float())
+            bar.update(len(x))
     return torch.cat(out)

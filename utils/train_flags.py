@@ -69,6 +69,10 @@ def add_training_args(parser, stem, archs=tuple(RECIPES)):
 
     g = parser.add_argument_group("training (defaults: the network's recipe, utils/recipes.py)")
     g.add_argument("--epochs", type=POSITIVE_INT, help=f"passes over the training split {recipe('epochs')}")
+    g.add_argument("--minutes", type=POSITIVE, default=None,
+                   help="a time box instead of --epochs: the whole stage, start-up and final evaluation included, "
+                        "ends within this many minutes; it times a few steps, then chooses the epochs and builds the "
+                        "schedule for them (recorded in the checkpoint, so --epochs repeats the run)")
     g.add_argument("--batch-size", type=POSITIVE_INT, help=f"images per step, over all GPUs {recipe('batch_size')}")
     g.add_argument("--lr", type=POSITIVE,
                    help="peak learning rate for a batch of 512, reached after the warm-up; scaled linearly "
@@ -76,8 +80,8 @@ def add_training_args(parser, stem, archs=tuple(RECIPES)):
     g.add_argument("--schedule", choices=SCHEDULES,
                    help=f"decay of the learning rate to 0 after the warm-up {recipe('schedule')}")
     g.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=None,
-                   help="epochs of linear warm-up from 0 to the peak learning rate "
-                        f"(default: {WARMUP_EPOCHS:g}, or the whole run if it is shorter)")
+                   help=f"epochs of linear warm-up from 0 to the peak learning rate (default: {WARMUP_EPOCHS:g}); "
+                        "it never takes more than 20%% of the run")
     g.add_argument("--momentum", type=UNIT_INTERVAL, default=0.9, help="Nesterov momentum of SGD")
     g.add_argument("--weight-decay", type=NON_NEGATIVE,
                    help=f"L2 weight decay, not applied to biases and BatchNorm {recipe('weight_decay')}")
@@ -105,7 +109,11 @@ def add_training_args(parser, stem, archs=tuple(RECIPES)):
                    help="evaluation views averaged: none, flip (2 forward passes), flip-shift (flip and two "
                         f"1-pixel diagonal shifts: 6) {recipe('tta')}")
     g = parser.add_argument_group("progress and output")
-    g.add_argument("--eval-every", type=POSITIVE_INT, default=1, help="evaluate on the hold-out split every k epochs")
+    g.add_argument("--eval-every", type=POSITIVE_INT, default=5,
+                   help="evaluate on the hold-out split every k epochs, and at each of the last k")
+    g.add_argument("--save-every", type=NON_NEGATIVE, default=2.0,
+                   help="minutes between writes of the resume state and best weights (at an epoch's end; also "
+                        "before any stop and at the end); 0: every epoch")
     g.add_argument("--log-every", type=POSITIVE_INT, default=50,
                    help="steps between updates of the progress bar (and, under torchrun, between checks for a "
                         "stop signal)")
@@ -141,12 +149,16 @@ def finish_training_args(parser, args, arch, stem=None, train_images=None):
     if hasattr(args, "holdout"):
         sizes = check_split_flags(parser, args)
         train_images = sizes and sizes["train"]
+    if args.minutes is not None and args.epochs is not None:
+        parser.error("--minutes chooses the epochs from a time box: give --minutes or --epochs, not both")
     apply_recipe(args, arch)
+    if args.minutes is not None:
+        args.epochs = None  # chosen by the run
     if args.resume and args.force:
         parser.error("--resume continues a run and --force replaces it: give one of them")
     if args.warmup_epochs is None:
-        args.warmup_epochs = min(WARMUP_EPOCHS, args.epochs)
-    elif args.warmup_epochs > args.epochs:
+        args.warmup_epochs = WARMUP_EPOCHS
+    elif args.epochs is not None and args.warmup_epochs > args.epochs:
         parser.error(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs})")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size < world_size:
