@@ -48,7 +48,7 @@ from utils.routing import (
     timed,
     try_fit,
 )
-from utils.runs import RESULTS_ROOT, default_checkpoint, default_students
+from utils.runs import RESULTS_ROOT, check_output_folder, default_checkpoint, default_students
 from utils.runtime import batched_logits, device_name, setup_runtime
 from utils.stats import expected_calibration_error, mcnemar, paired_bootstrap
 
@@ -248,6 +248,7 @@ def provenance(networks):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_output_folder(args.out, "--out")
     runtime = setup_runtime(args)
     print_config(args, "inference.py")
     split = students_split(args.students)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from utils.cli import UserError
 from utils.data import normalize
+from utils.lock import release_all
 
 
 @dataclass
@@ -72,6 +73,8 @@ def setup_runtime(args):
 
 
 def teardown_runtime(runtime):
+    """The end of a run: its output locks are released (``utils.lock``), its process group closed."""
+    release_all()
     if runtime.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
 
