@@ -8,7 +8,6 @@ logits are computed once and kept beside the checkpoint (<stem>.logits.pt).
     python evaluate.py checkpoints/teacher.pt checkpoints/student_densenet121.pt
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,6 +17,8 @@ from utils.checkpoint import load_checkpoint
 from utils.cli import UserError, add_data_args, add_device_args, make_parser, parse, run
 from utils.data import CLASSES, load_cifar10
 from utils.networks import Network
+from utils.report import write_json
+from utils.runs import check_output_folder
 from utils.runtime import setup_runtime
 from utils.stats import expected_calibration_error, paired_bootstrap
 
@@ -47,6 +48,10 @@ def scores(logits, labels):
 
 def main(argv=None):
     args = parse(build_parser(), argv)
+    if args.out:
+        if Path(args.out).is_dir():
+            raise UserError(f"--out {args.out} is a folder; give a file, such as {Path(args.out) / 'evaluation.json'}")
+        check_output_folder(Path(args.out).parent, "--out")
     runtime = setup_runtime(args)
     data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)
     results = {}
@@ -70,7 +75,7 @@ def main(argv=None):
         print(f"| `{path}` | " + " | ".join(f"{100 * a:.1f}" for a in r["per_class"]) + " |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.out, results)
         print(f"\nwrote {args.out}")
 
 

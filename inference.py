@@ -53,7 +53,7 @@ from utils.routing import (
     timed,
     try_fit,
 )
-from utils.runs import RESULTS_ROOT, continue_command, default_checkpoint, default_students
+from utils.runs import RESULTS_ROOT, check_output_folder, continue_command, default_checkpoint, default_students
 from utils.runtime import batched_logits, device_name, setup_runtime, stoppable
 from utils.stats import expected_calibration_error, mcnemar, paired_bootstrap
 
@@ -302,6 +302,7 @@ def describe(networks, split):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_output_folder(args.out, "--out")
     if args.bundle:
         return analyse_bundle(args)
     runtime = setup_runtime(args)

@@ -43,6 +43,7 @@ from utils.cli import (
     POSITIVE_INT,
     UserError,
     default_data_dir,
+    experiment_name,
     make_parser,
     parse,
     print_config,
@@ -77,7 +78,7 @@ class Stage:
 def build_parser():
     parser = make_parser(__doc__, Path(__file__).name)
     parser.add_argument("--preset", default="full", choices=list(PRESETS), help="which recipe to run")
-    parser.add_argument("--name", default=None,
+    parser.add_argument("--name", default=None, type=experiment_name,
                         help="experiment name: checkpoints/NAME/ and results/NAME/ (default: the preset's, "
                              "'smoke' or none)")
     seeds = parser.add_mutually_exclusive_group()

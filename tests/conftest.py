@@ -29,9 +29,11 @@ def write_tree(root, per_class=(4, 2), fmt="png", classes=CLASSES):
 
 @pytest.fixture(scope="session", autouse=True)
 def session_cache(tmp_path_factory):
-    """One decode cache for the whole run (subprocesses inherit it), never the user's own."""
+    """One decode cache for the whole run (subprocesses inherit it), never the user's own; the same for the
+    per-user logits cache of checkpoints in read-only folders."""
     cache = tmp_path_factory.mktemp("cifar10-cache")
     os.environ["CIFAR10_CACHE"] = str(cache)
+    os.environ["MSKD_LOGITS_CACHE"] = str(tmp_path_factory.mktemp("logits-cache"))
     return cache
 
 

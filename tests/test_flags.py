@@ -81,6 +81,14 @@ def test_every_number_type_is_tested():
     assert {name for name, *_ in NUMBER_CASES} == set(NUMBERS)
 
 
+def test_an_experiment_name_is_a_relative_path_of_plain_names():
+    for text in ["cpu", "smoke/seed0", "lr0.1_kd-T4+ema", ""]:  # "": the default, no experiment folder
+        assert cli.experiment_name(text) == text
+    for text in ["..", ".", "../escape", "a/../../b", "a/./b", "/abs/path", "a//b", "a/", "my run", "a\\b", "~x"]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"not {text!r}")):
+            cli.experiment_name(text)
+
+
 # ----------------------------------------------------------------------------- every script
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -99,6 +107,21 @@ def test_a_bad_number_is_one_line_before_any_work(script, tmp_path, monkeypatch,
     bad = "nan"
     line = refusal(SCRIPTS[script], [f"{flag_name(action)}={bad}"], tmp_path, monkeypatch, capsys)
     assert flag_name(action) in line and repr(bad) in line and action.type.describe() in line, line
+
+
+@pytest.mark.parametrize("script", [script for script in SCRIPTS
+                                    if any("--name" in action.option_strings for action in options(script))])
+def test_every_name_flag_is_an_experiment_name(script):
+    (action,) = [action for action in options(script) if "--name" in action.option_strings]
+    assert action.type is cli.experiment_name, f"{script} --name: use type=utils.cli.experiment_name"
+
+
+@pytest.mark.parametrize("name", ["../escape", "/elsewhere", "a/../../b"])
+def test_a_name_that_leaves_the_checkpoint_folder_is_refused_before_anything_is_written(
+        name, tmp_path, monkeypatch, capsys):
+    name = str(tmp_path / "elsewhere") if name == "/elsewhere" else name  # absolute, but in a scratch folder
+    line = refusal(teacherTrain, ["--name", name], tmp_path, monkeypatch, capsys)
+    assert line.startswith("error: argument --name: must be a relative name") and repr(name) in line, line
 
 
 # ----------------------------------------------------------------------------- checks across flags

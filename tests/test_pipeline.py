@@ -1,9 +1,12 @@
-"""The selector, routed inference and the one-command smoke pipeline."""
+"""The selector, routed inference, predict.py's images, results.json and the one-command smoke pipeline."""
 
 import json
+import math
 import os
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -15,7 +18,8 @@ import inference
 import predict
 import reproduce
 from tests.conftest import REPO, SHARED_ARCHIVE, write_tree
-from utils.cli import UserError
+from utils.cli import UserError, run
+from utils.report import write_json
 from utils.routers import CascadeRouter, SelectorRouter
 from utils.routing import run_routed
 
@@ -48,9 +52,22 @@ def test_smoke_pipeline_writes_every_result(smoke_run):
     assert "**Against the teacher.** The routed system " in table and "x its GFLOPs per image" in table
 
 
+def strict_json(text):
+    """``json.loads`` as a strict reader does it: ``Infinity`` and ``NaN`` are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_results_json_writes_non_finite_numbers_as_null(tmp_path):
+    path = tmp_path / "results.json"
+    write_json(path, {"threshold": math.inf, "curve": ([0.5, -math.inf], (math.nan, 1.0)), "kept": {"n": 3}})
+    assert strict_json(path.read_text()) == {"threshold": None, "curve": [[0.5, None], [None, 1.0]], "kept": {"n": 3}}
+
+
 def test_oracle_bounds_every_one_student_system(smoke_run):
     root, _ = smoke_run
-    results = json.loads((root / "results" / "smoke" / "results.json").read_text())
+    results = strict_json((root / "results" / "smoke" / "results.json").read_text())
     accuracy = results["accuracy"]
     oracle = accuracy["Oracle (any student right)"]
     one_student = [name for name in accuracy if name.startswith(("Student", "Selector", "Random"))]
@@ -135,16 +152,18 @@ def test_images_classifies_files_of_any_size(smoke_run, tmp_path, capsys, monkey
         assert line.startswith(path) and "student" in line and "confidence" in line
 
 
-def test_selector_for_other_students_is_refused(smoke_run, monkeypatch):
+def test_selector_for_other_students_is_refused(smoke_run, tmp_path, monkeypatch):
     root, _ = smoke_run
     monkeypatch.chdir(root)
     ckpt = "checkpoints/smoke"
     swapped = [f"{ckpt}/student_googlenet.pt", f"{ckpt}/student_densenet121.pt"]
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
     with pytest.raises(UserError, match="trained for other students"):
-        predict.main(["x.png", "--device", "cpu", "--selector", f"{ckpt}/selector.pt",
+        predict.main([str(image), "--device", "cpu", "--selector", f"{ckpt}/selector.pt",
                         "--students", *swapped])
     result = subprocess.run([sys.executable, str(REPO / "predict.py"), "--device", "cpu", "--selector",
-                             f"{ckpt}/selector.pt", "--students", *swapped, "x.png"],
+                             f"{ckpt}/selector.pt", "--students", *swapped, str(image)],
                             cwd=root, capture_output=True, text=True)
     assert result.returncode != 0
     assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
@@ -274,3 +293,81 @@ def test_students_of_different_splits_are_refused(tmp_path):
                 random_student(tmp_path / "s1.pt", "googlenet", holdout=5)]
     with pytest.raises(UserError, match="different splits"):
         trainSelector.parse_args(["--students", *students])
+
+
+# ----------------------------------------------------------------------------- predict.py's images
+
+def png_claiming(path, width, height):
+    """A PNG of a few bytes whose header claims ``width`` x ``height`` grey pixels: only decoding would show
+    that its pixels are missing."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+    return path
+
+
+def predict_refusal(argv, monkeypatch, capsys):
+    """predict.py's one ``error:`` line and exit code 2, reached before any network is loaded."""
+    monkeypatch.setattr(predict, "load_students", lambda *a, **k: pytest.fail("networks loaded before the images"))
+    with pytest.raises(SystemExit) as e:
+        run(lambda: predict.main([*argv, "--device", "cpu"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    (line,) = err.splitlines()
+    return line
+
+
+@pytest.mark.parametrize("problem", ["missing", "not an image"])
+def test_every_image_is_read_before_any_network_is_loaded(problem, tmp_path, monkeypatch, capsys):
+    good = tmp_path / "cat.png"
+    Image.new("RGB", (40, 30), "orange").save(good)
+    bad = tmp_path / "plane.png"
+    if problem == "not an image":
+        bad.write_text("not an image\n")
+    line = predict_refusal([str(good), str(bad)], monkeypatch, capsys)
+    assert line == f"error: no image file at {bad}" if problem == "missing" else \
+        line.startswith(f"error: cannot read image {bad} (UnidentifiedImageError"), line
+
+
+@pytest.mark.parametrize("side", [8_000, 14_000])  # 64 megapixels, under Pillow's own limit; 196, over it
+def test_a_huge_image_is_refused_before_it_is_decoded(side, tmp_path, monkeypatch, capsys):
+    import PIL.ImageFile
+
+    huge = png_claiming(tmp_path / "huge.png", side, side)
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", lambda self: pytest.fail("a huge image was decoded"))
+    line = predict_refusal([str(huge)], monkeypatch, capsys)
+    assert line == f"error: {huge} is larger than 50 megapixels, the limit of predict.py; shrink it first"
+
+
+def test_a_16_bit_grey_image_keeps_its_gradient(tmp_path):
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(np.linspace(0, 65535, 256).astype(np.uint16)[None].repeat(64, 0)).save(path)
+    assert Image.open(path).mode == "I;16"
+    image = predict.read_image(path)
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+    assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
+    row = image[0, 16].int()
+    assert (row.diff() >= 0).all() and row[0] < 10 and row[-1] > 245, row.tolist()
+
+
+@pytest.mark.parametrize("mode, pixel, rgb", [
+    ("I;16", 32768, (128, 128, 128)),
+    ("I", 65535, (255, 255, 255)),
+    ("F", 0.25, (64, 64, 64)),
+    ("L", 200, (200, 200, 200)),
+    ("LA", (0, 0), (255, 255, 255)),  # transparent: the white background
+    ("RGBA", (255, 0, 0, 128), (255, 127, 127)),  # half red over white
+    ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+])
+def test_each_image_mode_becomes_8_bit_rgb(mode, pixel, rgb):
+    assert predict.to_rgb(Image.new(mode, (2, 2), pixel)).getpixel((0, 0)) == rgb
+
+
+def test_a_palette_image_with_a_transparent_colour_shows_white_there():
+    image = Image.new("P", (2, 1))
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.putpixel((1, 0), 1)
+    image.info["transparency"] = 0
+    assert [predict.to_rgb(image).getpixel((x, 0)) for x in (0, 1)] == [(255, 255, 255), (255, 0, 0)]

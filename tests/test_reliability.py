@@ -1,5 +1,6 @@
 """Faults a long run meets, and what is left after each: pre-emption, a hard kill, divergence, an
-unwritable or full disk, an incomplete copy of the data, and a rerun over an existing run.
+unwritable or full disk, a read-only checkpoint folder, an incomplete copy of the data, a rerun over
+an existing run, and a second run on the output of one still going.
 
 The runs are tiny teachers (googlenet, a few images of a synthetic CIFAR-10, on the CPU): most have 8
 training images in batches of 2, so that an epoch has 4 steps and a run can stop between them.
@@ -14,11 +15,13 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
 import time
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +30,8 @@ import teacherTrain
 import utils.checkpoint
 import utils.data
 import utils.engine
+import utils.lock
+import utils.networks
 import utils.runs
 from tests.conftest import REPO, write_tree
 from utils.checkpoint import load_checkpoint
@@ -394,6 +399,122 @@ def test_an_output_folder_that_cannot_be_created_is_one_line_before_any_data_is_
     assert f"cannot create the output folder {checkpoint.parent}" in line and "--checkpoint" in line
 
 
+def test_a_refused_run_leaves_no_folder_behind(tmp_path):
+    checkpoint = tmp_path / "new" / "deeper" / "teacher.pt"
+    with pytest.raises(UserError, match="nothing to resume"):
+        prepare_run(Namespace(checkpoint=str(checkpoint), resume=True, force=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Makes folders read-only: ``chmod 555``, and, since chmod does not stop root (who runs these tests in
+    some containers), the writes this code makes there (a new folder, a probe file, the rename that ends a
+    save) fail as they would for anyone else."""
+    folders = []
+
+    def denied(path):
+        target = Path(path).absolute()
+        return any(target.is_relative_to(folder) and target != folder for folder in folders)
+
+    def refusing(real, target=0):  # target: which argument is the path written
+        def call(*args, **kwargs):
+            if denied(args[target]):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(args[target]))
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(Path, "mkdir", refusing(Path.mkdir))
+    monkeypatch.setattr(Path, "write_bytes", refusing(Path.write_bytes))
+    monkeypatch.setattr(os, "replace", refusing(os.replace, target=1))
+
+    def make(folder):
+        folder.chmod(0o555)
+        folders.append(folder.absolute())
+
+    yield make
+    for folder in folders:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("where", ["a file in the way", "a folder given", "a read-only folder"])
+def test_an_unwritable_evaluate_out_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, read_only, where):
+    import evaluate
+
+    blocker, folder = tmp_path / "file", tmp_path / "folder"
+    blocker.write_text("a file\n")
+    folder.mkdir()
+    out, needle = {"a file in the way": (blocker / "x.json", f"{blocker} is a file"),
+                   "a folder given": (folder, f"--out {folder} is a folder"),
+                   "a read-only folder": (folder / "new" / "x.json", f"cannot create the output folder {folder}/new")
+                   }[where]
+    read_only(folder)
+    before = sorted(tmp_path.rglob("*"))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work began before --out was checked")
+
+    monkeypatch.setattr(evaluate, "setup_runtime", no_work)
+    line = one_error_line(capsys, lambda: evaluate.main(["teacher.pt", "--out", str(out)]))
+    assert needle in line and "--out" in line, line
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_folder_that_cannot_be_written_is_one_line_and_left_as_it_was(tmp_path, capsys, read_only):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    read_only(folder)
+    line = one_error_line(capsys, lambda: utils.runs.check_output_folder(folder, "--out"))
+    assert line.startswith(f"error: cannot write in {folder} (Permission denied)") and "--out" in line, line
+    assert list(folder.iterdir()) == []
+
+
+def test_an_unwritable_inference_out_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    import inference
+
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where the results should go\n")
+    monkeypatch.setattr(inference, "setup_runtime", lambda args: pytest.fail("work began before --out was checked"))
+    line = one_error_line(capsys, lambda: inference.main(["--out", str(blocker / "run")]))
+    assert f"cannot create the output folder {blocker / 'run'}: {blocker} is a file" in line and "--out" in line
+
+
+def test_the_logits_of_a_read_only_checkpoint_are_cached_per_user(tree, uninterrupted, tmp_path, monkeypatch,
+                                                                    capsys, read_only):
+    import evaluate
+
+    folder, cache = tmp_path / "read-only", tmp_path / "user-cache"
+    folder.mkdir()
+    checkpoint = folder / "teacher.pt"
+    shutil.copy(uninterrupted, checkpoint)
+    read_only(folder)
+    monkeypatch.setenv("MSKD_LOGITS_CACHE", str(cache))
+    argv = [str(checkpoint), "--data-dir", str(tree), "--partial-data", "--device", "cpu"]
+
+    def table(out):
+        return [line for line in out.splitlines() if line.startswith("| `")]
+
+    evaluate.main(argv)
+    out = capsys.readouterr().out
+    assert f"note: cannot write {folder / 'teacher.logits.pt'}; the logits are cached in {cache}/" in out
+    assert [p.name for p in folder.iterdir()] == ["teacher.pt"]
+    (cached,) = cache.iterdir()
+    first = table(out)
+
+    compute = utils.networks.batched_logits
+    monkeypatch.setattr(utils.networks, "batched_logits", lambda *a, **k: pytest.fail("computed again"))
+    evaluate.main(argv)  # read back from the per-user cache
+    assert table(capsys.readouterr().out) == first
+
+    monkeypatch.setattr(utils.networks, "batched_logits", compute)
+    cached.unlink()
+    read_only(cache)  # nowhere to cache: evaluated all the same
+    evaluate.main(argv)
+    out = capsys.readouterr().out
+    assert "the logits are not cached and will be computed again next time" in out and table(out) == first
+    assert list(cache.iterdir()) == []
+
+
 def test_a_full_disk_is_one_line_before_training(tree, tmp_path, monkeypatch, capsys):
     free = 5 * 2**20
     usage = shutil.disk_usage(tmp_path)
@@ -464,6 +585,7 @@ def test_a_tar_cut_at_a_member_boundary_is_refused_unless_partial_data(tmp_path,
 
     with pytest.raises(DataError, match="--partial-data"):
         teacherTrain.main(flags(cut, tmp_path / "run" / "teacher.pt")[:-1])  # the same, through the script
+    utils.lock.release_all()  # as the script's process ends: its lock on the run goes with it
     assert list((tmp_path / "run").iterdir()) == []
 
     monkeypatch.setattr(utils.data, "TRAIN_SIZE", 40)  # as if the synthetic copy were the official size
@@ -495,3 +617,84 @@ def test_an_existing_run_is_replaced_only_with_force(tree, tmp_path, capsys):
     assert [r["epoch"] for r in replaced["history"]] == [1, 2]  # a new run, not the old one extended
     assert checkpoint.with_suffix(".metrics.jsonl").read_text().count("\n") == 2
     assert load(checkpoint)["complete"] is True and load(checkpoint)["config"]["epochs"] == 2
+
+
+# ----------------------------------------------------------------------------- one run per output
+
+HOLDER = r'''
+"""Hold the lock file argv[1] as a training run does, say so, then end as stdin says: return, raise or exit."""
+import sys
+from utils import lock
+
+lock.acquire(sys.argv[1])
+print("locked", flush=True)
+ending = sys.stdin.readline().strip()
+if ending == "raise":
+    raise RuntimeError("the run failed")
+if ending == "exit":
+    sys.exit(3)
+'''
+
+
+@pytest.mark.parametrize("ending", ["return", "raise", "exit"])
+def test_a_second_run_on_the_same_output_is_refused_until_the_first_process_ends(tree, tmp_path, monkeypatch,
+                                                                                 capsys, ending):
+    checkpoint = tmp_path / "teacher.pt"
+    lock = tmp_path / "teacher.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = contents(tmp_path)
+        monkeypatch.setattr(teacherTrain, "load_cifar10", lambda *a, **k: pytest.fail("data read by a second run"))
+        line = one_error_line(capsys, lambda: teacherTrain.main(tiny_flags(tree, checkpoint, epochs=1)))
+        assert line == (f"error: another run is writing these files: process {holder.pid} holds {lock}; wait for "
+                        "it to end, or write elsewhere with --name or --checkpoint")
+        assert contents(tmp_path) == before
+    finally:
+        holder.communicate(f"{ending}\n", timeout=60)
+    assert holder.returncode == {"return": 0, "raise": 1, "exit": 3}[ending]
+    assert not lock.exists()
+
+    monkeypatch.undo()
+    teacherTrain.main(tiny_flags(tree, checkpoint, epochs=1))
+    assert load_checkpoint(checkpoint, hint="", kind="teacher")["complete"] is True
+    assert not lock.exists()  # released when the run ended
+
+
+def test_a_lock_left_by_a_process_that_no_longer_runs_is_taken_over_with_a_note(tree, tmp_path, capsys):
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(ended.stdout)
+    lock = tmp_path / "teacher.lock"
+    lock.write_text(f"{pid} {socket.gethostname()}\n")
+    teacherTrain.main(tiny_flags(tree, tmp_path / "teacher.pt", epochs=1))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {lock} was left by process {pid}, which no longer runs; taken over"]
+    assert load_checkpoint(tmp_path / "teacher.pt", hint="", kind="teacher")["complete"] is True
+    assert not lock.exists() and hidden(tmp_path) == []
+
+
+def test_only_the_main_torchrun_process_locks(tmp_path):
+    checkpoint = tmp_path / "run" / "teacher.pt"
+    args = Namespace(checkpoint=str(checkpoint), resume=False, force=False)
+    prepare_run(args, is_main=False)
+    assert not checkpoint.parent.exists()  # neither a folder nor a lock
+
+    checkpoint.parent.mkdir()
+    lock = checkpoint.with_suffix(".lock")
+    held = f"{os.getppid()} {socket.gethostname()}\n"  # this test's parent process: running
+    lock.write_text(held)
+    prepare_run(args, is_main=False)  # returns at once: it does not wait for the lock either
+    assert lock.read_text() == held
+    with pytest.raises(UserError, match=f"process {os.getppid()} holds {lock}"):
+        prepare_run(args)
+    assert lock.read_text() == held
+
+
+def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
+    lock = tmp_path / "teacher.lock"
+    lock.write_text("1 some-other-host\n")
+    with pytest.raises(UserError) as e:
+        prepare_run(Namespace(checkpoint=str(tmp_path / "teacher.pt"), resume=False, force=False))
+    assert f"{lock} is held by process 1 on some-other-host; if no run is writing there, delete it" in str(e.value)
+    assert lock.read_text() == "1 some-other-host\n"

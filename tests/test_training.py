@@ -4,8 +4,10 @@ Every run uses ``--limit 10`` (one image of each class per split) and one step p
 real architecture trains in seconds on a CPU.
 """
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -329,7 +331,7 @@ def test_truncated_checkpoint(teacher, tmp_path):
     truncated.write_bytes(content[: len(content) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
         load_checkpoint(truncated, hint=TEACHER_HINT, kind="teacher")
-    assert str(truncated) in str(e.value) and TEACHER_HINT in str(e.value)
+    assert str(truncated) in str(e.value) and f"delete it and run `{TEACHER_HINT}` again" in str(e.value)
 
 
 def test_checkpoint_of_another_architecture_or_kind(teacher):
@@ -374,18 +376,24 @@ def test_tampered_weights_are_detected(tmp_path):
         load_checkpoint(path, hint=TEACHER_HINT)
 
 
-@pytest.mark.parametrize("content", ["text", "tensor", "dict"])
-def test_files_that_are_not_checkpoints(tmp_path, content):
+@pytest.mark.parametrize("content", ["text", "README.md", "objects", "tensor", "dict"])
+def test_files_that_are_not_checkpoints_are_named_so_and_never_to_be_deleted(tmp_path, content):
     path = tmp_path / "teacher.pt"
     if content == "text":
         path.write_text("this is not a checkpoint\n")
-        expected = "truncated or corrupt"
+        expected = "is not a checkpoint (not a file torch.save writes)"
+    elif content == "README.md":
+        path = REPO / "README.md"
+        expected = "is not a checkpoint (not a file torch.save writes)"
+    elif content == "objects":  # another program's pickle: not to be loaded, nor deleted on our word
+        torch.save(argparse.Namespace(epochs=3), path)
+        expected = "is not a checkpoint of this project (it holds Python objects"
     else:
         torch.save(torch.zeros(3) if content == "tensor" else {"model": {}, "epoch": 1}, path)
         expected = "not a checkpoint of this project"
-    with pytest.raises(CheckpointError, match=expected) as e:
+    with pytest.raises(CheckpointError, match=re.escape(expected)) as e:
         load_checkpoint(path, hint=TEACHER_HINT)
-    assert TEACHER_HINT in str(e.value)
+    assert TEACHER_HINT in str(e.value) and "delete" not in str(e.value)
 
 
 def test_directory_given_as_checkpoint(tmp_path):

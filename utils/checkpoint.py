@@ -64,7 +64,15 @@ def load_checkpoint(path, hint, kind=None, arch=None):
         raise CheckpointError(f"no checkpoint at {path}; run `{hint}` first")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror}); run `{hint}` or make it readable") from None
     except Exception as e:
+        if not looks_saved_by_torch(path):
+            raise CheckpointError(f"{path} is not a checkpoint (not a file torch.save writes); give the one that "
+                                  f"`{hint}` writes") from None
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(f"{path} is not a checkpoint of this project (it holds Python objects, not "
+                                  f"only tensors and plain data); run `{hint}`") from None
         raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}); "
                               f"delete it and run `{hint}` again") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") not in (FORMAT, "mskd-checkpoint/1"):
@@ -78,6 +86,13 @@ def load_checkpoint(path, hint, kind=None, arch=None):
     if "model" in checkpoint and weights_fingerprint(checkpoint["model"]) != checkpoint.get("weights_sha256"):
         raise CheckpointError(f"{path} is corrupt (its weights do not match their fingerprint); run `{hint}` again")
     return checkpoint
+
+
+def looks_saved_by_torch(path):
+    """Whether a file begins as ``torch.save`` begins its files: a zip archive, or a pickle (the legacy format)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def model_from_checkpoint(checkpoint, path, hint):

@@ -3,6 +3,7 @@
 import argparse
 import math
 import os
+import re
 import shlex
 import sys
 
@@ -70,6 +71,21 @@ NON_NEGATIVE = Number(float, 0)
 PROBABILITY = Number(float, 0, 1)
 FRACTION = Number(float, 0, 1, low_open=True, high_open=True)
 UNIT_INTERVAL = Number(float, 0, 1, high_open=True)  # [0, 1): momentum, EMA decay, label smoothing
+
+
+def experiment_name(text):
+    """An argparse ``type=`` for ``--name``: a path inside ``checkpoints/`` and ``results/``, made of plain
+    names (letters, digits, ``_ . + -``) separated by ``/``, such as ``cpu`` or ``NAME/seed0``.
+
+    Refused: an absolute path, ``.`` and ``..``, empty components. The empty string is no name at all
+    (the default, ``checkpoints/`` itself): argparse passes a flag's default through its type too.
+    """
+    parts = text.split("/")
+    if text and not all(re.fullmatch(r"[\w.+-]+", part) and part not in (".", "..") for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"must be a relative name of letters, digits, '_', '.', '+' and '-', with '/' between folders and "
+            f"no '.' or '..' folder, not {text!r}")
+    return text
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

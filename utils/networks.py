@@ -10,17 +10,22 @@ its logits — which is what a results bundle keeps, and all that routing and th
 ``<stem>.logits.pt`` beside the checkpoint holds its logits on the hold-out and test splits, tied
 to the checkpoint's weights (their fingerprint), the data's fingerprint and the split; when any of
 these changes it is computed again. Routing, evaluation and the results table read these, so
-comparing policies costs seconds on a CPU.
+comparing policies costs seconds on a CPU. Where the checkpoint's folder cannot be written (a
+read-only copy), the cache goes to a per-user folder instead, ``~/.cache/mskd-logits/`` (or
+``$MSKD_LOGITS_CACHE``), named by the checkpoint's absolute path and weights; where neither can be
+written, the logits are not cached, with a note.
 """
 
 import functools
+import hashlib
+import os
 from pathlib import Path
 
 import torch
 
 from models import model_stats
 from utils.augment import TTA_VIEWS, predict
-from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.data import Split, make_splits
 from utils.runtime import batched_logits, prepare_model
 
@@ -32,6 +37,14 @@ NOT_RECORDED = ("model", "optimizer", "ema", "rng", "cuda_rng", "sums", "history
 def logits_path(checkpoint_path):
     path = Path(checkpoint_path)
     return path.with_name(f"{path.name.removesuffix('.pt')}.logits.pt")
+
+
+def user_logits_path(checkpoint_path, weights_sha256):
+    """Where the logits of a checkpoint in a read-only folder are cached: the per-user folder."""
+    path = Path(checkpoint_path).resolve()
+    key = hashlib.sha256(f"{path}\n{weights_sha256}".encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("MSKD_LOGITS_CACHE", Path.home() / ".cache" / "mskd-logits"))
+    return folder / f"{path.name.removesuffix('.pt')}-{key}.logits.pt"
 
 
 class Trained:
@@ -118,10 +131,11 @@ class Network(Trained):
         fingerprint = checkpoint["data_fingerprint"] if callable(data) else data.fingerprint
         key = {"format": FORMAT, "weights_sha256": checkpoint["weights_sha256"], "data_fingerprint": fingerprint,
                "split": self.split.as_dict()}
-        path = logits_path(self.path)
-        self.logits = _read_cache(path, key)
-        if self.logits is not None:
-            return self.logits
+        paths = (logits_path(self.path), user_logits_path(self.path, checkpoint["weights_sha256"]))
+        for path in paths:
+            self.logits = _read_cache(path, key)
+            if self.logits is not None:
+                return self.logits
         data = data() if callable(data) else data
         key["data_fingerprint"] = data.fingerprint
         self.logits = {}
@@ -133,9 +147,23 @@ class Network(Trained):
                 torch.zeros(0, checkpoint["num_classes"])
             self.logits[name] = (logits, labels)
         if self.runtime.is_main:
-            save_checkpoint(path, {**key, **{name: logits for name, (logits, _) in self.logits.items()},
-                                   **{f"{name}_labels": labels for name, (_, labels) in self.logits.items()}})
+            _write_cache(paths, {**key, **{name: logits for name, (logits, _) in self.logits.items()},
+                                 **{f"{name}_labels": labels for name, (_, labels) in self.logits.items()}})
         return self.logits
+
+
+def _write_cache(paths, cache):
+    """Into the first of ``paths`` that can be written, with a note when it is not the first."""
+    for path in paths:
+        try:
+            save_checkpoint(path, cache)
+        except (CheckpointError, OSError):  # a read-only folder, a full disk
+            continue
+        if path != paths[0]:
+            print(f"note: cannot write {paths[0]}; the logits are cached in {path}")
+        return
+    print(f"note: cannot write {' nor '.join(map(str, paths))}; the logits are not cached and will be computed "
+          "again next time")
 
 
 def _read_cache(path, key):

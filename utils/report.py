@@ -5,6 +5,8 @@ so a table or plot can be made again from the JSON alone.
 """
 
 import json
+import math
+from pathlib import Path
 
 from utils.data import CLASSES
 from utils.plots import plot_accuracy_vs_flops, plot_confusion, plot_grouped_bars
@@ -22,8 +24,25 @@ def write_report(results, out):
 def write_results(results, out):
     """``results.json`` and ``results.md`` in the folder ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results)
     write_markdown(results, out / "results.md")
+
+
+def finite_or_none(value):
+    """``value`` with every infinite or NaN float inside it (dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def write_json(path, value):
+    """Strict JSON, which every reader accepts: a non-finite float (a threshold of +inf, an undefined
+    ratio) is written as null, never as ``Infinity`` or ``NaN``."""
+    Path(path).write_text(json.dumps(finite_or_none(value), indent=2, allow_nan=False) + "\n")
 
 
 def original_of(name):

@@ -5,7 +5,7 @@ import time
 import torch
 
 from utils.checkpoint import load_checkpoint
-from utils.cli import POSITIVE, UserError
+from utils.cli import POSITIVE, UserError, experiment_name
 from utils.data import Split, normalize, stratified_indices
 from utils.networks import Network
 from utils.routers import ROUTERS, StudentOutputs, build_router
@@ -15,7 +15,7 @@ STUDENT_HINT = "python StudentTrain.py --model 1 2"
 
 def add_routing_args(parser):
     """The experiment, its checkpoints and the routed system's policy: what inference.py and predict.py share."""
-    parser.add_argument("--name", default="",
+    parser.add_argument("--name", default="", type=experiment_name,
                         help="experiment name: read checkpoints/NAME/, write results/NAME/ (default: checkpoints/, "
                              "results/)")
     parser.add_argument("--students", nargs="+", default=None,

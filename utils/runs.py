@@ -4,12 +4,14 @@ A training run writes, beside its checkpoint ``<stem>.pt``: ``<stem>.last.pt`` (
 state), ``<stem>.metrics.jsonl``, ``<stem>.curves.png`` and ``<stem>.config.json`` (flags,
 versions, git commit, device). ``--name NAME`` puts every stage of an experiment in
 ``checkpoints/NAME/``. Before any data is decoded, ``prepare_run`` makes sure the folder can be
-written and refuses to replace an existing run unless ``--resume`` or ``--force`` says what to do.
+written, locks the run's output against a second run (``<stem>.lock``), and refuses to replace an
+existing run unless ``--resume`` or ``--force`` says what to do.
 """
 
 import contextlib
 import contextvars
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from utils import lock
 from utils.cli import UserError
 from utils.recipes import STUDENTS
 from utils.runtime import device_name
@@ -100,23 +103,55 @@ class RunFiles:
     def __iter__(self):
         return iter((self.best, self.last, self.log, self.plot, self.config))
 
+    @property
+    def lock(self):
+        """``<stem>.lock``: held by the process writing the run (``utils.lock``); not one of the run's files."""
+        return self.best.with_name(f"{self.best.name.removesuffix('.pt')}.lock")
 
-def check_writable(folder):
-    """Create ``folder`` if needed and write a probe file in it; a failure is one clear line."""
+
+def _missing_folders(folder):
+    """The folders on the way to ``folder``, itself included, that do not exist yet, outermost first."""
+    return [p for p in (*reversed(folder.parents), folder) if not p.exists()]
+
+
+def _remove_empty(folders):
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:  # no longer empty, or already gone
+            pass
+
+
+def make_output_folder(folder, flag):
+    """Create ``folder`` (and its parents) and write a probe file in it; return the folders created,
+    outermost first. A failure is one line naming the folder and ``flag``, and leaves no folder behind."""
     folder = Path(folder)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"cannot create the output folder {folder}: {blocker} is a file; choose another {flag}")
+    created = _missing_folders(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the output folder {folder} ({e.strerror or e}); choose another "
-                        "--checkpoint or --name") from None
-    probe = folder / f".write-probe-{id(folder)}"
+        _remove_empty(created)
+        raise UserError(f"cannot create the output folder {folder} ({e.strerror or e}); choose another {flag}") \
+            from None
+    probe = folder / f".write-probe-{os.getpid()}"
     try:
         probe.write_bytes(b"ok")
     except OSError as e:
-        raise UserError(f"cannot write in {folder} ({e.strerror or e}); free some space or choose another "
-                        "--checkpoint or --name") from None
+        _remove_empty(created)
+        raise UserError(f"cannot write in {folder} ({e.strerror or e}); free some space or choose another {flag}") \
+            from None
     finally:
         probe.unlink(missing_ok=True)
+    return created
+
+
+def check_output_folder(folder, flag):
+    """Refuse in one line, before any work, an output folder that cannot be created or written (a file in
+    its way, no permission, a full disk); leaves the file system as it was."""
+    _remove_empty(make_output_folder(folder, flag))
 
 
 def check_free_space(folder, needed_bytes):
@@ -136,32 +171,51 @@ def _is_complete(path):
 def prepare_run(args, is_main=True):
     """The run's files, after checking that they may be written; call before decoding data.
 
-    Without ``--resume`` or ``--force`` an existing run is never replaced. With ``--force`` the
-    old run's files are removed first, so that nothing of it mixes with the new one.
+    The main process locks the run's output (``RunFiles.lock``) until the run ends: a second run on
+    the same files is refused. Without ``--resume`` or ``--force`` an existing run is never replaced.
+    With ``--force`` the old run's files are removed first, so that nothing of it mixes with the new
+    one. A refusal leaves no folder or lock behind.
     """
     files = RunFiles.of(args.checkpoint)
-    check_writable(files.best.parent)
+    created = []
+    if is_main:  # other processes of a torchrun job neither write nor lock
+        created = make_output_folder(files.best.parent, "--checkpoint or --name")
+        try:
+            lock.acquire(files.lock)
+        except UserError:
+            _remove_empty(created)
+            raise
+    try:
+        check_existing_run(files, args)
+    except UserError:
+        if is_main:
+            lock.release(files.lock)
+            _remove_empty(created)
+        raise
+    if is_main:
+        if not args.resume:
+            for path in files:
+                path.unlink(missing_ok=True)
+        for path in (files.best, files.last):  # temporary files that a killed save left behind
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+    return files
+
+
+def check_existing_run(files, args):
+    """Refuse ``--resume`` without a resume state, and an existing run without ``--resume`` or ``--force``."""
     if args.resume:
         if not files.last.exists():
             start = "start it again with --force" if files.best.exists() else "start the run without --resume"
             raise UserError(f"nothing to resume: no {files.last}; {start}")
-    elif files.best.exists() or files.last.exists():
-        if not args.force:
-            run = files.best.parent / files.best.stem
-            if not files.last.exists():  # stopped before its first resume state was written
-                raise UserError(f"{run}.* already holds an unfinished run that cannot be resumed (no {files.last}); "
-                                "add --force to start it again, or write elsewhere with --name or --checkpoint")
-            what = "a complete run" if _is_complete(files.best) else "an unfinished run"
-            raise UserError(f"{run}.* already holds {what}; add --resume to continue it, --force to replace it, "
-                            "or write elsewhere with --name or --checkpoint")
-        if is_main:
-            for path in files:
-                path.unlink(missing_ok=True)
-    if is_main:  # temporary files that a killed save left behind
-        for path in (files.best, files.last):
-            for stale in path.parent.glob(f".{path.name}.*.tmp"):
-                stale.unlink(missing_ok=True)
-    return files
+    elif (files.best.exists() or files.last.exists()) and not args.force:
+        run = files.best.parent / files.best.stem
+        if not files.last.exists():  # stopped before its first resume state was written
+            raise UserError(f"{run}.* already holds an unfinished run that cannot be resumed (no {files.last}); "
+                            "add --force to start it again, or write elsewhere with --name or --checkpoint")
+        what = "a complete run" if _is_complete(files.best) else "an unfinished run"
+        raise UserError(f"{run}.* already holds {what}; add --resume to continue it, --force to replace it, "
+                        "or write elsewhere with --name or --checkpoint")
 
 
 def git_commit():

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from utils.cli import UserError, progress
 from utils.data import normalize, pad_batch
+from utils.lock import release_all
 
 
 @dataclass
@@ -76,6 +77,8 @@ def setup_runtime(args):
 
 
 def teardown_runtime(runtime):
+    """The end of a run: its output locks are released (``utils.lock``), its process group closed."""
+    release_all()
     if runtime.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -15,6 +15,7 @@ from utils.cli import (
     POSITIVE_INT,
     PROBABILITY,
     UNIT_INTERVAL,
+    experiment_name,
 )
 from utils.data import TRAIN_SIZE, Split
 from utils.recipes import RECIPES, WARMUP_EPOCHS, apply_recipe, recipe_values
@@ -117,7 +118,7 @@ def add_training_args(parser, stem, archs=tuple(RECIPES)):
     g.add_argument("--log-every", type=POSITIVE_INT, default=50,
                    help="steps between updates of the progress bar (and, under torchrun, between checks for a "
                         "stop signal)")
-    g.add_argument("--name", default="",
+    g.add_argument("--name", default="", type=experiment_name,
                    help="experiment name: every stage reads and writes its checkpoints in checkpoints/NAME/ "
                         "(default: checkpoints/)")
     g.add_argument("--checkpoint", default=None,
