@@ -286,7 +286,7 @@ def training(networks):
         rows[net.label] = {"epochs": net.checkpoint["epochs"], "best_epoch": net.checkpoint["epoch"],
                            "minutes": timing.get("minutes"), "train_images_per_s": timing.get("train_images_per_s"),
                            "startup_seconds": timing.get("startup_seconds"),
-                           "wall_seconds": timing.get("wall_seconds")}
+                           "wall_seconds": timing.get("wall_seconds"), "peak_memory_mib": timing.get("peak_memory_mib")}
     return rows
 
 

@@ -104,8 +104,8 @@ def students_augmentation(students):
 
 def student_logits(students, images, runtime):
     """``(N, S, C)``: every student's logits (with its test-time views) on uint8 ``images``, on the CPU."""
-    return torch.stack([batched_logits(student, images, runtime, desc=f"{student.role} on {len(images)} examples")
-                        .cpu() for student in students], 1)
+    return torch.stack([batched_logits(student, images, runtime, desc=f"student {k} on {len(images)} examples")
+                        .cpu() for k, student in enumerate(students, 1)], 1)
 
 
 def routed_metric(logits, right):

@@ -206,6 +206,79 @@ def test_a_signal_stops_after_the_step_and_resume_ends_like_an_uninterrupted_run
     assert_same_run(checkpoint, uninterrupted)
 
 
+def test_a_signal_during_the_final_test_evaluation_stops_there_and_resume_only_evaluates(
+        tree, tmp_path, monkeypatch, capsys, own_handlers, uninterrupted):
+    checkpoint = tmp_path / "teacher.pt"
+    evaluate, calls = utils.engine.evaluate, []
+
+    def signalled_at_the_test_split(model, loader, runtime, tta="none", metric=None, stop=None):
+        if stop is not None:  # only the final test evaluation is handed the stop signal
+            calls.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(model, loader, runtime, tta, metric or utils.engine.classification_metric, stop)
+
+    monkeypatch.setattr(utils.engine, "evaluate", signalled_at_the_test_split)
+    with pytest.raises(SystemExit) as e:
+        teacherTrain.main(flags(tree, checkpoint))
+    assert e.value.code == 128 + signal.SIGTERM and calls == [1]
+    out = capsys.readouterr().out
+    assert "SIGTERM: stopped during the final test evaluation (every epoch is saved); continue with: python " \
+           "teacherTrain.py" in out and "--resume" in out.splitlines()[-1]
+    assert load(checkpoint)["complete"] is False and load(checkpoint.with_suffix(".last.pt"))["complete"] is True
+
+    monkeypatch.undo()
+    teacherTrain.main(flags(tree, checkpoint, "--resume"))
+    assert "every epoch is done, the test evaluation follows" in capsys.readouterr().out
+    assert load(checkpoint)["complete"] is True
+    assert_same_run(checkpoint, uninterrupted)
+
+
+def test_a_signal_between_batches_of_logits_stops_with_one_line_and_the_command_that_continues(capsys,
+                                                                                              own_handlers):
+    from utils.runtime import Runtime, batched_logits, stoppable
+
+    def model(x):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the first batch is computed
+        return x.flatten(1)[:, :10]
+
+    images = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(SystemExit) as e:
+        with stoppable("labelling the selector's examples", "python trainSelector.py --name x"):
+            batched_logits(model, images, Runtime(torch.device("cpu")), batch_size=2)
+    assert e.value.code == 128 + signal.SIGINT
+    assert capsys.readouterr().out.strip() == ("SIGINT: stopped while labelling the selector's examples; continue "
+                                               "with: python trainSelector.py --name x")
+    assert own_handlers[1] == []  # the signal asked the work to stop; nothing else saw it
+
+
+def test_resuming_on_other_pixels_is_refused_in_one_line(tree, tmp_path, capsys):
+    checkpoint = tmp_path / "teacher.pt"
+    with pytest.raises(SystemExit):
+        teacherTrain.main(flags(tree, checkpoint, "--time-budget", "0"))
+    other = write_tree(tmp_path / "other", per_class=(5, 2))  # another copy, other pixels
+    before = checkpoint.with_suffix(".last.pt").read_bytes()
+    line = one_error_line(capsys, lambda: teacherTrain.main(flags(other, checkpoint, "--resume")))
+    assert "was started on other CIFAR-10 pixels" in line and "start afresh with --force" in line
+    assert checkpoint.with_suffix(".last.pt").read_bytes() == before
+
+
+def test_progress_in_a_log_file_is_one_plain_line_per_update(monkeypatch, capsys):
+    import utils.cli
+
+    monkeypatch.setattr(utils.cli, "LOG_SECONDS", 0.05)
+    with utils.cli.progress(4, "labelling") as bar:
+        for _ in range(4):
+            time.sleep(0.06)
+            bar.update(1)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("labelling:") >= 2 and all(line.startswith("labelling:")
+                                                                     for line in err.splitlines())
+    monkeypatch.setattr(utils.cli, "LOG_SECONDS", 20)
+    with utils.cli.progress(4, "quick") as bar:  # work shorter than LOG_SECONDS shows nothing
+        bar.update(4)
+    assert "quick" not in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- hard kill
 
 KILLER = r'''
@@ -584,7 +657,8 @@ def test_a_tar_cut_at_a_member_boundary_is_refused_unless_partial_data(tmp_path,
     assert len(partial.train_labels) == 38 and len(partial.test_labels) == 20
 
     with pytest.raises(DataError, match="--partial-data"):
-        teacherTrain.main(flags(cut, tmp_path / "run" / "teacher.pt")[:-1])  # the same, through the script
+        teacherTrain.main([flag for flag in flags(cut, tmp_path / "run" / "teacher.pt")
+                           if flag != "--partial-data"])  # the same, through the script
     utils.lock.release_all()  # as the script's process ends: its lock on the run goes with it
     assert list((tmp_path / "run").iterdir()) == []
 

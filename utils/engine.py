@@ -430,6 +430,8 @@ def fit(members, splits, args, runtime, teacher=None, augment=True, time_box=Non
     """
     members = list(members)
     time_box = time_box or TimeBox(time.time())
+    if runtime.cuda:
+        torch.cuda.reset_peak_memory_stats(runtime.device)
     train_loader, holdout_loader, test_loader = _loaders(
         splits, args, runtime, augment and Augmentation.from_args(args, members[0].meta["num_classes"]))
     trainees = [Trainee(m, runtime, len(train_loader)) for m in members]
@@ -703,7 +705,8 @@ def _finish(trainee, test_loader, time_box, startup_seconds, stop):
                   f"saved); continue with: {continue_command(t.args.command)}")
         raise SystemExit(128 + stop.signum)
     timing = {**(t.meta.get("timing") or {}), "startup_seconds": startup_seconds, "wall_seconds": time_box.elapsed(),
-              "train_images_per_s": sum(r["images_per_s"] for r in t.history) / max(len(t.history), 1)}
+              "train_images_per_s": sum(r["images_per_s"] for r in t.history) / max(len(t.history), 1),
+              "peak_memory_mib": torch.cuda.max_memory_allocated(runtime.device) / 2**20 if runtime.cuda else None}
     final = t.best_checkpoint(test_acc=scores["acc"], complete=True, timing=timing)
     if runtime.is_main:
         save_checkpoint(t.files.best, final)

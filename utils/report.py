@@ -112,11 +112,14 @@ def _range(cost):
 
 def training_lines(r):
     """How each network was trained, and the pipeline's stages, from what the results hold."""
-    lines = ["| Network | Epochs | Weights of epoch | Time box (min) | Training images/s | Start-up (s) | Wall (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["Networks trained in one loop (the students, their no-KD twins) share its images/s, wall time and peak "
+             "GPU memory.", "",
+             "| Network | Epochs | Weights of epoch | Time box (min) | Training images/s | Start-up (s) | Wall (s) "
+             "| Peak GPU memory (MiB) |", "|---|---|---|---|---|---|---|---|"]
     for name, t in r["training"].items():
         cells = [_number(t.get(k), f) for k, f in (("minutes", "{:g}"), ("train_images_per_s", "{:.0f}"),
-                                                     ("startup_seconds", "{:.1f}"), ("wall_seconds", "{:.1f}"))]
+                                                     ("startup_seconds", "{:.1f}"), ("wall_seconds", "{:.1f}"),
+                                                     ("peak_memory_mib", "{:.0f}"))]
         lines.append(f"| {name} | {t['epochs']} | {t['best_epoch']} | " + " | ".join(cells) + " |")
     pipeline = r.get("pipeline")
     if pipeline:

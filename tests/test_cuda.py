@@ -1,0 +1,78 @@
+"""What only a GPU runs: bf16 autocast with channels_last and fused SGD, padded evaluation shapes, CUDA random
+streams of students trained together, a time box that synchronises before it reads the clock.
+
+Skipped without CUDA; on a GPU machine run them with ``python -m pytest -m cuda -q`` (under a minute).
+"""
+
+import pytest
+import torch
+
+import StudentTrain
+import teacherTrain
+from models import build_model
+from tests.conftest import write_tree
+from utils.augment import predict
+from utils.checkpoint import load_checkpoint
+from utils.data import DeviceLoader
+from utils.engine import evaluate, make_optimizer, train_step
+from utils.runtime import Runtime, batched_logits, prepare_model
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    torch.backends.cudnn.benchmark = True
+    return Runtime(torch.device("cuda:0"))
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return write_tree(tmp_path_factory.mktemp("data") / "cifar", per_class=(20, 10))
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "densenet121", "googlenet"])
+def test_a_bf16_channels_last_step_with_fused_sgd_trains(arch, runtime):
+    model = prepare_model(build_model(arch), runtime).train()
+    assert next(model.parameters()).is_cuda
+    optimizer = make_optimizer(model, 0.1, 0.9, 5e-4, runtime)
+    assert optimizer.defaults["fused"]
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    loader = DeviceLoader(images, torch.arange(64) % 10, 32, runtime.device, train=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    sums = {}
+    for x, y in loader:
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        loss = train_step(model, optimizer, lambda logits, t, _: torch.nn.functional.cross_entropy(logits.float(), t),
+                          x, y, runtime, sums)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert sums["images"].item() == 64
+
+
+def test_evaluation_sees_one_batch_shape_and_views_are_averaged_in_float32(runtime):
+    model = prepare_model(build_model("resnet18"), runtime).eval()
+    shapes = []
+    model.register_forward_hook(lambda _m, inputs, _o: shapes.append(tuple(inputs[0].shape)))
+    images = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8)
+    loader = DeviceLoader(images, torch.arange(70) % 10, 32, runtime.device)
+    scores = evaluate(model, loader, runtime, tta="flip")
+    assert 0 <= scores["acc"] <= 1 and set(shapes) == {(32, 3, 32, 32)}  # 70 = 32 + 32 + 6, padded to 32
+    logits = batched_logits(model, images, runtime, batch_size=32)
+    assert logits.shape == (70, 10) and logits.dtype == torch.float32
+    with runtime.autocast:
+        x = torch.randn(8, 3, 32, 32, device=runtime.device).contiguous(memory_format=torch.channels_last)
+        assert predict(model, x, "flip-shift").dtype == torch.float32
+
+
+def test_students_trained_together_on_the_gpu_and_a_time_box_that_measures_them(tree, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--data-dir", str(tree), "--partial-data", "--holdout", "40", "--batch-size", "32", "--device", "cuda"]
+    teacherTrain.main([*common, "--arch", "resnet18", "--epochs", "1", "--name", "gpu"])
+    StudentTrain.main([*common, "--model", "1", "2", "--with-nokd", "--minutes", "0.5", "--name", "gpu"])
+    for stem in ("student_densenet121", "student_googlenet_nokd"):
+        checkpoint = load_checkpoint(f"checkpoints/gpu/{stem}.pt", hint="")
+        timing = checkpoint["timing"]
+        assert checkpoint["complete"] and timing["epochs"] == checkpoint["epochs"] >= 1
+        assert timing["peak_memory_mib"] > 0 and timing["images_per_s"] > 0
+        assert timing["planned_seconds"] <= 30

@@ -1,0 +1,34 @@
+"""Every published bundle (``results/published/<gpu>-<date>/``): small enough for git, made on a GPU, and its
+``results.md`` the very figures that ``inference.py --bundle`` recomputes from its logits on the CPU."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import inference
+from tests.conftest import REPO
+from utils.bundle import bundle_sizes
+
+PUBLISHED = sorted(p for p in (REPO / "results" / "published").glob("*") if (p / "results.json").exists())
+
+
+@pytest.mark.parametrize("bundle", PUBLISHED, ids=[p.name for p in PUBLISHED])
+def test_a_published_bundle_gives_its_own_tables_again_from_its_logits(bundle, tmp_path):
+    files, within = bundle_sizes(bundle)
+    assert within, files
+    readme = bundle / "README.md"  # the command that made it, and where
+    assert readme.exists() and "reproduce.py" in readme.read_text()
+    results = json.loads((bundle / "results.json").read_text())
+    assert not results["device"].startswith("CPU")  # nothing in results/published/ is produced on a CPU
+    inference.main(["--bundle", str(bundle), "--out", str(tmp_path)])
+    published = (bundle / "results.md").read_text().splitlines()
+    again = [line for line in (tmp_path / "results.md").read_text().splitlines()
+             if "re-analysed from the bundle" not in line]
+    assert again == published
+
+
+def test_published_bundles_live_in_folders_named_by_gpu_and_date():
+    for bundle in PUBLISHED:
+        name = Path(bundle).name
+        assert name.count("-") >= 3 and name[-10:-6].isdigit(), name  # e.g. h100-2026-11-28
