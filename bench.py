@@ -51,7 +51,8 @@ from utils.cli import (
     run,
 )
 from utils.data import CLASSES, MEAN, STD, DeviceLoader, Split, load_cifar10, make_splits
-from utils.engine import make_optimizer, train_step
+from utils.engine import Member, Trainee, loop_step, make_optimizer, train_step
+from utils.losses import distillation_loss
 from utils.recipes import RECIPES, STUDENTS, TEACHER
 from utils.routers import StudentOutputs, build_router
 from utils.routing import batched_routed, timed
@@ -166,6 +167,26 @@ def train_ours(arch, images, labels, args, runtime, batch_size, compile):
         train_step(net, optimizer, loss_fn, x, y, runtime, sums)
 
     model.train()
+    return throughput(step, full_batches(loader, batch_size), args.steps, args.warmup_steps, runtime.device)
+
+
+def train_students_together(images, labels, args, runtime, batch_size):
+    """Images/s of the students' loop as ``StudentTrain.py --model 1 2`` runs it: one augmentation and one frozen
+    teacher forward pass per batch, then a KD step of each student (``utils.engine.loop_step``)."""
+    teacher = prepare_model(build_model(TEACHER, len(CLASSES)), runtime).eval().requires_grad_(False)
+    loader = DeviceLoader(images, labels, batch_size, runtime.device, train=True, seed=args.seed,
+                          augment=Augmentation.from_args(argparse.Namespace(**RECIPES[STUDENT_ARCHS[0]])))
+    trainees = []
+    for arch in STUDENT_ARCHS:
+        flags = argparse.Namespace(**RECIPES[arch], momentum=MOMENTUM, warmup_epochs=0, compile=args.compile)
+        flags.batch_size, flags.epochs = batch_size, 1
+        member = Member(build_model(arch, len(CLASSES)), distillation_loss("kl"), flags, {}, None)
+        trainees.append(Trainee(member, runtime, len(loader)))
+        trainees[-1].start_epoch()
+
+    def step(x, y):
+        loop_step(trainees, x, y, teacher, 0, runtime)
+
     return throughput(step, full_batches(loader, batch_size), args.steps, args.warmup_steps, runtime.device)
 
 
@@ -303,6 +324,12 @@ def main(argv=None):
                  f"{row['reference_images_per_s']:.1f}", _mib(row["reference_peak_mib"]), f"{row['speedup']:.2f}x"]
         print(f"{arch:<12} " + " ".join(f"{c:>14}" for c in cells), flush=True)
 
+    together = {}
+    together["images_per_s"], together["peak_mib"] = with_peak_memory(
+        lambda: train_students_together(train_images, train_labels, args, runtime, args.batch_size), device)
+    print(f"students' loop (one {TEACHER} forward pass, then a KD step of each of {', '.join(STUDENT_ARCHS)}): "
+          f"{together['images_per_s']:.1f} img/s, peak {_mib(together['peak_mib'])} MiB", flush=True)
+
     speeds = inference(test_images, args, runtime)
     labels = {"teacher": f"teacher {TEACHER}", **{a: f"student {a}" for a in STUDENT_ARCHS},
               "both_students": "both students",
@@ -320,7 +347,8 @@ def main(argv=None):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
             "device": device_name(device), "torch": str(torch.__version__), "config": vars(args),
-            "training": training, "inference_images_per_s": speeds}, indent=2) + "\n")
+            "training": training, "students_together": together, "inference_images_per_s": speeds},
+            indent=2) + "\n")
         print(f"wrote {out}")
 
 

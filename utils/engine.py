@@ -243,7 +243,7 @@ def _own_stream(trainee, several):
     if not several:
         yield
         return
-    _set_rng(trainee.runtime, trainee.rng)
+    _set_rng(trainee.runtime, trainee.rng or _rng_states(trainee.runtime))
     yield
     trainee.rng = _rng_states(trainee.runtime)
 
@@ -483,7 +483,7 @@ def _loaders(splits, args, runtime, augment):
     return loader("train", train=True), loader("holdout"), loader("test")
 
 
-def _step_all(trainees, x, y, teacher, step, runtime):
+def loop_step(trainees, x, y, teacher, step, runtime):
     """One step of every member on the batch ``(x, y)``, the teacher's forward pass shared."""
     teacher_logits = None
     if teacher is not None:
@@ -508,7 +508,6 @@ def plan_epochs(trainees, train_loader, holdout_loader, test_loader, args, runti
     for t in trainees:
         t.set_epochs(1)  # a schedule to step with; the rates do not change the timing
         t.start_epoch()
-        t.rng = rng
     untimed, timed = CALIBRATION_STEPS
 
     def batches():
@@ -518,11 +517,11 @@ def plan_epochs(trainees, train_loader, holdout_loader, test_loader, args, runti
 
     stream = batches()
     for i, (x, y) in zip(range(untimed), stream):
-        _step_all(trainees, x, y, teacher, i, runtime)
+        loop_step(trainees, x, y, teacher, i, runtime)
     runtime.synchronize()
     start = time.perf_counter()
     for i, (x, y) in zip(range(timed), stream):
-        _step_all(trainees, x, y, teacher, i, runtime)
+        loop_step(trainees, x, y, teacher, i, runtime)
     runtime.synchronize()
     step_seconds = (time.perf_counter() - start) / timed
     eval_seconds = save_seconds = 0.0
@@ -626,7 +625,7 @@ def train_one_epoch(trainees, loader, epoch, first_step, args, runtime, teacher,
     with progress(loader.num_samples, f"epoch {epoch + 1}/{args.epochs}", initial=first_step * loader.batch_size,
                   disable=not runtime.is_main) as bar:
         for i, (x, y) in enumerate(loader.batches(first_step), first_step):
-            _step_all(trainees, x, y, teacher, epoch * steps + i, runtime)
+            loop_step(trainees, x, y, teacher, epoch * steps + i, runtime)
             bar.update(len(y))
             at_log_point = (i + 1) % args.log_every == 0
             if at_log_point:
