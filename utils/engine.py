@@ -545,6 +545,7 @@ def plan_epochs(trainees, train_loader, holdout_loader, test_loader, args, runti
     epoch_seconds = step_seconds * len(train_loader)
     left = time_box.left() - SAFETY_SHARE * time_box.seconds - test_seconds - 2 * save_seconds
     epochs = choose_epochs(left, epoch_seconds, eval_seconds, save_seconds, args.eval_every, args.save_every)
+    epochs = runtime.all_min(epochs)  # under torchrun every process must run the same epochs
     if epochs == 0:
         needed = time_box.elapsed() + epoch_seconds + eval_seconds + test_seconds + 3 * save_seconds
         needed /= 1 - SAFETY_SHARE

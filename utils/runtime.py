@@ -46,6 +46,14 @@ class Runtime:
             dist.all_reduce(tensor)
         return tensor
 
+    def all_min(self, value):
+        """The smallest of a number over every process: what they all agree on."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor(float(value), device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return type(value)(tensor.item())
+
     def synchronize(self):
         if self.cuda:
             torch.cuda.synchronize(self.device)
