@@ -46,7 +46,7 @@ from utils.runtime import StopSignal, device_name, prepare_model
 
 WARMUP_MAX_SHARE = 0.2  # the warm-up never takes more of a run than this, so every schedule decays to 0
 EXIT_TIME_BUDGET = 75  # exit code of a run stopped by --time-budget (EX_TEMPFAIL): run the command again
-CALIBRATION_STEPS = (3, 8)  # steps run untimed (kernel selection, compilation), then timed, by plan_epochs
+CALIBRATION_STEPS = (3, 8)  # at most: steps run untimed (kernel selection, compilation), then timed, by plan_epochs
 SAFETY_SHARE = 0.03  # of a time box, kept back for what plan_epochs cannot measure
 
 
@@ -508,7 +508,7 @@ def plan_epochs(trainees, train_loader, holdout_loader, test_loader, args, runti
     for t in trainees:
         t.set_epochs(1)  # a schedule to step with; the rates do not change the timing
         t.start_epoch()
-    untimed, timed = CALIBRATION_STEPS
+    untimed, timed = (min(n, max(2, len(train_loader))) for n in CALIBRATION_STEPS)  # no more than a short epoch
 
     def batches():
         for epoch in range(untimed + timed):
