@@ -237,8 +237,8 @@ def router_at_share(name, students, flops, selector, images, share, runtime):
     router.temperature_ = torch.ones(len(students))
     logits = torch.stack([batched_logits(s, images, runtime) for s in students], 1).cpu()
     scores = batched_logits(selector, images, runtime).cpu() if router.uses_selector else None
-    score = router.score(StudentOutputs(logits, scores)).double()
-    router.threshold_ = torch.quantile(score, 1 - share).item() if share < 1 else -math.inf
+    climbs = router.climbs(StudentOutputs(logits, scores))[:, 0].double()
+    router.threshold_ = torch.quantile(climbs, 1 - share).item() if share < 1 else -math.inf
     return router
 
 

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 
 from utils.cli import UserError, add_data_args, add_device_args, make_parser, parse, run
 from utils.data import CLASSES, load_cifar10, normalize
-from utils.routing import add_routing_args, load_selector, load_students, run_routed, try_fit
+from utils.routing import add_routing_args, fit_headline, load_selector, load_students, run_routed
 from utils.runs import default_checkpoint, default_students
 from utils.runtime import setup_runtime
 
@@ -98,9 +98,7 @@ def main(argv=None):
                                                 allow_partial=args.partial_data))
     for net in [*students, selector]:
         net.load_logits(data)
-    router = try_fit(args.router, args.budget, students, selector)
-    if router is None:
-        raise UserError(f"no {args.router} routing fits --budget {args.budget:g} on the hold-out split; raise it")
+    router = fit_headline(args.router, args.budget, students, selector)
     for path, image in zip(args.images, images):
         x = image[None].to(runtime.device)
         with runtime.autocast:

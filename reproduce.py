@@ -57,7 +57,8 @@ from utils.runs import RESULTS_ROOT, RunFiles, config_changes, continued_by, stu
 
 PRESETS = {
     "smoke": {"name": "smoke", "device": "cpu", "epochs": 1, "split": ["--limit", "20", "--holdout", "100"],
-              "train": ["--batch-size", "10", "--log-every", "1"], "selector": ["--views", "1"]},
+              "train": ["--batch-size", "10", "--log-every", "1"],
+              "selector": ["--views", "1", "--folds", "2"]},  # its hold-out split has 2 images of each class
     "full": {"name": "", "device": "auto", "epochs": None, "split": [], "train": [], "selector": []},
 }
 # Of the time left when it starts, the share of each stage still to run (inference is not time-boxed: its share

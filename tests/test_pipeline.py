@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -50,6 +51,12 @@ def test_smoke_pipeline_writes_every_result(smoke_run):
     assert "| Teacher resnet50 | 81% |" in table and "79.67%" in table
     assert "| teacher | 23.52 M | 2.596 | 1.00 |" in table and "| student 2 | 5.60 M | 0.904 | 0.35 |" in table
     assert "**Against the teacher.** The routed system " in table and "x its GFLOPs per image" in table
+    assert "| cascade to the teacher | " in table  # timed beside the teacher
+    assert "**At what cost do the routed students reach the teacher's accuracy?**" in table
+    assert "## Selector: out-of-fold scores" in table and "Spread over the folds: threshold " in table
+    assert "## Random routing" in table and "the accuracy of 200 draws" in table
+    for k in (1, 2):  # the smoke preset's --folds 2
+        assert (root / "checkpoints" / "smoke" / "selector.folds" / f"fold{k}.pt").exists()
 
 
 def strict_json(text):
@@ -77,7 +84,7 @@ def test_oracle_bounds_every_one_student_system(smoke_run):
     routed = results["routed"]
     assert routed["share"][routed["order"][0]] == pytest.approx(1.0)  # a cascade always runs its first student
     assert sum(map(sum, results["confusion_routed"])) == results["test_images"]
-    assert set(results["budgets"]) == {"cascade", "deferral", "selector"}
+    assert set(results["budgets"]) == {"cascade", "deferral", "selector", "cascade to the teacher"}
     assert results["comparisons"] and all(c["low"] <= c["difference"] <= c["high"]
                                           for c in results["comparisons"].values())
 
@@ -177,7 +184,7 @@ def test_student_logits_and_selector_targets_of_known_students():
     class Always(nn.Module):  # predicts one class with certainty, whatever the image
         def __init__(self, label):
             super().__init__()
-            self.label = label
+            self.label, self.role = label, f"always {label}"
 
         def forward(self, x):
             logits = torch.full((len(x), 10), -10.0)
@@ -246,6 +253,7 @@ def random_student(path, arch, holdout, translate=4, padding="reflect"):
     model = build_model(arch)
     save_checkpoint(path, {"kind": "student", "arch": arch, "num_classes": 10, "model": clean_state_dict(model),
                            "split": {"holdout": holdout, "split_seed": 0, "limit": 0}, "complete": True,
+                           "epoch": 1, "epochs": 1,
                            "config": {"translate": translate, "padding": padding, "tta": "none"}})
     return str(path)
 
@@ -277,13 +285,14 @@ def test_selector_without_holdout_falls_back_to_training_images(tmp_path, capsys
                 for k, arch in enumerate(["googlenet", "densenet121"])]
     out = tmp_path / "selector.pt"
     trainSelector.main(["--students", *students, "--data-dir", str(tree), "--partial-data", "--device", "cpu",
-                        "--views", "1", "--epochs", "1", "--batch-size", "16",
+                        "--views", "1", "--epochs", "1", "--batch-size", "16", "--folds", "3",
                         "--checkpoint", str(out)])
     assert "the students have fitted" in capsys.readouterr().out
     selector = load_checkpoint(out, hint="", kind="selector")
     assert [s["path"] for s in selector["students"]] == students
     assert selector["split"] == {"holdout": 0, "split_seed": 0, "limit": 0}
-    assert selector["report"]["examples"] == 6 and sum(selector["report"]["routing_share"]) == pytest.approx(1)
+    assert selector["report"]["examples"] == 30 and sum(selector["report"]["routing_share"]) == pytest.approx(1)
+    assert selector["holdout_logits"].shape == (0, 2)  # out of fold over the training images: no hold-out split
 
 
 def test_students_of_different_splits_are_refused(tmp_path):
@@ -371,3 +380,228 @@ def test_a_palette_image_with_a_transparent_colour_shows_white_there():
     image.putpixel((1, 0), 1)
     image.info["transparency"] = 0
     assert [predict.to_rgb(image).getpixel((x, 0)) for x in (0, 1)] == [(255, 255, 255), (255, 0, 0)]
+
+
+# ----------------------------------------------------------------------------- the selector, cross-fitted
+
+def test_each_hold_out_score_comes_from_the_fold_selector_that_never_trained_on_it(smoke_run, monkeypatch):
+    from trainSelector import scores_of
+    from utils.checkpoint import load_checkpoint
+    from utils.data import load_cifar10, make_splits
+    from utils.networks import Network
+    from utils.runtime import Runtime
+
+    root, data = smoke_run
+    monkeypatch.chdir(root)
+    shipped = load_checkpoint("checkpoints/smoke/selector.pt", hint="", kind="selector")
+    fold = torch.tensor(shipped["cross_fit"]["fold"])
+    images, labels = make_splits(load_cifar10(data, verbose=False), Network(
+        "checkpoints/smoke/selector.pt", "selector", "", Runtime(torch.device("cpu"))).split)["holdout"]
+    assert len(fold) == len(labels) == len(shipped["holdout_logits"]) and set(fold.tolist()) == {0, 1}
+    for k in (0, 1):  # each fold holds every class, and is scored by the selector of the other fold
+        assert set(labels[fold == k].tolist()) == set(labels.tolist())
+        fold_selector = load_checkpoint(f"checkpoints/smoke/selector.folds/fold{k + 1}.pt", hint="", kind="selector")
+        assert fold_selector["fold"] == {"index": k + 1, "of": 2}
+        expected = scores_of(fold_selector, images[fold == k], Runtime(torch.device("cpu")))
+        assert torch.allclose(shipped["holdout_logits"][fold == k], expected, atol=1e-5)
+    selector = Network("checkpoints/smoke/selector.pt", "selector", "", Runtime(torch.device("cpu")))
+    assert torch.equal(selector.load_logits(load_cifar10(data, verbose=False))["holdout"][0],
+                       shipped["holdout_logits"])  # what routing is fitted on: the out-of-fold scores
+
+
+def test_a_selector_without_out_of_fold_scores_is_refused(smoke_run, tmp_path, monkeypatch):
+    from utils.checkpoint import load_checkpoint, save_checkpoint
+    from utils.routing import load_selector, load_students
+    from utils.runtime import Runtime
+
+    root, _ = smoke_run
+    monkeypatch.chdir(root)
+    old = {k: v for k, v in load_checkpoint("checkpoints/smoke/selector.pt", hint="").items()
+           if k not in ("cross_fit", "holdout_logits")}
+    save_checkpoint(tmp_path / "selector.pt", old)
+    runtime = Runtime(torch.device("cpu"))
+    students = load_students([f"checkpoints/smoke/student_{a}.pt" for a in ("densenet121", "googlenet")], runtime)
+    with pytest.raises(UserError, match="has no out-of-fold hold-out scores .* retrain it with"):
+        load_selector(tmp_path / "selector.pt", students, runtime)
+
+
+def test_a_test_cost_over_its_budget_is_marked(smoke_run, tmp_path):
+    from utils.report import write_markdown
+
+    root, _ = smoke_run
+    results = json.loads((root / "results" / "smoke" / "bundle" / "results.json").read_text())
+    cell = results["budgets"]["cascade"]["1.25"]
+    assert cell["budget_gflops"] == pytest.approx(1.25 * 0.904, abs=1e-3) and not cell["over"]
+    write_markdown(results, tmp_path / "before.md")
+    cell["gflops"] = cell["budget_gflops"] * 1.01  # what a threshold fitted on the hold-out split may cost on test
+    results["routed"]["test_gflops"], results["routed"]["over_budget"] = cell["gflops"], True
+    write_markdown(results, tmp_path / "after.md")
+    table = (tmp_path / "after.md").read_text().split("## Routing policies at fixed compute budgets")[1]
+    row = next(line for line in table.splitlines() if line.startswith("| cascade |"))
+    assert row.split(" | ")[2].endswith("**over**") and " **over** |" not in (tmp_path / "before.md").read_text()
+    assert "— **over its budget**" in (tmp_path / "after.md").read_text()
+    assert "| 1.25x (≤ 1.130) |" in (tmp_path / "after.md").read_text()  # each budget in GFLOPs too
+
+
+def colour_students(images):
+    """``(N, 2, 10)``: two students right on every image of ``write_tree``, whose class its colour tells."""
+    labels = (images[:, 0, 1, 1].long() - 10) // 20
+    return 10 * torch.nn.functional.one_hot(labels, 10).float()[:, None].expand(-1, 2, -1)
+
+
+@pytest.fixture
+def selector_setup(tmp_path, monkeypatch):
+    """Two untrained students on a tree of 6 + 2 images per class, 20 of them held out (2 per class), students
+    that are always right (by the images' colour), and a record of each selector fit's splits and time box."""
+    import trainSelector
+    import utils.engine
+
+    tree = write_tree(tmp_path / "cifar", per_class=(6, 2))
+    students = [random_student(tmp_path / f"s{k}.pt", "googlenet", holdout=20) for k in range(2)]
+    monkeypatch.setattr(trainSelector, "student_logits", lambda students, images, runtime: colour_students(images))
+    monkeypatch.setattr(utils.engine, "choose_epochs", lambda *args, **kwargs: 1)
+    fits, fit = [], trainSelector.fit
+
+    def recorded(members, splits, args, runtime, **kwargs):
+        fits.append({"splits": splits, "box": kwargs["time_box"], "path": str(members[0].files.best)})
+        return fit(members, splits, args, runtime, **kwargs)
+
+    monkeypatch.setattr(trainSelector, "fit", recorded)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--students", *students, "--data-dir", str(tree), "--partial-data", "--device", "cpu", "--views", "0",
+            "--folds", "2", "--batch-size", "4"]
+    return argv, fits
+
+
+def image_ids(images):
+    """What tells ``write_tree``'s images apart: their colour and their first pixel."""
+    return {(int(x[0, 1, 1]), int(x[0, 0, 0])) for x in images}
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_each_fold_selector_trains_and_chooses_its_epoch_outside_its_fold(selector_setup, shuffled):
+    import trainSelector
+    from utils.checkpoint import load_checkpoint
+
+    argv, fits = selector_setup
+    trainSelector.main([*argv, "--epochs", "1", *(["--shuffle-labels"] if shuffled else [])])
+    stem = "selector_shuffled" if shuffled else "selector"
+    assert [f["path"] for f in fits] == [f"checkpoints/{stem}.folds/fold1.pt", f"checkpoints/{stem}.folds/fold2.pt",
+                                         f"checkpoints/{stem}.pt"]
+    shipped = load_checkpoint(f"checkpoints/{stem}.pt", hint="")
+    fold = torch.tensor(shipped["cross_fit"]["fold"])
+    everything = image_ids(torch.cat([f["splits"][split][0] for f in fits for split in ("train", "holdout")]))
+    assert len(everything) == 20
+    for k, f in enumerate(fits[:2]):
+        trained_on = image_ids(f["splits"]["train"][0]) | image_ids(f["splits"]["holdout"][0])
+        assert len(trained_on) == 10 and len(everything - trained_on) == 10 == int((fold == k).sum())
+    assert image_ids(fits[2]["splits"]["train"][0]) | image_ids(fits[2]["splits"]["holdout"][0]) == everything
+    epoch_targets = torch.cat([f["splits"]["holdout"][1] for f in fits])  # the students are right everywhere
+    if shuffled:  # the control chooses its epochs on permuted labels too
+        assert epoch_targets.mean() < 0.5
+    else:
+        assert epoch_targets.mean() == 1.0
+
+
+def test_minutes_are_shared_by_the_fold_selectors_and_the_shipped_one(selector_setup):
+    import trainSelector
+    from utils.checkpoint import load_checkpoint
+
+    argv, fits = selector_setup
+    started = time.time()
+    trainSelector.main([*argv, "--minutes", "3"])
+    boxes = [f["box"] for f in fits]
+    assert len(boxes) == 3
+    for k, box in enumerate(boxes):  # an equal share of what is left of the stage's 3 minutes, for each fit to come
+        assert box.seconds == pytest.approx((180 - (box.started - started)) / (3 - k), abs=1.0)
+    timing = load_checkpoint("checkpoints/selector.pt", hint="")["timing"]
+    assert timing["minutes"] == pytest.approx(boxes[2].seconds / 60)
+
+
+def test_a_rerun_reuses_complete_fold_runs_resumes_an_interrupted_one_and_force_starts_afresh(selector_setup,
+                                                                                              capsys):
+    import trainSelector
+    from utils.checkpoint import load_checkpoint
+
+    argv, fits = selector_setup
+    with pytest.raises(SystemExit) as stop:  # fold 1 stops after its first epoch
+        trainSelector.main([*argv, "--epochs", "2", "--time-budget", "0"])
+    assert stop.value.code == 75 and not os.path.exists("checkpoints/selector.pt")
+    assert os.path.exists("checkpoints/selector.folds/fold1.last.pt")
+    trainSelector.main([*argv, "--epochs", "2"])  # the same command again: each fold run is taken up
+    out = capsys.readouterr().out
+    assert "== fold 1/2 -> checkpoints/selector.folds/fold1.pt: trains on 10 hold-out images, scores the 10 of " \
+           "its fold (resuming)" in out
+    assert load_checkpoint("checkpoints/selector.pt", hint="")["complete"]
+    with pytest.raises(UserError, match="already holds a complete run; add --resume"):
+        trainSelector.main([*argv, "--epochs", "2"])
+    trainSelector.main([*argv, "--epochs", "2", "--resume"])
+    assert out.count("complete, reused") == 0 and capsys.readouterr().out.count("complete, reused") == 2
+    os.remove("checkpoints/selector.pt")
+    os.remove("checkpoints/selector.last.pt")
+    with pytest.raises(UserError, match="fold1.pt is a fold run made for other flags: --val-fraction; start the "
+                                        "stage afresh with --force"):
+        trainSelector.main([*argv, "--epochs", "2", "--val-fraction", "0.3"])
+    fits.clear()
+    trainSelector.main([*argv, "--epochs", "2", "--val-fraction", "0.3", "--force"])
+    assert len(fits) == 3
+
+
+def test_folds_that_some_class_cannot_fill_are_refused_in_one_line_naming_the_fix(tmp_path, capsys):
+    import trainSelector
+
+    students = [random_student(tmp_path / f"s{k}.pt", "googlenet", holdout=20) for k in range(2)]
+    with pytest.raises(SystemExit) as stop:
+        run(lambda: trainSelector.parse_args(["--students", *students, "--folds", "3"]))
+    (line,) = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2
+    assert line == "error: --folds 3 needs at least 3 images of every class in the selector's hold-out split, " \
+                   "which has 2 of class 'airplane'; give --folds 2 or fewer, or a larger --holdout (or --limit) " \
+                   "for the students"
+
+
+def test_three_students_through_the_selector_and_inference(tmp_path, monkeypatch):
+    import trainSelector
+    from models import build_model
+    from utils.checkpoint import clean_state_dict, save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    tree = write_tree(tmp_path / "cifar", per_class=(6, 2))
+    students = [random_student(tmp_path / f"{arch}.pt", arch, holdout=20)
+                for arch in ("googlenet", "resnet18", "densenet121")]
+    teacher = tmp_path / "teacher.pt"
+    save_checkpoint(teacher, {"kind": "teacher", "arch": "resnet18", "num_classes": 10,
+                              "model": clean_state_dict(build_model("resnet18")), "complete": True, "epoch": 1,
+                              "epochs": 1, "split": {"holdout": 20, "split_seed": 0, "limit": 0},
+                              "config": {"tta": "none"}})
+    common = ["--students", *students, "--data-dir", str(tree), "--partial-data", "--device", "cpu"]
+    selector = ["--views", "0", "--folds", "2", "--batch-size", "4", "--epochs", "1"]
+    trainSelector.main([*common, *selector, "--checkpoint", "selector.pt"])
+    trainSelector.main([*common, *selector, "--checkpoint", "selector_shuffled.pt", "--shuffle-labels"])
+    monkeypatch.setattr(inference, "timed", lambda fn, runtime, passes: (fn(), [1.0] * passes))  # each run once
+    inference.main([*common, "--teacher", str(teacher), "--selector", "selector.pt", "--out", "results",
+                    "--router", "selector", "--budget", "2"])
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert len(results["routed"]["share"]) == 3 and sum(results["routed"]["share"]) == pytest.approx(1)
+    assert results["students"] == ["student 1 (googlenet)", "student 2 (resnet18)", "student 3 (densenet121)"]
+    assert "Ensemble (all 3 students, probabilities averaged)" in results["accuracy"]
+    assert set(results["costs"]) >= {"teacher", "student 3", "all 3 students", "routed (selector)",
+                                     "selector routing", "cascade to the teacher"}
+    assert set(results["cross_fit"]) == {"Selector", "Selector on shuffled labels"}
+    assert set(results["random_routing"]) == {inference.SELECTOR, inference.CONTROL}
+    cheapest = results["routed"]["budget_gflops"] / 2
+    assert cheapest == pytest.approx(results["costs"]["student 1"]["gflops"])  # googlenet, the cheapest
+
+
+def test_a_cascade_to_the_teacher_runs_each_network_only_where_the_ones_before_are_unsure():
+    a, b, teacher = Recorder(1, pixel=0), Recorder(2, pixel=1), Recorder(3, pixel=2)
+    router = CascadeRouter(flops=[1.0, 2.0, 4.0])
+    router.temperature_, router.threshold_ = torch.ones(3), 0.5
+    x = torch.zeros(6, 3, 4, 4)
+    x[[0, 1], 0, 0, 0] = 1.0  # the first student is sure of two images
+    x[[2, 3], 0, 0, 1] = 1.0  # the second of two more (the average of a sure and an unsure one is sure enough)
+    x[:, 0, 0, 2] = 1.0  # the teacher of all
+    routing = run_routed(router, [a, b, teacher], None, x, num_classes=10)
+    assert (a.seen, b.seen, teacher.seen) == (6, 4, 2)
+    assert routing.ran.sum(1).tolist() == [1, 1, 2, 2, 3, 3]
+    assert routing.prediction.tolist()[:2] == [1, 1] and routing.prediction.tolist()[4:] == [3, 3]

@@ -318,7 +318,7 @@ def random_student(path, seed):
         torch.manual_seed(seed)
         model = build_model("googlenet")
     save_checkpoint(path, {"kind": "student", "arch": "googlenet", "num_classes": 10, "model": clean_state_dict(model),
-                           "split": {"holdout": 4, "split_seed": 0, "limit": 4}, "complete": True,
+                           "split": {"holdout": 20, "split_seed": 0, "limit": 0}, "complete": True,
                            "config": {"translate": 4, "padding": "reflect", "tta": "none"}})
 
 
@@ -328,7 +328,7 @@ def test_a_selector_of_a_changed_student_is_stale(trained, tmp_path):
     for seed, path in enumerate(students):
         random_student(path, seed)
     argv = ["--students", *students, "--data-dir", str(tree), "--partial-data", "--device", "cpu", "--views", "0",
-            "--epochs", "1", "--batch-size", "3", "--checkpoint", str(tmp_path / "selector.pt")]
+            "--folds", "2", "--epochs", "1", "--batch-size", "3", "--checkpoint", str(tmp_path / "selector.pt")]
     trainSelector.main(argv)
     stage = reproduce.Stage("selector", trainSelector, [tmp_path / "selector.pt"], argv)
     assert reproduce.stage_state(stage, fingerprint) == ("complete", "")

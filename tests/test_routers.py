@@ -4,9 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from utils.cli import UserError
+from utils.data import stratified_folds
 from utils.plots import plot_accuracy_vs_flops
 from utils.routers import (
+    RANDOM_DRAWS,
     ROUTERS,
+    BudgetError,
     CascadeRouter,
     DeferralRouter,
     EnsembleRouter,
@@ -15,13 +19,17 @@ from utils.routers import (
     SingleStudentRouter,
     StudentOutputs,
     build_router,
+    cost_envelope,
+    fit_softmax_regression,
     fit_temperature,
+    ladder_curve,
     oracle_routing,
     selector_targets,
     shuffled_labels,
     students_disagree,
-    threshold_curve,
 )
+from utils.routing import fit_router, out_of_fold
+from utils.stats import paired_bootstrap
 
 FLOPS = (1.777, 2.902)  # DenseNet121 and GoogLeNet, GFLOPs per 32x32 image
 SELECTOR_FLOPS = 0.077
@@ -114,8 +122,9 @@ def test_threshold_curve_on_a_hand_computed_case():
     score = torch.tensor([0.9, 0.1, 0.5, 0.5])
     keep = torch.tensor([True, False, False, True])
     switch = torch.tensor([False, True, True, True])
-    curve = threshold_curve(score, keep, switch, gflops_keep=1.0, gflops_switch=3.0)
-    assert curve.thresholds.tolist() == [float("inf"), pytest.approx(0.7), pytest.approx(0.3), float("-inf")]
+    curve = ladder_curve(score[:, None], torch.stack([keep, switch], 1), torch.tensor([[1.0, 3.0]]).expand(4, 2))
+    # each threshold is the largest score not switched, in the scores' own dtype
+    assert curve.thresholds.tolist() == [float("inf"), 0.5, torch.tensor(0.1).item(), float("-inf")]
     assert curve.accuracy.tolist() == [0.5, 0.25, 0.5, 0.75]  # the two scores of 0.5 switch together
     assert curve.switched.tolist() == [0.0, 0.25, 0.75, 1.0] and curve.gflops.tolist() == [1.0, 1.5, 2.5, 3.0]
     assert curve.best() == 3 and curve.best(max_gflops=2.5) == 0  # a tie goes to the cheaper
@@ -277,8 +286,6 @@ class Scored:
 
 @pytest.mark.parametrize("name", ["cascade", "deferral"])
 def test_a_router_runs_the_cheapest_student_first_in_whichever_order_they_are_listed(easy_hard, name):
-    from utils.routing import fit_router
-
     (holdout, labels), _ = easy_hard
     cheap, dear = (Scored(gflops, holdout.logits[:, k], labels) for k, gflops in enumerate((0.9, 1.8)))
     for students in ([cheap, dear], [dear, cheap]):
@@ -287,3 +294,214 @@ def test_a_router_runs_the_cheapest_student_first_in_whichever_order_they_are_li
         routing = router.route(StudentOutputs(torch.stack([s.logits["holdout"][0] for s in students], 1)))
         assert routing.ran[:, router.order[0]].all() and not routing.ran[:, router.order[1]].any()
         assert routing.gflops == pytest.approx(0.9)  # a budget of 1x the cheapest: it alone
+
+
+# ----------------------------------------------------------------------------- route as the curve counts
+
+def test_route_sends_exactly_the_images_the_curve_counts_at_every_threshold():
+    """float32 scores one ulp apart: a float64 midpoint between them rounds onto one of them in float32, and an
+    image the curve counted as switched stayed put. Every threshold is now one of the scores themselves."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(CLASSES, generator=g)
+    first = base + 1e-5 * torch.randn(4999, CLASSES, generator=g)  # maxprob uncertainties a few ulps apart
+    logits = torch.stack([first, torch.randn(4999, CLASSES, generator=g)], 1)
+    outputs, labels = StudentOutputs(logits), torch.randint(CLASSES, (4999,), generator=g)
+    router = CascadeRouter(FLOPS).fit(outputs, labels)
+    scores = router.climbs(outputs)[:, 0]
+    assert scores.dtype == torch.float32 and len(scores.unique()) < 200  # ties and neighbours in plenty
+    curve = router.curve(outputs, labels)
+    for threshold, switched, accuracy, gflops in zip(curve.thresholds.tolist(), curve.switched, curve.accuracy,
+                                                     curve.gflops):
+        router.threshold_ = threshold
+        routing = router.route(outputs)
+        assert routing.ran[:, 1].sum().item() == round(switched.item() * 4999)
+        assert routing.correct(labels).sum().item() == round(accuracy.item() * 4999)
+        assert routing.gflops == pytest.approx(gflops.item(), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- budgets and the errors fit may raise
+
+def test_only_a_missed_budget_is_caught_a_shape_or_count_mismatch_goes_through():
+    from utils.routing import try_fit
+
+    outputs, labels = complementary(500, 0)
+    students = [Scored(gflops, outputs.logits[:, k], labels) for k, gflops in enumerate((0.9, 1.8))]
+    selector = Scored(SELECTOR_FLOPS, outputs.selector_scores, labels)
+    assert try_fit("selector", 1.0, students, selector) is None  # the selector alone exceeds 1x: no threshold
+    with pytest.raises(BudgetError):
+        fit_router("selector", 1.0, students, selector)
+    for width in (1, 3):  # a selector trained for other students
+        wrong = Scored(SELECTOR_FLOPS, torch.zeros(len(labels), width), labels)
+        with pytest.raises(ValueError, match="selector_scores must be"):
+            try_fit("selector", 1.5, students, wrong)
+    flat = [Scored(0.9, outputs.logits[:, 0, 0], labels), Scored(1.8, outputs.logits[:, 1, 0], labels)]
+    with pytest.raises(ValueError, match="logits must be"):
+        try_fit("cascade", 1.5, flat, None)
+
+
+def test_a_budget_below_the_cheapest_system_is_refused_naming_the_least_that_fits():
+    from utils.routing import fit_headline
+
+    outputs, labels = complementary(500, 0)
+    students = [Scored(gflops, outputs.logits[:, k], labels) for k, gflops in enumerate((0.9, 1.8))]
+    selector = Scored(0.077, outputs.selector_scores, labels)
+    with pytest.raises(UserError) as refusal:
+        fit_headline("selector", 1.0, students, selector)
+    message = str(refusal.value)
+    assert "\n" not in message and message.startswith("--budget 1 is below the cheapest selector system")
+    assert message.endswith("give --budget 1.09 or more")  # (0.9 + 0.077) / 0.9 = 1.0856
+    assert fit_headline("selector", 1.09, students, selector).route(outputs).gflops <= 1.09 * 0.9
+    assert fit_headline("cascade", 1.0, students, None).route(outputs).gflops == pytest.approx(0.9)
+
+
+# ----------------------------------------------------------------------------- learned deferral: help and hurt
+
+def helps_or_hurts(n, seed):
+    """Easy images (50%): student 1 sure and right. Coin flips (25%): student 1 leans to one class, right on half
+    of them, and student 2 is sure of the other answer: averaging it in helps on half, hurts on the other half,
+    gains nothing. Fixable (25%): student 1 torn between two classes, wrong on 40%, and student 2 sure and right:
+    averaging it in helps on 40% and never hurts."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(CLASSES, (n,), generator=g)
+    wrong = (labels[:, None] + torch.randint(1, CLASSES, (n, 2), generator=g)) % CLASSES
+    kind = torch.multinomial(torch.tensor([0.5, 0.25, 0.25]), n, replacement=True, generator=g)
+    first_right = torch.rand(n, generator=g) < torch.tensor([1.0, 0.5, 0.6])[kind]
+    first_class = torch.where(first_right, labels, wrong[:, 0])
+    other_class = torch.where(first_right, wrong[:, 0], labels)
+    first = torch.stack([5 * one_hot(labels), 2.5 * one_hot(first_class),
+                         1.5 * one_hot(first_class) + 1.2 * one_hot(other_class)])[kind, torch.arange(n)]
+    second = 6 * one_hot(torch.where((kind == 1) & first_right, wrong[:, 1], labels))
+    logits = torch.stack([first, second], 1) + 0.3 * torch.randn(n, 2, CLASSES, generator=g)
+    return StudentOutputs(logits), labels, kind
+
+
+def test_deferral_defers_where_deferring_gains_not_where_it_helps_as_often_as_it_hurts():
+    holdout, holdout_labels, _ = helps_or_hurts(6000, 0)
+    test, labels, kind = helps_or_hurts(6000, 1)
+    deferral = DeferralRouter(FLOPS).fit(holdout, holdout_labels, budget=1.41).route(test)  # room for ~25%
+    deferred = deferral.ran[:, 1]
+    assert deferred[kind == 2].double().mean() > 0.9 and deferred[kind == 1].double().mean() < 0.1
+    first = single(0, (test, labels)).accuracy(labels)
+    assert deferral.accuracy(labels) > first + 0.08
+
+
+# ----------------------------------------------------------------------------- three networks and more
+
+def test_the_cost_envelope_moves_each_image_to_dearer_students_as_the_threshold_falls():
+    right = torch.tensor([[0.5, 0.8, 0.9], [0.5, 0.6, 0.9], [0.9, 0.5, 0.6]], dtype=torch.float64)
+    students, climbs = cost_envelope(right, torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+    assert students.tolist() == [[0, 1, 2], [0, 2, 2], [0, 2, 2]]  # the second skips student 2
+    assert climbs[0].tolist() == [pytest.approx(0.3), pytest.approx(0.05)]
+    assert climbs[1].tolist() == [pytest.approx(0.4 / 3), float("-inf")]
+    assert climbs[2].tolist() == [pytest.approx(-0.1), float("-inf")]  # the cheapest is surest: dearer only below 0
+
+
+def three_students(n, seed):
+    """Three students right on different images, and a selector that knows which (like ``complementary``)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(CLASSES, (n,), generator=g)
+    wrong = (labels[:, None] + torch.randint(1, CLASSES, (n, 3), generator=g)) % CLASSES
+    right = torch.rand(n, 3, generator=g) < torch.tensor([0.6, 0.65, 0.7])
+    logits = 3 * one_hot(torch.where(right, labels[:, None], wrong)) + torch.randn(n, 3, CLASSES, generator=g)
+    scores = 2 * (2 * right.float() - 1) + 1.5 * torch.randn(n, 3, generator=g)
+    return StudentOutputs(logits, scores), labels
+
+
+def test_selector_routing_over_three_students_uses_all_three_and_beats_random_routing():
+    flops = (0.9, 1.1, 1.8)
+    holdout, (test, labels) = three_students(3000, 0), three_students(3000, 1)
+    router = SelectorRouter(flops, SELECTOR_FLOPS).fit(*holdout, budget=1.6)
+    routing = router.route(test)
+    assert (routing.ran.sum(1) == 1).all() and (routing.share > 0.05).all()
+    assert routing.gflops == pytest.approx(SELECTOR_FLOPS + (routing.share @ torch.tensor(flops).double()).item())
+    random = RandomRouter(flops, routing.share.tolist(), router_flops=SELECTOR_FLOPS).fit(*holdout)
+    assert random.route(test).gflops == pytest.approx(routing.gflops)  # charged the selector's cost too
+    draws = random.draws(test, labels)
+    assert draws.shape == (RANDOM_DRAWS, 3000)
+    assert routing.accuracy(labels) > draws.double().mean(1).max().item() + 0.1
+    curve = router.curve(test, labels)
+    assert curve.gflops[0].item() == pytest.approx(SELECTOR_FLOPS + 0.9)  # every image on the cheapest
+    assert curve.gflops[-1].item() <= SELECTOR_FLOPS + 1.8 + 1e-9
+
+
+def teacher_as_last_resort(n, seed):
+    """Student 1 (1 GFLOP) is sure and right on 60% of the images, student 2 (2 GFLOPs) on another 20%, the teacher
+    (4 GFLOPs) sure and right on 95% of all of them; elsewhere the students are unsure and wrong."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(CLASSES, (n,), generator=g)
+    wrong = (labels + torch.randint(1, CLASSES, (n,), generator=g)) % CLASSES
+    kind = torch.multinomial(torch.tensor([0.6, 0.2, 0.2]), n, replacement=True, generator=g)
+    unsure = one_hot(wrong) + 0.5 * one_hot(labels)
+    first = torch.where((kind == 0)[:, None], 6 * one_hot(labels), unsure)
+    second = torch.where((kind <= 1)[:, None], 6 * one_hot(labels), unsure)
+    teacher = 6 * one_hot(torch.where(torch.rand(n, generator=g) < 0.95, labels, wrong))
+    return StudentOutputs(torch.stack([first, second, teacher], 1) + 0.3 * torch.randn(n, 3, CLASSES, generator=g)), \
+        labels
+
+
+def test_a_cascade_to_the_teacher_reaches_its_accuracy_for_less_than_it_costs():
+    flops = (1.0, 2.0, 4.0)
+    (holdout, holdout_labels), (test, labels) = teacher_as_last_resort(4000, 0), teacher_as_last_resort(4000, 1)
+    teacher = SingleStudentRouter(flops, 2).fit(holdout, holdout_labels)
+    router = CascadeRouter(flops, order=(0, 1, 2)).fit(holdout, holdout_labels)
+    curve = router.curve(holdout, holdout_labels)
+    point = curve.cheapest(teacher.route(holdout).accuracy(holdout_labels))
+    assert point is not None and curve.gflops[point] < 0.7 * flops[2]
+    router.threshold_ = curve.thresholds[point].item()
+    routing = router.route(test)
+    assert routing.accuracy(labels) >= teacher.route(test).accuracy(labels) - 0.01
+    assert routing.gflops < 0.7 * flops[2] and routing.ran[:, 0].all()
+    assert 0.1 < routing.ran[:, 2].double().mean().item() < 0.25  # the teacher on (most of) the hard fifth
+    assert not (routing.ran[:, 2] & ~routing.ran[:, 1]).any()  # no stage skipped
+    first = SingleStudentRouter(flops, 0).fit(holdout, holdout_labels).route(holdout)
+    assert curve.accuracy[0].item() == pytest.approx(first.accuracy(holdout_labels))
+    assert curve.gflops[-1].item() == pytest.approx(sum(flops))  # every stage on every image at -inf
+
+
+# ----------------------------------------------------------------------------- true nulls, through cross-fitting
+
+def planted(n, seed, signal):
+    """Two students right on independent 72% of the images, and image features that show which one is right
+    with strength ``signal``, beside three features of noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(CLASSES, (n,), generator=g)
+    wrong = (labels[:, None] + torch.randint(1, CLASSES, (n, 2), generator=g)) % CLASSES
+    right = torch.rand(n, 2, generator=g) < 0.72
+    logits = 3 * one_hot(torch.where(right, labels[:, None], wrong)) + torch.randn(n, 2, CLASSES, generator=g)
+    features = torch.cat([signal * (2 * right.float() - 1), torch.zeros(n, 3)], 1) + torch.randn(n, 5, generator=g)
+    return StudentOutputs(logits), features, labels
+
+
+def logistic_selector(features, targets):
+    """A stand-in for the selector CNN: per student, a logistic regression of "this student is right"."""
+    fits = [fit_softmax_regression(features, targets[:, k], 2) for k in range(targets.shape[1])]
+    return lambda x: torch.stack([(x.double() @ w + b).diff(dim=1)[:, 0] for w, b in fits], 1).float()
+
+
+def selector_against_random(targets_from, signal):
+    """Cross-fitted as trainSelector cross-fits the selector: out-of-fold hold-out scores fit the threshold, a
+    refit on the whole hold-out split routes the test split; then random routing at its shares over 200 draws,
+    charged the same GFLOPs. Returns the paired interval of the selector's accuracy minus random routing's."""
+    holdout, features, labels = planted(4000, 0, signal)
+    test, test_features, test_labels = planted(4000, 1, signal)
+    targets = selector_targets(holdout.logits, targets_from(labels))
+    fold = stratified_folds(labels, 5, seed=0)
+    scores = out_of_fold(fold, lambda k, held_out: logistic_selector(features[~held_out], targets[~held_out])(
+        features[held_out]))
+    router = SelectorRouter(FLOPS, SELECTOR_FLOPS).fit(StudentOutputs(holdout.logits, scores), labels)
+    routing = router.route(StudentOutputs(test.logits, logistic_selector(features, targets)(test_features)))
+    random = RandomRouter(FLOPS, routing.share.tolist(), router_flops=SELECTOR_FLOPS).fit(holdout, labels)
+    assert random.route(test).gflops == pytest.approx(routing.gflops)
+    draws = random.draws(test, test_labels)
+    return routing, paired_bootstrap(routing.correct(test_labels), draws.double().mean(0))
+
+
+def test_a_selector_trained_on_pure_noise_does_not_beat_its_random_control():
+    routing, interval = selector_against_random(lambda labels: shuffled_labels(labels), signal=0.0)
+    assert 0.05 < routing.share[1].item() < 0.95  # it does route, by noise: the comparison is not empty
+    assert interval.low <= 0 <= interval.high
+
+
+def test_a_selector_given_a_planted_signal_beats_its_random_control():
+    routing, interval = selector_against_random(lambda labels: labels, signal=2.0)
+    assert interval.low > 0.03

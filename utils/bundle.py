@@ -57,7 +57,7 @@ def read_bundle(folder):
                       for k in range(len(records))]
     except KeyError as e:
         raise UserError(f"{folder}: {LOGITS} or results.json lacks {e}; the bundle is incomplete or comes from "
-                        "another run") from None
+                        "another run: write it again with inference.py from that run's checkpoints") from None
     except (ValueError, OSError) as e:
         raise UserError(f"{folder}: cannot read the bundle ({e})") from None
     if len(labels["test"]) != results["test_images"] or results["split"] != records[0]["checkpoint"]["split"]:

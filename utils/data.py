@@ -278,6 +278,21 @@ def stratified_indices(labels, n, seed):
     return torch.cat(chosen).sort().values
 
 
+def stratified_folds(labels, folds, seed):
+    """``(N,)``: each image's fold, 0 to ``folds`` - 1. Each class's images are shuffled (with ``seed``) and dealt
+    to the folds in turn, the deal going on from class to class: every fold holds every class that has at
+    least ``folds`` images, and fold sizes differ by at most one."""
+    g = torch.Generator().manual_seed(seed)
+    fold = torch.empty(len(labels), dtype=torch.long)
+    dealt = 0
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        fold[members] = (dealt + torch.arange(len(members))) % folds
+        dealt += len(members)
+    return fold
+
+
 def holdout_split(labels, holdout, seed=0):
     """Split training indices into ``(train, holdout)``: stratified, disjoint, fixed by ``seed``."""
     if not 0 <= holdout < len(labels):

@@ -10,10 +10,14 @@ its logits — which is what a results bundle keeps, and all that routing and th
 ``<stem>.logits.pt`` beside the checkpoint holds its logits on the hold-out and test splits, tied
 to the checkpoint's weights (their fingerprint), the data's fingerprint and the split; when any of
 these changes it is computed again. Routing, evaluation and the results table read these, so
-comparing policies costs seconds on a CPU. Where the checkpoint's folder cannot be written (a
-read-only copy), the cache goes to a per-user folder instead, ``~/.cache/mskd-logits/`` (or
-``$MSKD_LOGITS_CACHE``), named by the checkpoint's absolute path and weights; where neither can be
-written, the logits are not cached, with a note.
+comparing policies costs seconds on a CPU. A checkpoint that carries ``holdout_logits`` gives those
+as its hold-out logits instead of running its weights: the selector's out-of-fold scores, each
+image's from a selector that never trained on it (``trainSelector.py``), since the hold-out split
+is where routing is fitted and the shipped selector trained on all of it.
+
+Where the checkpoint's folder cannot be written (a read-only copy), the cache goes to a per-user
+folder instead, ``~/.cache/mskd-logits/`` (or ``$MSKD_LOGITS_CACHE``), named by the checkpoint's
+absolute path and weights; where neither can be written, the logits are not cached, with a note.
 """
 
 import functools
@@ -26,12 +30,13 @@ import torch
 from models import model_stats
 from utils.augment import TTA_VIEWS, predict
 from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.cli import UserError
 from utils.data import Split, make_splits
 from utils.runtime import batched_logits, prepare_model
 
 FORMAT = "mskd-logits/1"
 # What a checkpoint holds besides its record: the weights and the state of an unfinished run.
-NOT_RECORDED = ("model", "optimizer", "ema", "rng", "cuda_rng", "sums", "history")
+NOT_RECORDED = ("model", "optimizer", "ema", "rng", "cuda_rng", "sums", "history", "holdout_logits")
 
 
 def logits_path(checkpoint_path):
@@ -135,12 +140,18 @@ class Network(Trained):
         for path in paths:
             self.logits = _read_cache(path, key)
             if self.logits is not None:
+                if "holdout_logits" in checkpoint:
+                    labels = self.logits["holdout"][1]
+                    self.logits["holdout"] = (self.out_of_fold_logits(labels), labels)
                 return self.logits
         data = data() if callable(data) else data
         key["data_fingerprint"] = data.fingerprint
         self.logits = {}
         for name, (images, labels) in make_splits(data, self.split).items():
             if name == "train":
+                continue
+            if name == "holdout" and "holdout_logits" in checkpoint:
+                self.logits[name] = (self.out_of_fold_logits(labels), labels)
                 continue
             desc = f"{self.role or self.arch} on the {name} split" if len(images) else None
             logits = batched_logits(self, images, self.runtime, batch_size, desc=desc).cpu() if len(images) else \
@@ -150,6 +161,14 @@ class Network(Trained):
             _write_cache(paths, {**key, **{name: logits for name, (logits, _) in self.logits.items()},
                                  **{f"{name}_labels": labels for name, (_, labels) in self.logits.items()}})
         return self.logits
+
+    def out_of_fold_logits(self, labels):
+        """The checkpoint's own hold-out logits, checked against the hold-out ``labels`` of its split."""
+        logits = self.checkpoint["holdout_logits"].float()
+        if len(logits) != len(labels):
+            raise UserError(f"{self.path} holds hold-out scores of {len(logits)} images, and its split has "
+                            f"{len(labels)}; retrain it on this data with --force")
+        return logits
 
 
 def _write_cache(paths, cache):

@@ -86,23 +86,127 @@ def against_teacher(r):
             f"teacher) and {cost['images_per_s']:.2f}x its measured images/s."]
 
 
+def dearer_than_teacher(r):
+    """The systems of the results table that cost more GFLOPs per image than the teacher, said plainly."""
+    teacher = r["gflops"][r["teacher"]]
+    dearer = [f"{name} ({r['gflops'][name] / teacher:.2f}x)" for name in r["gflops"]
+              if name != r["teacher"] and r["gflops"][name] > teacher * (1 + 1e-9)]
+    if not dearer:
+        return [f"No system here costs more GFLOPs per image than the teacher ({teacher:.3f})."]
+    return [f"**Costs more than the teacher** ({teacher:.3f} GFLOPs per image): " + "; ".join(dearer) + "."]
+
+
+def _more_than_teacher(cost, teacher):
+    more = (["more GFLOPs"] if cost["gflops"] > teacher["gflops"] * (1 + 1e-9) else []) + \
+        (["slower"] if cost["images_per_s"] < teacher["images_per_s"] else [])
+    return f"**{', '.join(more)}**" if more else "no"
+
+
 def cost_lines(r):
     """The cost table, each system against the teacher, and the verdict against the teacher."""
     if "teacher" not in r.get("costs", {}):
         return ["Not measured in this run."]
     teacher = r["costs"]["teacher"]
     cpu = r["device"].startswith("CPU")
+    dearer = [f"{name} ({_more_than_teacher(c, teacher).strip('*')})" for name, c in r["costs"].items()
+              if name != "teacher" and _more_than_teacher(c, teacher) != "no"]
     return [
         f"Images/s: the median [and range] of timed passes over the test set after an untimed one (which sees every "
         f"batch shape), batch {r['batch_size']}, on {r['device']}"
         + (" — **a CPU shared with other work: these speeds say little about a GPU's**" if cpu else "")
-        + ". GFLOPs counted by `torch.utils.flop_counter` (a multiply-add is 2).", "",
-        "| System | Parameters | GFLOPs / image | x the teacher's | Images/s [range] | x the teacher's |",
-        "|---|---|---|---|---|---|",
+        + ". GFLOPs counted by `torch.utils.flop_counter` (a multiply-add is 2); a routed system's are its "
+        "expected GFLOPs per test image, and its parameters those of every network it may run.", "",
+        "| System | Parameters | GFLOPs / image | x the teacher's | Images/s [range] | x the teacher's "
+        "| Costs more than the teacher |",
+        "|---|---|---|---|---|---|---|",
         *[f"| {name} | {c['params'] / 1e6:.2f} M | {c['gflops']:.3f} | {c['gflops'] / teacher['gflops']:.2f} "
-          f"| {c['images_per_s']:.0f} {_range(c)} | {c['images_per_s'] / teacher['images_per_s']:.2f} |"
+          f"| {c['images_per_s']:.0f} {_range(c)} | {c['images_per_s'] / teacher['images_per_s']:.2f} "
+          f"| {_more_than_teacher(c, teacher) if name != 'teacher' else '—'} |"
           for name, c in r["costs"].items()], "",
+        ("**Costs more than the teacher**, in GFLOPs per image or in measured images/s: " + "; ".join(dearer) + "."
+         if dearer else "Every system here costs less than the teacher, in GFLOPs per image and in measured "
+                        "images/s."), "",
         *against_teacher(r)]
+
+
+def reach_lines(r):
+    """At what cost each policy reaches the teacher's accuracy: its cheapest hold-out threshold that does, on test."""
+    reach = r.get("reach_teacher")
+    if not reach:
+        return []
+    rows = []
+    for name, c in reach["systems"].items():
+        if c is None:
+            rows.append(f"| {name} | no threshold reaches it on the hold-out split | — | — | — |")
+            continue
+        more = " — **more than the teacher**" if c["teacher_share"] > 1 + 1e-9 else ""
+        rows.append(f"| {name} | {_pct(c['accuracy'])} | {_points(c['vs_teacher'])} | {c['gflops']:.3f} "
+                    f"| {c['teacher_share']:.2f}{more} |")
+    return [f"**At what cost do the routed students reach the teacher's accuracy?** The teacher is "
+            f"{_pct(reach['teacher_holdout_accuracy'])} accurate on the hold-out split. Each policy at its cheapest "
+            "threshold that reaches this on the hold-out split, and what that gives on the test split (the "
+            "difference with the teacher on the same images, in points, with its 95% paired interval):", "",
+            "| Policy | Test accuracy | Against the teacher [95% interval] | GFLOPs / image | x the teacher's |",
+            "|---|---|---|---|---|", *rows, ""]
+
+
+def _budget_gflops(r, budget):
+    return r["routed"]["budget_gflops"] / r["routed"]["budget"] * budget
+
+
+def _budget_cell(cell):
+    if cell is None:
+        return "—"
+    over = cell["gflops"] > cell["budget_gflops"] + 1e-9
+    return f"{_pct(cell['accuracy'])} ({cell['gflops']:.3f})" + (" **over**" if over else "")
+
+
+def _g(value):
+    """A threshold or its spread: ``—`` where it is not finite (an end of the ladder: +inf or -inf)."""
+    return "—" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def cross_fit_lines(r):
+    """Each selector's out-of-fold scores: per fold, the threshold fitted on that fold alone and the routed
+    accuracy there of the one fitted on all of them; and their spread."""
+    lines = []
+    for role, c in r.get("cross_fit", {}).items():
+        if c is None:
+            continue
+        t, a = c["threshold_spread"], c["routed_accuracy_spread"]
+        lines += [
+            f"## {role}: out-of-fold scores", "",
+            f"Each hold-out image's score comes from one of {len(c['folds'])} selectors, each trained on the other "
+            "folds of the hold-out split, its epoch chosen on part of its own training images; the routing "
+            "threshold (the predicted gain in accuracy per extra GFLOP that moves an image to a dearer student) is "
+            f"fitted on all of them: {_g(c['threshold'])}. The shipped selector is one more, trained on the whole "
+            "hold-out split. Per fold: the threshold fitted on that fold alone, and the routed accuracy on it at the "
+            "shared threshold (— : a threshold at an end, every image on its cheapest or its dearest student).", "",
+            "| Fold | Images | Epochs (weights of) | Threshold fitted on it alone | Routed accuracy at the shared "
+            "threshold |", "|---|---|---|---|---|",
+            *[f"| {k} | {f['images']} | {f['epochs']} ({f['best_epoch']}) | {_g(f['threshold'])} "
+              f"| {_pct(f['routed_accuracy'])} |" for k, f in enumerate(c["folds"], 1)], "",
+            f"Spread over the folds: threshold {_g(t['min'])} to {_g(t['max'])} (standard deviation {_g(t['std'])}); "
+            f"routed accuracy {_pct(a['min'])} to {_pct(a['max'])} (standard deviation "
+            f"{_number(a['std'] and 100 * a['std'], '{:.2f}')} points).", ""]
+    return lines
+
+
+def random_lines(r):
+    """Random routing's draws beside each selector: the spread that chance alone gives at its shares."""
+    draws = r.get("random_routing")
+    if not draws:
+        return []
+    count = next(iter(draws.values()))["draws"]
+    return ["## Random routing", "",
+            f"Random routing at a selector's test shares, charged the selector's GFLOPs: the accuracy of {count} "
+            "draws (mean, standard deviation, the middle 95%) beside the selector's; p: the share of draws at "
+            "least as accurate as the selector, the selector counted among them.", "",
+            "| Selector | Its accuracy | Random: mean | Standard deviation | Middle 95% of draws | p |",
+            "|---|---|---|---|---|---|",
+            *[f"| {name} | {_pct(d['system'])} | {_pct(d['mean'])} | {_number(d['std'] and 100 * d['std'], '{:.2f}')}"
+              f" points | {_pct(d['low'])} to {_pct(d['high'])} | {d['p_value']:.3g} |" for name, d in draws.items()],
+            ""]
 
 
 def _range(cost):
@@ -159,23 +263,31 @@ def write_markdown(results, path):
         *[f"| {name} | {original_of(name)} | {_pct(acc)} | {r['gflops'][name]:.3f} |"
           for name, acc in r["accuracy"].items()], "",
         f"The routed row is the `{routed['router']}` policy with its threshold fitted on the hold-out split for at "
-        f"most {routed['budget_gflops']:.3f} GFLOPs per image; it ran the students on "
-        + ", ".join(f"{100 * s:.1f}%" for s in routed["share"]) + " of the test images.", "",
+        f"most {routed['budget_gflops']:.3f} GFLOPs per image; on the test split it costs "
+        f"{routed['test_gflops']:.3f}" + (" — **over its budget**" if routed["over_budget"] else "")
+        + "; it ran the students on " + ", ".join(f"{100 * s:.1f}%" for s in routed["share"])
+        + " of the test images.", "",
+        *dearer_than_teacher(r), "",
         "## Routing policies at fixed compute budgets", "",
-        "Test accuracy (GFLOPs per image) of each policy with its threshold fitted on the hold-out split for a "
-        "budget of k times the cheapest student's GFLOPs; — where no threshold fits.", "",
-        "| Policy | " + " | ".join(f"{b:g}x" for b in budgets) + " |", "|---|" + "---|" * len(budgets),
-        *[f"| {name} | " + " | ".join(f"{_pct(cells[f'{b:g}']['accuracy'])} ({cells[f'{b:g}']['gflops']:.3f})"
-                                      if f"{b:g}" in cells else "—" for b in budgets) + " |"
+        "Test accuracy and test GFLOPs per image of each policy with its threshold fitted on the hold-out split "
+        "for a budget of k times the cheapest student's GFLOPs (the column's head gives it in GFLOPs); — where no "
+        "threshold fits. The thresholds meet their budget on the hold-out split; a cell marked **over** costs more "
+        "than its budget on the test split.", "",
+        "| Policy | " + " | ".join(f"{b:g}x (≤ {_budget_gflops(r, b):.3f})" for b in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+        *[f"| {name} | " + " | ".join(_budget_cell(cells.get(f"{b:g}")) for b in budgets) + " |"
           for name, cells in r["budgets"].items()], "",
         "Curves over every threshold: `accuracy_vs_gflops.png`.", "",
+        *cross_fit_lines(r), *random_lines(r),
         "## Comparisons on the same test images", "",
         "Difference in accuracy (points), its 95% paired bootstrap interval, and McNemar's test (p-value; images "
         "only the first / only the second gets right).", "",
         "| Comparison | Difference [95% interval] | McNemar p | Only first right | Only second right |",
         "|---|---|---|---|---|",
-        *[f"| {name} | {_points(c)} | {c['p_value']:.3g} | {c['only_a_right']} | {c['only_b_right']} |"
-          for name, c in r["comparisons"].items()], "",
+        *[f"| {name} | {_points(c)} | {_number(c['p_value'], '{:.3g}')} | {_number(c['only_a_right'], '{}')} "
+          f"| {_number(c['only_b_right'], '{}')} |" for name, c in r["comparisons"].items()], "",
+        "Against random routing, the second system is the mean over its draws, image by image (no McNemar test).",
+        "",
         "## Calibration", "",
         "| Network | Accuracy | NLL | ECE (15 bins) |", "|---|---|---|---|",
         *[f"| {name} | {_pct(c['accuracy'])} | {c['nll']:.3f} | {c['ece']:.4f} |"
@@ -183,6 +295,7 @@ def write_markdown(results, path):
         "",
         "## Cost and speed", "",
         *cost_lines(r), "",
+        *reach_lines(r),
         "## Routed system: share of each class's images each student ran on", "",
         "| Class | " + " | ".join(r["students"]) + " |", "|---|" + "---|" * len(r["students"]),
         *[f"| {c} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + " |"
@@ -204,8 +317,7 @@ def write_markdown(results, path):
 
 def write_plots(results, out):
     curves = {name: tuple(curve) for name, curve in results["curves"].items()}
-    points = {name: (results["gflops"][name], acc) for name, acc in results["accuracy"].items()
-              if not name.startswith("Teacher")}
+    points = {name: (results["gflops"][name], acc) for name, acc in results["accuracy"].items()}
     plot_accuracy_vs_flops(curves, points, out / "accuracy_vs_gflops.png",
                            "Test accuracy against compute (thresholds fitted on hold-out; curves: every threshold)")
     students = [name for name in results["accuracy"] if name.startswith("Student") and "without KD" not in name]

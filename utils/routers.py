@@ -1,12 +1,19 @@
-"""Routing policies on precomputed student outputs: fitted on the hold-out split, applied to the test split.
+"""Routing policies on precomputed network outputs: fitted on the hold-out split, applied to the test split.
 
 A router is a small estimator: ``fit(outputs, labels, budget)`` learns its temperatures, weights
-and threshold from hold-out outputs, ``route(outputs)`` decides for each image which students run
+and threshold from hold-out outputs, ``route(outputs)`` decides for each image which networks run
 and what the system predicts, and the resulting ``Routing`` gives accuracy, routing shares and
-expected GFLOPs per image. Nothing here runs a network: ``StudentOutputs`` holds every student's
-logits on every image (and the selector's scores), so a policy and its whole accuracy-versus-
+expected GFLOPs per image. Nothing here runs a network: ``StudentOutputs`` holds the logits of
+every network a router chooses among (the students, and the teacher where it is a cascade's last
+resort) on every image, and the selector's scores, so a policy and its whole accuracy-versus-
 compute curve cost milliseconds. ``build_router(name)`` makes the policies of ``ROUTERS``; the
 baselines (one student, the ensemble, random routing, the oracle) share the same interface.
+
+The policies of ``ROUTERS`` are threshold routers: each image climbs a ladder of options, cheapest
+first, while its score exceeds one threshold. The cascade runs the next network while the answer
+so far is unsure, learned deferral while running it is predicted to gain, the selector moves an
+image to a dearer student while its predicted gain per extra GFLOP is large enough. Any number of
+networks (two or more) is one ladder.
 """
 
 import math
@@ -16,19 +23,30 @@ import torch
 import torch.nn.functional as F
 
 UNCERTAINTY_MEASURES = ("maxprob", "margin", "entropy")
+RANDOM_DRAWS = 200  # draws of random routing behind its mean and spread
+
+
+class BudgetError(ValueError):
+    """No threshold of a router costs at most its budget on the hold-out split; ``cheapest_gflops`` is what the
+    cheapest one costs there."""
+
+    def __init__(self, message, cheapest_gflops):
+        super().__init__(message)
+        self.cheapest_gflops = cheapest_gflops
 
 
 @dataclass(frozen=True)
 class StudentOutputs:
-    """Every student's logits ``(N, S, C)`` on the same N images, students in routing order, and
-    optionally the selector's scores ``(N, S)``: per student, a logit of "this student is right"."""
+    """The logits ``(N, S, C)`` of the S networks a router chooses among, on the same N images (the students in
+    routing order, and the teacher where it is a cascade's last resort), and optionally the selector's scores
+    ``(N, S)``: per student, a logit of "this student is right"."""
 
     logits: torch.Tensor
     selector_scores: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.logits.dim() != 3:
-            raise ValueError(f"logits must be (images, students, classes), not {tuple(self.logits.shape)}")
+            raise ValueError(f"logits must be (images, networks, classes), not {tuple(self.logits.shape)}")
         if self.selector_scores is not None and self.selector_scores.shape != self.logits.shape[:2]:
             raise ValueError(f"selector_scores must be (images, students) = {tuple(self.logits.shape[:2])}, "
                              f"not {tuple(self.selector_scores.shape)}")
@@ -37,18 +55,22 @@ class StudentOutputs:
         return len(self.logits)
 
     @property
-    def num_students(self):
+    def num_networks(self):
         return self.logits.shape[1]
+
+    @property
+    def device(self):
+        return self.logits.device
 
 
 @dataclass(frozen=True)
 class Routing:
     """What a system did on each of N images."""
 
-    ran: torch.Tensor  # (N, S) bool: the students run on each image
+    ran: torch.Tensor  # (N, S) bool: the networks run on each image
     probs: torch.Tensor  # (N, C): the system's class probabilities
-    flops: tuple  # GFLOPs per image of each student
-    router_flops: float = 0.0  # GFLOPs paid on every image before any student runs
+    flops: tuple  # GFLOPs per image of each network
+    router_flops: float = 0.0  # GFLOPs paid on every image before any network runs
 
     @property
     def prediction(self):
@@ -62,22 +84,23 @@ class Routing:
 
     @property
     def share(self):
-        """Per student, the share of images it ran on; they sum to 1 when one student runs per image."""
-        return self.ran.double().mean(0)
+        """Per network, the share of images it ran on; they sum to 1 when one network runs per image."""
+        return self.ran.double().mean(0).cpu()
 
     @property
     def gflops(self):
-        """Expected GFLOPs per image: the router's, plus each student's times the share it ran on."""
+        """Expected GFLOPs per image: the router's, plus each network's times the share it ran on."""
         return self.router_flops + (self.share @ torch.tensor(self.flops, dtype=torch.float64)).item()
 
 
 @dataclass(frozen=True)
 class Curve:
-    """A threshold router at every distinct threshold, from switching no image to switching all:
-    per point, the threshold, the share of images switched, the accuracy and the GFLOPs per image."""
+    """A threshold router at every distinct threshold, from +inf (every image on its first option) to -inf
+    (every image as far up its ladder as it goes): per point, the threshold, the share of images that left
+    their first option, the accuracy and the GFLOPs per image."""
 
     thresholds: torch.Tensor
-    switched: torch.Tensor  # share of images given the switch option
+    switched: torch.Tensor
     accuracy: torch.Tensor
     gflops: torch.Tensor
 
@@ -90,23 +113,71 @@ class Curve:
         accuracy = self.accuracy.masked_fill(~feasible, -1.0)
         return self.gflops.masked_fill(accuracy < accuracy.max(), math.inf).argmin().item()
 
+    def cheapest(self, min_accuracy):
+        """Index of the cheapest point at least ``min_accuracy`` accurate (ties: the more accurate); None if none is."""
+        reaches = self.accuracy >= min_accuracy
+        if not reaches.any():
+            return None
+        gflops = self.gflops.masked_fill(~reaches, math.inf)
+        return self.accuracy.masked_fill(gflops > gflops.min(), -1.0).argmax().item()
 
-def threshold_curve(score, correct_keep, correct_switch, gflops_keep, gflops_switch):
-    """Accuracy and GFLOPs of "the switch option where ``score > threshold``, the keep option elsewhere".
 
-    One point per distinct outcome: thresholds lie halfway between consecutive distinct scores,
-    with +inf (switch no image) and -inf (switch every image) at the ends.
+def ladder_curve(climbs, correct, gflops):
+    """Accuracy and GFLOPs per image of a threshold router at every distinct threshold.
+
+    Each image stands on a ladder of options: ``correct`` ``(N, L + 1)`` says whether each option is
+    right, ``gflops`` ``(N, L + 1)`` what it costs, and ``climbs`` ``(N, L)``, non-increasing along a
+    row, where it climbs: at threshold t the image takes option ``(climbs > t).sum()`` (a climb of
+    -inf or NaN is never made). The thresholds are climbs themselves, in their own dtype — at each
+    point, the largest climb not made — so a router that compares its climbs with one of them routes
+    exactly the images the curve counts; +inf and -inf are the ends.
     """
-    score, order = score.double().sort(descending=True)
-    n = len(score)
-    gain = (correct_switch.long() - correct_keep.long())[order]
-    right = correct_keep.sum() + torch.cat([gain.new_zeros(1), gain.cumsum(0)])  # switching the k top scores
-    inf = score.new_full((1,), math.inf)
-    thresholds = torch.cat([inf, (score[:-1] + score[1:]) / 2, -inf])
-    distinct = torch.cat([torch.tensor([True]), score[:-1] > score[1:], torch.tensor([True])])
-    switched = torch.arange(n + 1, dtype=torch.float64)[distinct] / n
-    return Curve(thresholds[distinct], switched, right[distinct].double() / n,
-                 gflops_keep + switched * (gflops_switch - gflops_keep))
+    climbs, correct, gflops = climbs.cpu(), correct.cpu(), gflops.cpu().double()
+    n = len(climbs)
+    made = (climbs > -math.inf).flatten()  # False for -inf and NaN
+    value, order = climbs.flatten()[made].sort(descending=True, stable=True)
+    steps = len(value)
+
+    def running(start, change):  # the total after each climb made, in order
+        return start + torch.cat([change.new_zeros(1), change.flatten()[made][order].cumsum(0)])
+
+    right = running(correct[:, 0].sum(), correct.long().diff(dim=1))
+    cost = running(gflops[:, 0].sum(), gflops.diff(dim=1))
+    first_rung = torch.zeros(climbs.shape, dtype=torch.long)
+    first_rung[:, :1] = 1
+    switched = running(torch.tensor(0), first_rung).double() / n
+    thresholds = torch.full((steps + 1,), -math.inf, dtype=climbs.dtype)
+    thresholds[0] = math.inf
+    thresholds[1:steps] = value[1:]
+    distinct = torch.ones(steps + 1, dtype=torch.bool)
+    distinct[1:steps] = value[:-1] > value[1:]  # the climbs of one value are made together
+    return Curve(thresholds[distinct], switched[distinct], right[distinct].double() / n, cost[distinct] / n)
+
+
+def cost_envelope(value, cost):
+    """Per row of ``value`` ``(N, m)``: the options that maximise ``value - lambda * cost`` as lambda falls from
+    +inf to -inf, and the lambda at which each takes over: ``(options (N, m), lambdas (N, m - 1))``.
+
+    The first is the cheapest option (the most valuable of equally cheap ones); each next one is the
+    dearer option that overtakes the current one first, at lambda = its gain in value / its extra
+    cost. A row with fewer changes repeats its last option, at a lambda of -inf.
+    """
+    n, m = value.shape
+    rows = torch.arange(n, device=value.device)
+    current = value.masked_fill(cost > cost.min(), -math.inf).argmax(1)
+    options = [current]
+    lambdas = []
+    for _ in range(m - 1):
+        extra_cost = cost[None, :] - cost[current][:, None]
+        rate = ((value - value[rows, current][:, None]) / extra_cost).masked_fill(extra_cost <= 0, -math.inf)
+        overtaker = m - 1 - rate.flip(1).argmax(1)  # of equal rates the last, the dearest in cost order
+        lam = rate[rows, overtaker]
+        current = torch.where(lam > -math.inf, overtaker, current)
+        options.append(current)
+        lambdas.append(lam)
+    if not lambdas:
+        return torch.stack(options, 1), value.new_empty(n, 0)
+    return torch.stack(options, 1), torch.stack(lambdas, 1).cummin(1).values
 
 
 def fit_temperature(logits, labels, log_range=(-3.0, 3.0), steps=60):
@@ -147,15 +218,16 @@ def uncertainty(probs, measure="maxprob"):
     raise ValueError(f"unknown uncertainty measure {measure!r}; choose from {', '.join(UNCERTAINTY_MEASURES)}")
 
 
-def fit_logistic(features, targets, l2=1e-3, max_iter=200):
-    """``(weight, bias)`` of an L2-regularised logistic regression, by full-batch L-BFGS (deterministic)."""
-    x, y = features.double(), targets.double()
-    params = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+def fit_softmax_regression(features, targets, classes, l2=1e-3, max_iter=200):
+    """``(weight (D, classes), bias (classes,))`` of an L2-regularised multinomial logistic regression of the
+    class indices ``targets`` on ``features`` ``(N, D)``, by full-batch L-BFGS (deterministic)."""
+    x, y = features.double(), targets.long()
+    params = torch.zeros(x.shape[1] + 1, classes, dtype=torch.float64, device=x.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([params], max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def loss():
         optimizer.zero_grad()
-        value = F.binary_cross_entropy_with_logits(x @ params[:-1] + params[-1], y) + l2 * params[:-1].square().sum()
+        value = F.cross_entropy(x @ params[:-1] + params[-1], y) + l2 * params[:-1].square().sum()
         value.backward()
         return value
 
@@ -165,21 +237,26 @@ def fit_logistic(features, targets, l2=1e-3, max_iter=200):
 
 
 class Router:
-    """A system of students, fitted on hold-out outputs and applied to others.
+    """A system of networks, fitted on hold-out outputs and applied to others.
 
-    ``flops``: GFLOPs per image of each student; ``router_flops``: the selector's GFLOPs, paid on
-    every image by routers that read its scores; ``order``: the students a two-option router
-    chooses between, the default (first, cheaper) one first. ``fit`` learns one temperature per
-    student, so that averaged and thresholded probabilities are calibrated.
+    ``flops``: GFLOPs per image of each network; ``router_flops``: the selector's GFLOPs, paid on
+    every image by routers that read its scores (``charged_flops``); ``order``: the networks the
+    router chooses among, cheapest first (default: all, as listed). ``fit`` learns one temperature
+    per network, so that averaged and thresholded probabilities are calibrated.
     """
 
     name = "router"
     uses_selector = False
 
-    def __init__(self, flops, router_flops=0.0, order=(0, 1)):
+    def __init__(self, flops, router_flops=0.0, order=None):
         self.flops = tuple(float(f) for f in flops)
         self.router_flops = float(router_flops)
-        self.order = tuple(order)
+        self.order = tuple(range(len(self.flops))) if order is None else tuple(order)
+
+    @property
+    def charged_flops(self):
+        """GFLOPs paid on every image before any network runs: the selector's, where the router reads it."""
+        return self.router_flops if self.uses_selector else 0.0
 
     def fit(self, outputs, labels, budget=None):
         """Learn from hold-out ``outputs`` and ``labels``; ``budget`` matters only to threshold routers."""
@@ -190,23 +267,29 @@ class Router:
     def route(self, outputs):
         raise NotImplementedError
 
+    def needs(self, outputs, known):
+        """The ``(N, S)`` networks to run, given the logits of those ``known`` to have run so far: what
+        ``utils.routing.run_routed`` runs, round after round, until nothing more is needed. Here: what
+        ``route`` runs, for routers whose choice does not depend on the networks' logits."""
+        return self.route(outputs).ran
+
     def check(self, outputs):
-        if outputs.num_students != len(self.flops):
-            raise ValueError(f"{outputs.num_students} students in the outputs but {len(self.flops)} in flops")
+        if outputs.num_networks != len(self.flops):
+            raise ValueError(f"{outputs.num_networks} networks in the outputs but {len(self.flops)} in flops")
         if self.uses_selector and outputs.selector_scores is None:
             raise ValueError(f"the {self.name} router reads the selector's scores, and these outputs have none")
 
     def probs(self, outputs):
-        """Temperature-scaled probabilities ``(N, S, C)`` of every student."""
-        return (outputs.logits / self.temperature_[:, None]).softmax(-1)
+        """Temperature-scaled probabilities ``(N, S, C)`` of every network."""
+        return (outputs.logits / self.temperature_.to(outputs.device)[:, None]).softmax(-1)
 
     def routing(self, ran, probs):
-        return Routing(ran, probs, self.flops, self.router_flops if self.uses_selector else 0.0)
+        return Routing(ran, probs, self.flops, self.charged_flops)
 
-    def only(self, outputs, *students):
-        """The ``(N, S)`` mask of "these students ran", on every image."""
-        ran = torch.zeros(len(outputs), outputs.num_students, dtype=torch.bool)
-        ran[:, list(students)] = True
+    def only(self, outputs, *networks):
+        """The ``(N, S)`` mask of "these networks ran", on every image."""
+        ran = torch.zeros(len(outputs), outputs.num_networks, dtype=torch.bool, device=outputs.device)
+        ran[:, list(networks)] = True
         return ran
 
 
@@ -222,39 +305,56 @@ class SingleStudentRouter(Router):
 
 
 class EnsembleRouter(Router):
-    """Every student on every image; their temperature-scaled probabilities averaged."""
+    """Every network of ``order`` on every image; their temperature-scaled probabilities averaged."""
 
     name = "ensemble"
 
     def route(self, outputs):
-        return self.routing(self.only(outputs, *range(outputs.num_students)), self.probs(outputs).mean(1))
+        return self.routing(self.only(outputs, *self.order), self.probs(outputs)[:, list(self.order)].mean(1))
 
 
 class RandomRouter(Router):
-    """One student per image, drawn at random in fixed ``shares`` (a permutation, so the shares are exact).
+    """One student per image, drawn at random in fixed ``shares`` (a permutation, so the shares are exact),
+    charged ``router_flops`` on every image (the selector's, to stand beside selector routing).
 
     The fair comparison for a router that sends one student per image: the same shares cost the
-    same GFLOPs, so any accuracy it has beyond this is what its choices are worth.
+    same GFLOPs, so any accuracy it has beyond this is what its choices are worth. One draw
+    (``seed``) is noisy; ``draws`` gives many.
     """
 
     name = "random"
 
-    def __init__(self, flops, shares, seed=0):
-        super().__init__(flops)
+    def __init__(self, flops, shares, seed=0, router_flops=0.0):
+        super().__init__(flops, router_flops)
         if len(shares) != len(self.flops) or abs(sum(shares) - 1) > 1e-6 or min(shares) < 0:
             raise ValueError(f"shares must be {len(self.flops)} non-negative numbers summing to 1, not {shares}")
         self.shares = tuple(float(s) for s in shares)
         self.seed = seed
 
-    def route(self, outputs):
-        n, students = len(outputs), outputs.num_students
+    @property
+    def charged_flops(self):
+        return self.router_flops
+
+    def choice(self, n, seed):
+        """``(n,)``: the student of each image in the draw ``seed``."""
         bounds = (torch.tensor(self.shares, dtype=torch.float64).cumsum(0) * n).round().long()
         counts = bounds.diff(prepend=bounds.new_zeros(1))
         choice = torch.empty(n, dtype=torch.long)
-        choice[torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))] = \
-            torch.repeat_interleave(torch.arange(students), counts)
-        probs = self.probs(outputs)[torch.arange(n), choice]
-        return self.routing(F.one_hot(choice, students).bool(), probs)
+        choice[torch.randperm(n, generator=torch.Generator().manual_seed(seed))] = \
+            torch.repeat_interleave(torch.arange(len(self.shares)), counts)
+        return choice
+
+    def route(self, outputs):
+        n = len(outputs)
+        choice = self.choice(n, self.seed).to(outputs.device)
+        probs = self.probs(outputs)[torch.arange(n, device=outputs.device), choice]
+        return self.routing(F.one_hot(choice, outputs.num_networks).bool(), probs)
+
+    def draws(self, outputs, labels, count=RANDOM_DRAWS):
+        """``(count, N)`` bool: whether each of ``count`` draws (seeds 0 to count - 1) is right on each image."""
+        right = (self.probs(outputs).argmax(-1) == labels[:, None]).cpu()
+        rows = torch.arange(len(outputs))
+        return torch.stack([right[rows, self.choice(len(outputs), seed)] for seed in range(count)])
 
 
 def oracle_routing(outputs, labels, flops):
@@ -267,130 +367,184 @@ def oracle_routing(outputs, labels, flops):
 
 
 class ThresholdRouter(Router):
-    """Two options per image: ``keep`` everywhere except where ``score > threshold_``, which ``switch``.
+    """Each image climbs a ladder of options, cheapest first, while its score exceeds ``threshold_``.
 
-    Subclasses say what each option runs and predicts (``options``) and what the score is
-    (``score``, learned in ``fit_score`` if needed). ``fit`` takes the threshold with the best
-    hold-out accuracy among those whose hold-out cost is within ``budget`` times the cheapest
-    student's GFLOPs (ties: the cheaper); with no budget, the best hold-out accuracy.
+    Subclasses say what the options are (``options``: per image and rung, the networks run and the
+    system's probabilities) and where each image climbs (``climbs``: per image and rung, the score
+    compared with the threshold, non-increasing up the ladder; learned in ``fit_score`` if needed).
+    ``fit`` takes the threshold with the best hold-out accuracy among those whose hold-out cost is
+    within ``budget`` times the cheapest network's GFLOPs (ties: the cheaper); with no budget, the
+    best hold-out accuracy. Every threshold is one of the hold-out climbs, in their dtype, so
+    ``route`` on the hold-out outputs gives exactly the point of ``curve`` it was chosen from.
     """
 
     def fit(self, outputs, labels, budget=None):
         super().fit(outputs, labels)
         self.fit_score(outputs, labels)
         curve = self.curve(outputs, labels)
-        max_gflops = None if budget is None else budget * min(self.flops)
+        cheapest = min(self.flops[k] for k in self.order)
+        max_gflops = None if budget is None else budget * cheapest
         best = curve.best(max_gflops)
         if best is None:
-            raise ValueError(f"no {self.name} threshold costs at most {max_gflops:.3f} GFLOPs per image "
-                             f"(budget {budget}); the cheapest costs {curve.gflops.min().item():.3f}")
+            least = curve.gflops.min().item()
+            raise BudgetError(f"no {self.name} threshold costs at most {max_gflops:.3f} GFLOPs per image on the "
+                              f"hold-out split (a budget of {budget:g}x the cheapest network's {cheapest:.3f}); the "
+                              f"cheapest costs {least:.3f}", least)
         self.threshold_ = curve.thresholds[best].item()
         return self
 
     def fit_score(self, outputs, labels):
-        """Learn what ``score`` needs from hold-out outputs (nothing, unless a subclass says otherwise)."""
-
-    def score(self, outputs):
-        raise NotImplementedError
+        """Learn what ``climbs`` needs from hold-out outputs (nothing, unless a subclass says otherwise)."""
 
     def options(self, outputs):
-        """``(keep, switch)``: the two ``Routing`` each image chooses between."""
+        """``(ran (N, L + 1, S) bool, probs (N, L + 1, C))``: what each rung of each image's ladder runs and
+        predicts."""
         raise NotImplementedError
+
+    def climbs(self, outputs):
+        """``(N, L)``: the score each image must exceed the threshold by to climb each rung."""
+        raise NotImplementedError
+
+    def rung(self, outputs):
+        """``(N,)``: the option each image takes at ``threshold_``."""
+        return (self.climbs(outputs) > self.threshold_).sum(1)
 
     def route(self, outputs):
         self.check(outputs)
-        switched = (self.score(outputs) > self.threshold_)[:, None]
-        keep, switch = self.options(outputs)
-        return self.routing(torch.where(switched, switch.ran, keep.ran),
-                            torch.where(switched, switch.probs, keep.probs))
+        ran, probs = self.options(outputs)
+        taken = torch.arange(len(outputs), device=outputs.device), self.rung(outputs)
+        return self.routing(ran[taken], probs[taken])
 
     def curve(self, outputs, labels):
         """Accuracy and GFLOPs per image on these outputs at every distinct threshold."""
         self.check(outputs)
-        keep, switch = self.options(outputs)
-        return threshold_curve(self.score(outputs), keep.correct(labels), switch.correct(labels),
-                               keep.gflops, switch.gflops)
+        ran, probs = self.options(outputs)
+        correct = probs.argmax(-1) == labels.to(outputs.device)[:, None]
+        gflops = self.charged_flops + ran.double() @ torch.tensor(self.flops, dtype=torch.float64,
+                                                                   device=outputs.device)
+        return ladder_curve(self.climbs(outputs), correct, gflops)
 
 
 class EscalationRouter(ThresholdRouter):
-    """Run the first student; where the score says so, also run the second and average their probabilities."""
+    """The networks of ``order`` in turn: an image goes on to the next while its score, from the answer so
+    far (the temperature-scaled probabilities of the networks that ran, averaged), exceeds the threshold
+    at every step. Rung k runs the first k + 1 networks and predicts their average."""
 
     def options(self, outputs):
-        first, second = self.order
-        probs = self.probs(outputs)
-        return (self.routing(self.only(outputs, first), probs[:, first]),
-                self.routing(self.only(outputs, first, second), (probs[:, first] + probs[:, second]) / 2))
+        chain = list(self.order)
+        probs = self.probs(outputs)[:, chain]
+        answers = probs.cumsum(1) / torch.arange(1, len(chain) + 1, device=outputs.device)[:, None]
+        ran = torch.zeros(len(outputs), len(chain), outputs.num_networks, dtype=torch.bool, device=outputs.device)
+        for rung in range(len(chain)):
+            ran[:, rung, chain[:rung + 1]] = True
+        return ran, answers
+
+    def climbs(self, outputs):
+        _, answers = self.options(outputs)
+        return self.step_scores(answers[:, :-1], outputs).cummin(1).values
+
+    def step_scores(self, answers, outputs):
+        """``(N, L)``: per image, the score of going on from each answer so far ``(N, L, C)``."""
+        raise NotImplementedError
+
+    def needs(self, outputs, known):
+        """The next network of the chain, on the images that have run the ones before it and climb."""
+        chain = torch.tensor(self.order, device=outputs.device)
+        done = known[:, chain].long().cumprod(1).sum(1)  # the chain's networks run so far, in turn
+        goes_on = torch.cat([torch.ones(len(outputs), 1, dtype=torch.bool, device=outputs.device),
+                             self.climbs(outputs) > self.threshold_], 1)
+        go = (done < len(chain)) & goes_on.gather(1, done.clamp(max=len(chain) - 1)[:, None]).squeeze(1)
+        wanted = torch.zeros_like(known)
+        wanted[go.nonzero().flatten(), chain[done[go]]] = True
+        return wanted
 
 
 class CascadeRouter(EscalationRouter):
-    """A confidence cascade: the second student also runs where the first one's temperature-scaled
-    uncertainty (``measure``: maxprob, margin or entropy, see ``uncertainty``) exceeds ``threshold_``."""
+    """A confidence cascade: the next network also runs where the answer so far is unsure, its uncertainty
+    (``measure``: maxprob, margin or entropy, see ``uncertainty``) above ``threshold_``."""
 
     name = "cascade"
 
-    def __init__(self, flops, router_flops=0.0, order=(0, 1), measure="maxprob"):
+    def __init__(self, flops, router_flops=0.0, order=None, measure="maxprob"):
         super().__init__(flops, router_flops, order)
         if measure not in UNCERTAINTY_MEASURES:
             raise ValueError(f"unknown uncertainty measure {measure!r}; choose from {', '.join(UNCERTAINTY_MEASURES)}")
         self.measure = measure
 
-    def score(self, outputs):
-        return uncertainty(self.probs(outputs)[:, self.order[0]], self.measure)
+    def step_scores(self, answers, outputs):
+        return uncertainty(answers, self.measure)
 
 
 class DeferralRouter(EscalationRouter):
-    """Learned deferral: a cascade whose score is a logistic regression's logit of "deferring helps".
+    """Learned deferral: a cascade whose score is the predicted gain of running the next network.
 
-    Features, from the first student's temperature-scaled probabilities: its ``top_k`` sorted
-    probabilities and its normalised entropy (the margin is already a linear function of these),
-    plus the selector's scores with ``use_selector``. The target is "the averaged pair is right where
-    the first student alone is wrong": deferring changes the outcome only on images where one of
-    the two is right, and the reverse case (the pair spoils a right answer) is rare enough that the
-    probability of helping ranks images almost as the expected gain does.
+    At each step a multinomial logistic regression predicts from the answer so far (its ``top_k``
+    sorted probabilities and its normalised entropy; the margin is a linear function of these), plus
+    the selector's scores with ``use_selector``, whether averaging in the next network helps (a wrong
+    answer made right), hurts (a right answer made wrong) or changes nothing. The score is P(helps) -
+    P(hurts), the expected gain in accuracy: an image where deferring helps as often as it hurts is
+    not worth the compute, however unsure the first answer is.
     """
 
     name = "deferral"
 
-    def __init__(self, flops, router_flops=0.0, order=(0, 1), top_k=3, use_selector=False, l2=1e-3):
+    def __init__(self, flops, router_flops=0.0, order=None, top_k=3, use_selector=False, l2=1e-3):
         super().__init__(flops, router_flops, order)
         self.top_k, self.uses_selector, self.l2 = top_k, use_selector, l2
 
-    def features(self, outputs):
-        probs = self.probs(outputs)[:, self.order[0]]
-        columns = [probs.topk(self.top_k, dim=1).values, uncertainty(probs, "entropy")[:, None]]
+    def features(self, answer, outputs):
+        columns = [answer.topk(self.top_k, dim=1).values, uncertainty(answer, "entropy")[:, None]]
         if self.uses_selector:
             columns.append(outputs.selector_scores)
         return torch.cat(columns, 1).double()
 
     def fit_score(self, outputs, labels):
-        keep, switch = self.options(outputs)
-        x = self.features(outputs)
-        self.mean_, self.std_ = x.mean(0), x.std(0).clamp_min(1e-6)
-        helps = switch.correct(labels) & ~keep.correct(labels)
-        self.weight_, self.bias_ = fit_logistic((x - self.mean_) / self.std_, helps, self.l2)
+        _, answers = self.options(outputs)
+        correct = (answers.argmax(-1) == labels.to(outputs.device)[:, None]).long()
+        self.steps_ = []
+        for step in range(answers.shape[1] - 1):
+            x = self.features(answers[:, step], outputs)
+            mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+            gain = correct[:, step + 1] - correct[:, step]  # -1 hurts, 0 changes nothing, 1 helps
+            self.steps_.append((mean, std, *fit_softmax_regression((x - mean) / std, gain + 1, 3, self.l2)))
 
-    def score(self, outputs):
-        return (self.features(outputs) - self.mean_) / self.std_ @ self.weight_ + self.bias_
+    def step_scores(self, answers, outputs):
+        scores = []
+        for step, step_fit in enumerate(self.steps_):
+            mean, std, weight, bias = (t.to(outputs.device) for t in step_fit)
+            p = (((self.features(answers[:, step], outputs) - mean) / std) @ weight + bias).softmax(1)
+            scores.append(p[:, 2] - p[:, 0])
+        return torch.stack(scores, 1)
 
 
 class SelectorRouter(ThresholdRouter):
-    """One student per image, by the selector's predicted gain P(second right) - P(first right).
+    """One student per image, by the selector's probabilities that each student is right.
 
-    The selector runs on every image (``router_flops``), then the first student, or the second
-    where the gain exceeds ``threshold_``.
+    The selector runs on every image (``router_flops``), then the student of ``order`` that maximises
+    P(right) - threshold * GFLOPs (``cost_envelope``): from +inf (the cheapest student everywhere) to
+    -inf, an image climbs to a dearer student where the predicted gain per extra GFLOP exceeds the
+    threshold. For two students: the second where P(second right) - P(first right) exceeds the
+    threshold times their difference in GFLOPs.
     """
 
     name = "selector"
     uses_selector = True
 
-    def options(self, outputs):
-        probs = self.probs(outputs)
-        return tuple(self.routing(self.only(outputs, k), probs[:, k]) for k in self.order)
+    def ladder(self, outputs):
+        """``(students (N, L + 1), climbs (N, L))``: each image's students, cheapest first, and its climbs."""
+        order = torch.tensor(self.order, device=outputs.device)
+        right = outputs.selector_scores[:, order].sigmoid()
+        cost = torch.tensor([self.flops[k] for k in self.order], dtype=right.dtype, device=outputs.device)
+        rungs, climbs = cost_envelope(right, cost)
+        return order[rungs], climbs
 
-    def score(self, outputs):
-        first, second = self.order
-        right = outputs.selector_scores.sigmoid()
-        return right[:, second] - right[:, first]
+    def options(self, outputs):
+        students, _ = self.ladder(outputs)
+        probs = self.probs(outputs)[torch.arange(len(outputs), device=outputs.device)[:, None], students]
+        return F.one_hot(students, outputs.num_networks).bool(), probs
+
+    def climbs(self, outputs):
+        return self.ladder(outputs)[1]
 
 
 ROUTERS = {router.name: router for router in (CascadeRouter, DeferralRouter, SelectorRouter)}
