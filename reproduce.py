@@ -63,9 +63,11 @@ PRESETS = {
 }
 # Of the time left when it starts, the share of each stage still to run (inference is not time-boxed: its share
 # is what is kept for it). With --with-nokd the students' loop trains twice as many networks.
-SHARES = {"teacher": 0.40, "students": 0.42, "selector": 0.04, "selector, shuffled-label control": 0.04,
+# The selector stages train --folds + 1 selectors each (utils/routing.py, cross-fitting).
+SHARES = {"teacher": 0.38, "students": 0.40, "selector": 0.07, "selector, shuffled-label control": 0.05,
           "inference": 0.10}
-SHARES_WITH_NOKD = {**SHARES, "teacher": 0.30, "students": 0.56}
+SHARES_WITH_NOKD = {**SHARES, "teacher": 0.28, "students": 0.52, "selector": 0.06,
+                    "selector, shuffled-label control": 0.04}
 
 
 @dataclass

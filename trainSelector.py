@@ -304,7 +304,9 @@ def box_share(stage_box, fits_left, args, done):
     if stage_box.left() <= 0:
         raise UserError(f"--minutes {args.minutes:g} ran out after {done} of this stage's {args.folds + 1} "
                         "selectors; give more --minutes, or fewer --folds")
-    return TimeBox(time.time(), stage_box.left() / fits_left)
+    return TimeBox(time.time(), stage_box.left() / fits_left,
+                   share=(f"the share of --minutes {args.minutes:g} left for each of the last {fits_left} of "
+                          f"{args.folds + 1} selectors", "give more --minutes, or fewer --folds"))
 
 
 def main(argv=None):

@@ -79,10 +79,15 @@ class Member:
 
 @dataclass(frozen=True)
 class TimeBox:
-    """When a stage began (``time.time()``) and how many seconds it may take in all (None: no limit)."""
+    """When a stage began (``time.time()``) and how many seconds it may take in all (None: no limit).
+
+    ``share``: for a box that is a share of the user's ``--minutes`` (one of several fits), how a refusal names
+    it and what it advises instead of a larger ``--minutes``.
+    """
 
     started: float
     seconds: float | None = None
+    share: tuple | None = None  # (what the box is, the advice), e.g. ("1/6 of --minutes 0.5", "give more ...")
 
     @classmethod
     def of(cls, args, started=None):
@@ -549,9 +554,10 @@ def plan_epochs(trainees, train_loader, holdout_loader, test_loader, args, runti
     if epochs == 0:
         needed = time_box.elapsed() + epoch_seconds + eval_seconds + test_seconds + 3 * save_seconds
         needed /= 1 - SAFETY_SHARE
-        raise UserError(f"--minutes {time_box.seconds / 60:g} is too short: one epoch takes about "
-                        f"{epoch_seconds:.0f} s here, and this stage needs at least {needed / 60:.2f} minutes "
-                        f"for one; give --minutes {math.ceil(needed / 60 * 100) / 100:g} or more")
+        what, advice = time_box.share or (f"--minutes {time_box.seconds / 60:g}",
+                                          f"give --minutes {math.ceil(needed / 60 * 100) / 100:g} or more")
+        raise UserError(f"{what} is too short: one epoch takes about {epoch_seconds:.0f} s here, and this stage "
+                        f"needs at least {needed / 60:.2f} minutes for one; {advice}")
     for t in trainees:
         t.set_epochs(epochs)
     images = train_loader.batch_size * runtime.world_size
