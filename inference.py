@@ -139,9 +139,9 @@ def load_networks(args, runtime, data):
     student_hint = "python StudentTrain.py --no-kd" + (f" --name {args.name}" if args.name else "")
     twins = [Network(twin, "student", student_hint, runtime, role=f"Student {k}")
              for k, twin in enumerate(map(nokd_twin, args.students), 1) if twin]
-    selector = load_selector(args.selector, students, runtime)
+    selector = load_selector(args.selector, students, runtime, name=args.name)
     control_path = Path(args.selector).with_name(Path(args.selector).stem + "_shuffled.pt")
-    control = load_selector(control_path, students, runtime, role="Selector on shuffled labels") \
+    control = load_selector(control_path, students, runtime, role="Selector on shuffled labels", name=args.name) \
         if control_path.exists() else None
     networks = Networks(teacher, students, twins, selector, control)
     for net in networks:

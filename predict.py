@@ -93,7 +93,7 @@ def main(argv=None):
     images = [read_image(path) for path in args.images]  # a bad file is found before the networks load
     runtime = setup_runtime(args)
     students = load_students(args.students, runtime, args.name)
-    selector = load_selector(args.selector, students, runtime)
+    selector = load_selector(args.selector, students, runtime, name=args.name)
     data = functools.cache(lambda: load_cifar10(args.data_dir, args.download, verbose=False,
                                                 allow_partial=args.partial_data))
     for net in [*students, selector]:

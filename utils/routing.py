@@ -74,10 +74,11 @@ def check_out_of_fold(checkpoint, path):
                         "--force`")
 
 
-def load_selector(path, students, runtime, role="Selector"):
+def load_selector(path, students, runtime, role="Selector", name=""):
     """The selector as a ``Network`` whose hold-out logits are its out-of-fold scores; refused if it was trained
-    for other students or without them."""
-    selector = Network(path, "selector", "python trainSelector.py", runtime, role=role)
+    for other students or without them. ``name``: the experiment, for the command a refusal names."""
+    hint = "python trainSelector.py" + (f" --name {name}" if name else "")
+    selector = Network(path, "selector", hint, runtime, role=role)
     check_selector_students(selector.checkpoint, path, students)
     check_out_of_fold(selector.checkpoint, path)
     return selector
