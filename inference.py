@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from utils.bundle import LOGITS, read_bundle, write_logits
 from utils.cli import (
+    NON_NEGATIVE_INT,
     POSITIVE_INT,
     add_data_args,
     add_device_args,
@@ -65,7 +66,6 @@ from utils.runtime import batched_logits, device_name, setup_runtime, stoppable
 from utils.stats import expected_calibration_error, mcnemar, paired_bootstrap
 
 BUDGETS = (1.0, 1.25, 1.5)  # the budget table's columns: multiples of the cheapest student's GFLOPs per image
-TIMED_PASSES = 3  # over the test split, for each system's images/s
 TO_TEACHER = "cascade to the teacher"  # the students' cascade with the teacher as its last resort
 TO_TEACHER_ROW = "Cascade to the teacher (the students cheapest first, then the teacher)"
 SELECTOR = "Selector routing (threshold with the best hold-out accuracy)"
@@ -85,6 +85,10 @@ def build_parser():
                                                     "logits.npz (default: results/[NAME/], or with --bundle "
                                                     "results/<the bundle folder's name>)")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=1024, help="images per forward pass")
+    parser.add_argument("--timed-passes", type=NON_NEGATIVE_INT, default=3,
+                        help="timed passes over the test split for each system's images/s, after an untimed one "
+                             "(the median and range are reported); 0 measures no speed (GFLOPs only), which "
+                             "saves minutes on a CPU")
     add_data_args(parser)
     add_device_args(parser, compile=False, seed=False)
     return parser
@@ -379,24 +383,29 @@ def per_class(correct, labels):
 
 def measure_speed(args, runtime, networks, routed_systems, images):
     """Parameters, GFLOPs and images/s of each network, of all students together and of each routed system, timed
-    alike on every device: the median and the range of ``TIMED_PASSES`` passes over the test split, after an
-    untimed one."""
+    alike on every device: the median and the range of ``--timed-passes`` passes over the test split, after an
+    untimed one. Each system's line is printed as it is measured."""
     teacher, students = networks.teacher, networks.students
     bs = args.batch_size
+    passes = f"{args.timed_passes} timed pass" + ("es" if args.timed_passes > 1 else "")
+    print(f"timing every system: {passes} over the {len(images)} test images each, after an untimed one "
+          "(--timed-passes)", flush=True)
 
-    def cost(params, gflops, fn):
-        speeds = sorted(len(images) / seconds for seconds in timed(fn, runtime, TIMED_PASSES)[1])
-        return {"params": params, "gflops": gflops, "images_per_s": speeds[len(speeds) // 2],
-                "images_per_s_range": [speeds[0], speeds[-1]]}
+    def cost(name, params, gflops, fn):
+        speeds = sorted(len(images) / seconds for seconds in timed(fn, runtime, args.timed_passes)[1])
+        costs[name] = {"params": params, "gflops": gflops, "images_per_s": speeds[len(speeds) // 2],
+                       "images_per_s_range": [speeds[0], speeds[-1]]}
+        print(f"  {name}: {speeds[len(speeds) // 2]:.0f} images/s [{speeds[0]:.0f}-{speeds[-1]:.0f}]", flush=True)
 
-    costs = {net.role.lower(): cost(net.stats["params"], net.gflops,
-                                    lambda net=net: batched_logits(net, images, runtime, bs))
-             for net in [teacher, *students]}
+    costs = {}
+    for net in [teacher, *students]:
+        cost(net.role.lower(), net.stats["params"], net.gflops,
+             lambda net=net: batched_logits(net, images, runtime, bs))
     everyone = "both students" if len(students) == 2 else f"all {len(students)} students"
-    costs[everyone] = cost(sum(s.stats["params"] for s in students), sum(s.gflops for s in students),
-                           lambda: [batched_logits(s, images, runtime, bs) for s in students])
+    cost(everyone, sum(s.stats["params"] for s in students), sum(s.gflops for s in students),
+         lambda: [batched_logits(s, images, runtime, bs) for s in students])
     for name, system in routed_systems.items():
-        costs[name] = cost(system.params, system.gflops, lambda system=system: batched_routed(
+        cost(name, system.params, system.gflops, lambda system=system: batched_routed(
             system.router, system.networks, system.selector, images, runtime, bs))
     return costs
 
@@ -453,7 +462,8 @@ def main(argv=None):
         networks = load_networks(args, runtime, data)
         results, routed_systems = evaluate_all(args, networks)
         images, labels = make_splits(data, split)["test"]
-        results["costs"] = measure_speed(args, runtime, networks, routed_systems, images)
+        if args.timed_passes:
+            results["costs"] = measure_speed(args, runtime, networks, routed_systems, images)
     results.update(
         describe(networks, split), test_images=len(labels), device=device_name(runtime.device),
         torch=str(torch.__version__), batch_size=args.batch_size, command=args.command,

@@ -123,14 +123,33 @@ def test_unfinished_checkpoints_are_announced_and_their_rows_marked(smoke_run, t
     teacher = load_checkpoint("checkpoints/smoke/teacher.pt", hint="")
     unfinished = tmp_path / "teacher.pt"
     save_checkpoint(unfinished, {**teacher, "complete": False, "epochs": 3})
-    monkeypatch.setattr(inference, "measure_speed", lambda *args: {})
     inference.main(["--name", "smoke", "--device", "cpu", "--data-dir", str(data), "--teacher", str(unfinished),
-                    "--out", str(tmp_path / "results")])
-    assert f"warning: {unfinished} comes from an unfinished run (1/3 epochs)" in capsys.readouterr().out
+                    "--out", str(tmp_path / "results"), "--timed-passes", "0"])
+    out = capsys.readouterr().out
+    assert f"warning: {unfinished} comes from an unfinished run (1/3 epochs)" in out
+    assert "timing every system" not in out
     table = (tmp_path / "results" / "results.md").read_text()
+    assert "Not measured in this run (`inference.py --timed-passes 0`)" in table
     assert "| Teacher resnet50 [unfinished: 1/3 epochs] | 81% |" in table
     assert f"**Unfinished checkpoints** (marked in the rows): `{unfinished}`" in table
     assert "A quick run on a subset" in table and "Not comparable with the original" in table
+
+
+def test_each_system_is_timed_as_often_as_asked_and_said_as_it_is(smoke_run, tmp_path, monkeypatch, capsys):
+    root, data = smoke_run
+    monkeypatch.chdir(root)
+    calls, timed = [], inference.timed
+    monkeypatch.setattr(inference, "timed", lambda fn, runtime, n: calls.append(n) or timed(fn, runtime, n))
+    inference.main(["--name", "smoke", "--device", "cpu", "--data-dir", str(data), "--out", str(tmp_path / "r"),
+                    "--timed-passes", "1"])
+    out = capsys.readouterr().out
+    costs = json.loads((tmp_path / "r" / "results.json").read_text())["costs"]
+    assert calls == [1] * len(costs) and len(costs) == 7  # teacher, 2 students, both, 3 routed systems
+    assert "timing every system: 1 timed pass over the 20 test images each" in out
+    for name, cost in costs.items():
+        low, high = cost["images_per_s_range"]
+        assert low == cost["images_per_s"] == high  # one pass: its own median and range
+        assert f"  {name}: {cost['images_per_s']:.0f} images/s" in out
 
 
 def test_second_run_skips_complete_stages(smoke_run, capsys, monkeypatch):

@@ -541,6 +541,18 @@ def test_a_kd_student_trains_with_every_augmentation_and_logs_its_loss_terms(tea
     assert saved["loss"] == "KD loss (kl, T=4, alpha=0.9)" and saved["config"]["schedule"] == "linear"
 
 
+def test_a_copy_of_the_tree_without_git_records_the_commit_it_is_told(tmp_path, monkeypatch):
+    import utils.runs
+
+    if (REPO / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?", utils.runs.git_commit())  # this checkout's own
+    monkeypatch.setattr(utils.runs, "REPO", tmp_path)  # a copy of the files, no .git
+    monkeypatch.delenv("MSKD_GIT_COMMIT", raising=False)
+    assert utils.runs.git_commit() is None
+    monkeypatch.setenv("MSKD_GIT_COMMIT", "0123456789ab")
+    assert utils.runs.git_commit() == "0123456789ab"
+
+
 def test_a_network_is_evaluated_with_the_views_it_was_trained_to_use(tree, tmp_path):
     from models import model_stats
     from utils.networks import Network

@@ -105,7 +105,8 @@ def _more_than_teacher(cost, teacher):
 def cost_lines(r):
     """The cost table, each system against the teacher, and the verdict against the teacher."""
     if "teacher" not in r.get("costs", {}):
-        return ["Not measured in this run."]
+        return ["Not measured in this run (`inference.py --timed-passes 0`): GFLOPs per image are in the tables "
+                "above."]
     teacher = r["costs"]["teacher"]
     cpu = r["device"].startswith("CPU")
     dearer = [f"{name} ({_more_than_teacher(c, teacher).strip('*')})" for name, c in r["costs"].items()

@@ -219,17 +219,19 @@ def check_existing_run(files, args):
 
 
 def git_commit():
-    """The repository's commit, with ``-dirty`` if tracked files changed; None outside a git checkout."""
+    """The repository's commit, with ``-dirty`` if tracked files changed. Outside a git checkout (a copy of the
+    tree, as a cluster job may run it) the commit that ``MSKD_GIT_COMMIT`` names, else None."""
+    outside = os.environ.get("MSKD_GIT_COMMIT") or None
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, timeout=10)
         if commit.returncode != 0:
-            return None
+            return outside
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return commit.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return outside
 
 
 def provenance(device):
