@@ -297,16 +297,20 @@ def report(scores, logits, labels, fold):
     }
 
 
-def box_share(stage_box, fits_left, args, done):
-    """The time box of the next selector: an equal share of what is left of the stage's (none without --minutes)."""
+def box_share(stage_box, fits_left, args, done, overrun):
+    """The time box of the next selector: an equal share of what is left of the stage's (none without --minutes),
+    less ``overrun``, the most by which a selector before it outlasted its box (saving, plotting and scoring come
+    after its last epoch). Only the first is refused when too short for one epoch: a later one trains one anyway,
+    as a refusal would waste the selectors already made."""
     if stage_box.seconds is None:
         return TimeBox(time.time())
-    if stage_box.left() <= 0:
-        raise UserError(f"--minutes {args.minutes:g} ran out after {done} of this stage's {args.folds + 1} "
+    if stage_box.left() <= 0 and not done:
+        raise UserError(f"--minutes {args.minutes:g} ran out before the first of this stage's {args.folds + 1} "
                         "selectors; give more --minutes, or fewer --folds")
-    return TimeBox(time.time(), stage_box.left() / fits_left,
+    return TimeBox(time.time(), max(stage_box.left() / fits_left - overrun, 0.0),
                    share=(f"the share of --minutes {args.minutes:g} left for each of the last {fits_left} of "
-                          f"{args.folds + 1} selectors", "give more --minutes, or fewer --folds"))
+                          f"{args.folds + 1} selectors", "give more --minutes, or fewer --folds"),
+                   at_least_one=done > 0)
 
 
 def main(argv=None):
@@ -343,23 +347,28 @@ def main(argv=None):
     stage_box = TimeBox.of(args, started)
     fits_left = sum(r.state != "complete" for r in runs)
     folds_made = []
+    overrun = 0.0
 
     def score_fold(k, held_out):
-        nonlocal fits_left
+        nonlocal fits_left, overrun
         fold_run = runs[k]
         if fold_run.state == "complete":
             print(f"== fold {k + 1}/{args.folds}: {fold_run.files.best} complete, reused")
             final = load_checkpoint(fold_run.files.best, hint="python trainSelector.py --force")
-        else:
-            print(f"== fold {k + 1}/{args.folds} -> {fold_run.files.best}: trains on {int((~held_out).sum())} "
-                  f"hold-out images, scores the {int(held_out.sum())} of its fold"
-                  + (" (resuming)" if fold_run.state == "partial" else ""))
-            box = box_share(stage_box, fits_left, args, len(folds_made))
-            final = fit_selector(fold_run, ~held_out, labelled, args, runtime, box,
-                                 {**meta, "fold": {"index": k + 1, "of": args.folds}})
-            fits_left -= 1
+            folds_made.append(final)
+            return scores_of(final, images[held_out], runtime)
+        print(f"== fold {k + 1}/{args.folds} -> {fold_run.files.best}: trains on {int((~held_out).sum())} "
+              f"hold-out images, scores the {int(held_out.sum())} of its fold"
+              + (" (resuming)" if fold_run.state == "partial" else ""))
+        box = box_share(stage_box, fits_left, args, len(folds_made), overrun)
+        final = fit_selector(fold_run, ~held_out, labelled, args, runtime, box,
+                             {**meta, "fold": {"index": k + 1, "of": args.folds}})
+        fits_left -= 1
         folds_made.append(final)
-        return scores_of(final, images[held_out], runtime)
+        scores = scores_of(final, images[held_out], runtime)
+        if box.seconds is not None:
+            overrun = max(overrun, box.elapsed() - box.seconds)
+        return scores
 
     scores = out_of_fold(fold, score_fold)
     r = report(scores, labelled.logits, labels, fold)
@@ -369,7 +378,7 @@ def main(argv=None):
     shipped = {**meta, "cross_fit": cross_fit, "report": r,
                "holdout_logits": scores if split.holdout else torch.zeros(0, len(students))}
     fit_selector(runs[-1], torch.ones(len(images), dtype=torch.bool), labelled, args, runtime,
-                 box_share(stage_box, fits_left, args, args.folds), shipped)
+                 box_share(stage_box, fits_left, args, args.folds, overrun), shipped)
     accs = r["routed_acc_per_fold"]
     print(f"out of fold — each of the {r['examples']} hold-out images scored by a selector that never trained on "
           f"it — the student the selector picks is right on {r['routed_acc']:.4f} (over the {args.folds} folds: "

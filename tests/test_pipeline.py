@@ -537,6 +537,44 @@ def test_minutes_are_shared_by_the_fold_selectors_and_the_shipped_one(selector_s
     assert timing["minutes"] == pytest.approx(boxes[2].seconds / 60)
 
 
+def test_a_selector_after_the_first_trains_one_epoch_where_its_share_is_too_short(selector_setup, monkeypatch,
+                                                                                  capsys):
+    import trainSelector
+    import utils.engine
+    from utils.checkpoint import load_checkpoint
+
+    argv, fits = selector_setup
+    epochs = iter([1, 0, 0])  # the first fold's share fits an epoch, the others' (overrun by it) none
+    monkeypatch.setattr(utils.engine, "choose_epochs", lambda *args, **kwargs: next(epochs))
+    trainSelector.main([*argv, "--minutes", "3"])
+    assert [f["box"].at_least_one for f in fits] == [False, True, True]
+    out = capsys.readouterr().out
+    assert out.count("is too short for one epoch; training one, about ") == 2
+    assert all(load_checkpoint(f["path"], hint="")["epochs"] == 1 for f in fits)
+    monkeypatch.setattr(utils.engine, "choose_epochs", lambda *args, **kwargs: 0)  # a first fold is refused
+    with pytest.raises(UserError, match="the share of --minutes 3 left for each of the last 3 of 3 selectors is too "
+                                        "short: one epoch takes about .* give more --minutes, or fewer --folds"):
+        trainSelector.main([*argv, "--minutes", "3", "--force"])
+
+
+def test_each_selector_s_share_is_what_is_left_less_the_most_a_selector_ran_over():
+    import argparse
+
+    from trainSelector import box_share
+    from utils.engine import TimeBox
+
+    args = argparse.Namespace(minutes=1.0, folds=2)
+    stage = TimeBox(time.time() - 30, 60)  # 30 s of the stage's 60 are left
+    first = box_share(stage, 3, args, 0, 0.0)
+    assert first.seconds == pytest.approx(10, abs=0.5) and not first.at_least_one
+    later = box_share(stage, 2, args, 1, 4.0)
+    assert later.seconds == pytest.approx(15 - 4, abs=0.5) and later.at_least_one
+    spent = TimeBox(time.time() - 70, 60)
+    assert box_share(spent, 1, args, 2, 4.0).seconds == 0  # trains one epoch, said as it does
+    with pytest.raises(UserError, match="--minutes 1 ran out before the first of this stage's 3 selectors"):
+        box_share(spent, 3, args, 0, 0.0)
+
+
 def test_a_rerun_reuses_complete_fold_runs_resumes_an_interrupted_one_and_force_starts_afresh(selector_setup,
                                                                                               capsys):
     import trainSelector

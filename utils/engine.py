@@ -82,12 +82,15 @@ class TimeBox:
     """When a stage began (``time.time()``) and how many seconds it may take in all (None: no limit).
 
     ``share``: for a box that is a share of the user's ``--minutes`` (one of several fits), how a refusal names
-    it and what it advises instead of a larger ``--minutes``.
+    it and what it advises instead of a larger ``--minutes``. ``at_least_one``: a box too short for one epoch
+    trains one anyway, and says by how much it will run over, instead of refusing: for a fit that follows
+    others in the same stage, whose work a refusal would waste.
     """
 
     started: float
     seconds: float | None = None
     share: tuple | None = None  # (what the box is, the advice), e.g. ("1/6 of --minutes 0.5", "give more ...")
+    at_least_one: bool = False
 
     @classmethod
     def of(cls, args, started=None):
@@ -556,8 +559,13 @@ def plan_epochs(trainees, train_loader, holdout_loader, test_loader, args, runti
         needed /= 1 - SAFETY_SHARE
         what, advice = time_box.share or (f"--minutes {time_box.seconds / 60:g}",
                                           f"give --minutes {math.ceil(needed / 60 * 100) / 100:g} or more")
-        raise UserError(f"{what} is too short: one epoch takes about {epoch_seconds:.0f} s here, and this stage "
-                        f"needs at least {needed / 60:.2f} minutes for one; {advice}")
+        if not time_box.at_least_one:
+            raise UserError(f"{what} is too short: one epoch takes about {epoch_seconds:.3g} s here, and this "
+                            f"stage needs at least {needed / 60:.2f} minutes for one; {advice}")
+        epochs = 1
+        if runtime.is_main:
+            print(f"note: {what} is too short for one epoch; training one, about "
+                  f"{needed - time_box.seconds:.3g} s over it")
     for t in trainees:
         t.set_epochs(epochs)
     images = train_loader.batch_size * runtime.world_size
