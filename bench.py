@@ -330,6 +330,7 @@ def main(argv=None):
     print(f"students' loop (one {TEACHER} forward pass, then a KD step of each of {', '.join(STUDENT_ARCHS)}): "
           f"{together['images_per_s']:.1f} img/s, peak {_mib(together['peak_mib'])} MiB", flush=True)
 
+    torch.backends.cudnn.benchmark = False  # as inference.py times them: routed batches vary in shape
     speeds = inference(test_images, args, runtime)
     labels = {"teacher": f"teacher {TEACHER}", **{a: f"student {a}" for a in STUDENT_ARCHS},
               "both_students": "both students",

@@ -454,7 +454,7 @@ def main(argv=None):
     check_output_folder(args.out, "--out")
     if args.bundle:
         return analyse_bundle(args)
-    runtime = setup_runtime(args)
+    runtime = setup_runtime(args, varying_shapes=True)
     print_config(args, "inference.py")
     split = students_split(args.students)
     data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)

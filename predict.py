@@ -91,7 +91,7 @@ def read_image(path):
 def main(argv=None):
     args = parse_args(argv)
     images = [read_image(path) for path in args.images]  # a bad file is found before the networks load
-    runtime = setup_runtime(args)
+    runtime = setup_runtime(args, varying_shapes=True)
     students = load_students(args.students, runtime, args.name)
     selector = load_selector(args.selector, students, runtime, name=args.name)
     data = functools.cache(lambda: load_cifar10(args.data_dir, args.download, verbose=False,

@@ -76,3 +76,14 @@ def test_students_trained_together_on_the_gpu_and_a_time_box_that_measures_them(
         assert checkpoint["complete"] and timing["epochs"] == checkpoint["epochs"] >= 1
         assert timing["peak_memory_mib"] > 0 and timing["images_per_s"] > 0
         assert timing["planned_seconds"] <= 30
+
+
+def test_inference_takes_cudnn_heuristics_for_its_varying_shapes_and_training_searches():
+    from argparse import Namespace
+
+    from utils.runtime import setup_runtime
+
+    setup_runtime(Namespace(device="cuda"), varying_shapes=True)
+    assert not torch.backends.cudnn.benchmark
+    setup_runtime(Namespace(device="cuda"))
+    assert torch.backends.cudnn.benchmark

@@ -562,7 +562,7 @@ def plan_epochs(trainees, train_loader, holdout_loader, test_loader, args, runti
         if not time_box.at_least_one:
             raise UserError(f"{what} is too short: one epoch takes about {epoch_seconds:.3g} s here, and this "
                             f"stage needs at least {needed / 60:.2f} minutes for one; {advice}")
-        epochs = 1
+        epochs, left = 1, needed - time_box.elapsed()
         if runtime.is_main:
             print(f"note: {what} is too short for one epoch; training one, about "
                   f"{needed - time_box.seconds:.3g} s over it")

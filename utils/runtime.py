@@ -68,8 +68,11 @@ def pick_device(name, local_rank=0):
     return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device("cpu")
 
 
-def setup_runtime(args):
-    """Device from ``--device``; a process group when started by ``torchrun``; seeds."""
+def setup_runtime(args, varying_shapes=False):
+    """Device from ``--device``; a process group when started by ``torchrun``; seeds. On CUDA, cuDNN searches
+    the fastest kernels for each new input shape (``cudnn.benchmark``) where batches keep one shape; with
+    ``varying_shapes`` (routed inference, where each batch sends a new number of images to each network) it
+    takes its heuristics' choice instead, as a search per shape would cost more than it saves."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(args.device, local_rank)
@@ -78,7 +81,7 @@ def setup_runtime(args):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not varying_shapes
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(getattr(args, "seed", 0))
     return Runtime(device, rank, world_size)
