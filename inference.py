@@ -393,9 +393,10 @@ def measure_speed(args, runtime, networks, routed_systems, images):
 
     def cost(name, params, gflops, fn):
         speeds = sorted(len(images) / seconds for seconds in timed(fn, runtime, args.timed_passes)[1])
-        costs[name] = {"params": params, "gflops": gflops, "images_per_s": speeds[len(speeds) // 2],
+        median = speeds[len(speeds) // 2]
+        costs[name] = {"params": params, "gflops": gflops, "images_per_s": median,
                        "images_per_s_range": [speeds[0], speeds[-1]]}
-        print(f"  {name}: {speeds[len(speeds) // 2]:.0f} images/s [{speeds[0]:.0f}-{speeds[-1]:.0f}]", flush=True)
+        print(f"  {name}: {median:.0f} images/s [{speeds[0]:.0f}-{speeds[-1]:.0f}]", flush=True)
 
     costs = {}
     for net in [teacher, *students]:
