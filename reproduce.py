@@ -13,7 +13,7 @@ stale one (trained from another teacher, other students, other data or other fla
 --minutes M boxes the whole pipeline, data decoding and start-up included, in M minutes: each
 training stage gets a share of what is left when it starts (printed at the start; a stage that
 ends early hands its time on), measures its own speed and chooses its epochs (utils/engine.py).
---epochs-from BUNDLE trains every stage with the epochs that bundle's run chose.
+--epochs-from BUNDLE trains every stage with the epochs that bundle's run chose (each fold selector's too).
 Presets:
   smoke  CPU, a small stratified subset, one epoch per stage: the pipeline end to end in about a
          minute, for trying the repository and for CI (experiment name "smoke")
@@ -122,19 +122,23 @@ def parse_args(argv=None):
 
 
 def stage_epochs(args):
-    """``{stage title: --epochs}``: the user's, a bundle's chosen ones, or the preset's (None: the recipe's or a
-    time box's)."""
+    """``{stage title: [--epochs flags]}``: the user's, a bundle's chosen ones (each fold selector's too), or the
+    preset's (none: the recipe's or a time box's)."""
     if args.epochs_from:
         results, networks = read_bundle(args.epochs_from)
         layout = results["layout"]
-        chosen = {title: networks[layout[role][0] if role == "students" else layout[role]].checkpoint["epochs"]
-                  for title, role in (("teacher", "teacher"), ("students", "students"), ("selector", "selector"))}
-        control = layout["control"]
-        chosen["selector, shuffled-label control"] = networks[control].checkpoint["epochs"] if control is not None \
-            else chosen["selector"]
-        return chosen
+        roles = {"teacher": layout["teacher"], "students": layout["students"][0], "selector": layout["selector"],
+                 "selector, shuffled-label control": layout["control"] if layout["control"] is not None
+                 else layout["selector"]}
+        flags = {}
+        for title, k in roles.items():
+            checkpoint = networks[k].checkpoint
+            folds = checkpoint.get("cross_fit", {}).get("epochs")
+            flags[title] = ["--epochs", str(checkpoint["epochs"]),
+                            *(["--folds", str(len(folds)), "--fold-epochs", *map(str, folds)] if folds else [])]
+        return flags
     epochs = args.epochs or (None if args.minutes else PRESETS[args.preset]["epochs"])
-    return dict.fromkeys(SHARES, epochs)
+    return dict.fromkeys(SHARES, ["--epochs", str(epochs)] if epochs else [])
 
 
 def stages(args, name, seed):
@@ -145,22 +149,21 @@ def stages(args, name, seed):
     common = ["--name", name, "--device", args.device, *data]
     epochs = stage_epochs(args)
 
-    def train(title):
-        return [*common, *preset["train"], "--seed", str(seed),
-                *(["--epochs", str(epochs[title])] if epochs[title] else []),
+    def train(title, *flags):  # the epochs last: a bundle's --folds goes with its --fold-epochs
+        return [*common, *preset["train"], "--seed", str(seed), *flags, *epochs[title],
                 *(["--time-budget", str(args.time_budget)] if args.time_budget is not None else [])]
 
     folder = Path("checkpoints") / name
     kinds = [True, False] if args.with_nokd else [True]
     students = [folder / f"{student_stem(arch, kd)}.pt" for arch in STUDENTS.values() for kd in kinds]
     return [
-        Stage("teacher", teacherTrain, [folder / "teacher.pt"], [*train("teacher"), *preset["split"]]),
+        Stage("teacher", teacherTrain, [folder / "teacher.pt"], train("teacher", *preset["split"])),
         Stage("students", StudentTrain, students,
-              [*train("students"), *preset["split"], "--model", *STUDENTS, "--kd-loss", args.kd_loss,
-               *(["--with-nokd"] if args.with_nokd else [])]),
-        Stage("selector", trainSelector, [folder / "selector.pt"], [*train("selector"), *preset["selector"]]),
+              train("students", *preset["split"], "--model", *STUDENTS, "--kd-loss", args.kd_loss,
+                    *(["--with-nokd"] if args.with_nokd else []))),
+        Stage("selector", trainSelector, [folder / "selector.pt"], train("selector", *preset["selector"])),
         Stage("selector, shuffled-label control", trainSelector, [folder / "selector_shuffled.pt"],
-              [*train("selector, shuffled-label control"), *preset["selector"], "--shuffle-labels"]),
+              train("selector, shuffled-label control", *preset["selector"], "--shuffle-labels")),
     ], common
 
 

@@ -40,6 +40,7 @@ from utils.checkpoint import load_checkpoint
 from utils.cli import (
     FRACTION,
     NON_NEGATIVE_INT,
+    POSITIVE_INT,
     Number,
     UserError,
     add_data_args,
@@ -79,6 +80,10 @@ def build_parser():
                         help="folds of the hold-out split: each is scored by a selector trained on the others, so "
                              "that every hold-out image has a score from a selector that never trained on it; "
                              "every class of the hold-out split needs at least this many images")
+    parser.add_argument("--fold-epochs", type=POSITIVE_INT, nargs="+", default=None, metavar="E",
+                        help="the epochs of each fold's selector, in fold order (default: --epochs, as the shipped "
+                             "selector's): how reproduce.py --epochs-from repeats a time-boxed stage, whose "
+                             "selectors each chose their own")
     parser.add_argument("--val-fraction", type=FRACTION, default=0.2,
                         help="share of each selector's training images kept out of its training, to choose its "
                              "epoch")
@@ -99,6 +104,12 @@ def parse_args(argv=None):
     """The flags, the students' split (``args.split``, from their checkpoints) and the checks that need it."""
     parser = build_parser()
     args = parse(parser, argv)
+    if args.fold_epochs and len(args.fold_epochs) != args.folds:
+        parser.error(f"--fold-epochs gives {len(args.fold_epochs)} epochs for --folds {args.folds}: give one per "
+                     "fold")
+    if args.fold_epochs and args.minutes is not None:
+        parser.error("--minutes chooses every selector's epochs from a time box: give --minutes or --fold-epochs, "
+                     "not both")
     args.students = args.students or default_students(args.name)
     split = students_split(args.students)
     args.split = split.as_dict()
@@ -224,6 +235,7 @@ def prepare_runs(args):
     for k in range(1, args.folds + 1):
         fold = copy.copy(args)
         fold.checkpoint, fold.force = str(folder / f"fold{k}.pt"), False
+        fold.epochs = args.fold_epochs[k - 1] if args.fold_epochs else args.epochs
         files = RunFiles.of(fold.checkpoint)
         state = run_state(files)
         fold.resume = state == "partial"

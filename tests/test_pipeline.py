@@ -522,6 +522,23 @@ def test_each_fold_selector_trains_and_chooses_its_epoch_outside_its_fold(select
         assert epoch_targets.mean() == 1.0
 
 
+def test_fold_epochs_give_each_fold_selector_its_own_and_are_checked(selector_setup, monkeypatch, capsys):
+    import trainSelector
+    import utils.engine
+    from utils.checkpoint import load_checkpoint
+
+    argv, fits = selector_setup
+    monkeypatch.setattr(utils.engine, "choose_epochs", lambda *args, **kwargs: pytest.fail("no time box here"))
+    trainSelector.main([*argv, "--epochs", "1", "--fold-epochs", "2", "3"])
+    assert [load_checkpoint(f["path"], hint="")["epochs"] for f in fits] == [2, 3, 1]
+    assert load_checkpoint("checkpoints/selector.pt", hint="")["cross_fit"]["epochs"] == [2, 3]
+    for extra, message in ((["--fold-epochs", "2"], "--fold-epochs gives 1 epochs for --folds 2: give one per fold"),
+                           (["--fold-epochs", "2", "3", "--minutes", "1"], "give --minutes or --fold-epochs")):
+        with pytest.raises(SystemExit) as refused:
+            trainSelector.parse_args([*argv, "--force", *extra])
+        assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_minutes_are_shared_by_the_fold_selectors_and_the_shipped_one(selector_setup):
     import trainSelector
     from utils.checkpoint import load_checkpoint

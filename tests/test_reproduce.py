@@ -129,21 +129,30 @@ def test_a_time_box_leaves_the_epochs_to_each_stage():
 
 
 def test_epochs_from_a_bundle_give_each_stage_the_epochs_that_run_chose(tmp_path):
-    bundle = fake_bundle(tmp_path / "bundle", {"teacher": 23, "students": 11, "selector": 9, "control": 7})
-    plan, _ = reproduce.stages(reproduce.parse_args(["--epochs-from", str(bundle), "--with-nokd"]), "again", 0)
-    assert {stage.title: value(stage.argv, "--epochs") for stage in plan} == {
-        "teacher": "23", "students": "11", "selector": "9", "selector, shuffled-label control": "7"}
+    bundle = fake_bundle(tmp_path / "bundle", {"teacher": 23, "students": 11, "selector": 9, "control": 7},
+                         fold_epochs={"selector": [12, 10, 11], "control": [8, 6, 7]})
+    for preset in ("full", "smoke"):  # the bundle's 3 folds, not the smoke preset's 2
+        args = reproduce.parse_args(["--epochs-from", str(bundle), "--with-nokd", "--preset", preset])
+        plan, _ = reproduce.stages(args, "again", 0)
+        assert {stage.title: value(stage.argv, "--epochs") for stage in plan} == {
+            "teacher": "23", "students": "11", "selector": "9", "selector, shuffled-label control": "7"}
+        selectors = {stage.title: stage.module.build_parser().parse_args(stage.argv) for stage in plan[2:]}
+        assert selectors["selector"].fold_epochs == [12, 10, 11] and selectors["selector"].folds == 3
+        assert selectors["selector, shuffled-label control"].fold_epochs == [8, 6, 7]
 
 
-def fake_bundle(folder, epochs):
-    """A results bundle with one network per role, of the given epochs: what --epochs-from reads."""
+def fake_bundle(folder, epochs, fold_epochs=None):
+    """A results bundle with one network per role, of the given epochs (and, for the selectors, their folds'):
+    what --epochs-from reads."""
     import numpy as np
 
     folder.mkdir(parents=True)
     roles = ["teacher", "students", "students", "selector", "control"]
     networks = [{"role": role, "path": f"{role}.pt", "params": 1, "flops": 1,
                  "checkpoint": {"kind": role, "arch": "googlenet", "epochs": epochs[role], "epoch": 1,
-                                "split": {"holdout": 2, "split_seed": 0, "limit": 2}}} for role in roles]
+                                "split": {"holdout": 2, "split_seed": 0, "limit": 2},
+                                **({"cross_fit": {"epochs": fold_epochs[role]}} if role in (fold_epochs or {})
+                                   else {})}} for role in roles]
     layout = {"teacher": 0, "students": [1, 2], "twins": [], "selector": 3, "control": 4}
     (folder / "results.json").write_text(json.dumps({"networks": networks, "layout": layout, "test_images": 2,
                                                      "split": networks[0]["checkpoint"]["split"]}))
