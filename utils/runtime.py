@@ -72,7 +72,7 @@ def setup_runtime(args, varying_shapes=False):
     """Device from ``--device``; a process group when started by ``torchrun``; seeds. On CUDA, cuDNN searches
     the fastest kernels for each new input shape (``cudnn.benchmark``) where batches keep one shape; with
     ``varying_shapes`` (routed inference, where each batch sends a new number of images to each network) it
-    takes its heuristics' choice instead, as a search per shape would cost more than it saves."""
+    takes its heuristics' choice instead: a search for every new shape can cost more than it saves."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(args.device, local_rank)
