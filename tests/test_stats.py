@@ -49,7 +49,7 @@ def test_paired_bootstrap_resamples_pairs():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(5000, generator=g) < 0.8
     b = torch.where(torch.rand(5000, generator=g) < 0.1, ~a, a)
-    result = paired_bootstrap(a, b, n_resamples=5000, seed=1, chunk_elements=10 ** 6)
+    result = paired_bootstrap(a, b, n_resamples=5000, seed=1)
     difference = a.double() - b.double()
     standard_error = difference.std().item() / math.sqrt(len(a))
     assert result.estimate == pytest.approx(difference.mean().item())
@@ -58,6 +58,20 @@ def test_paired_bootstrap_resamples_pairs():
     same = paired_bootstrap(a, a, n_resamples=100)
     assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
 
+
+
+def test_paired_bootstrap_of_a_share_matches_resampling_the_images():
+    """Against random routing's mean over 200 draws (many distinct differences): the interval of resampled
+    images, drawn here index by index."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(4000, generator=g) < 0.85
+    share = (torch.rand(200, 4000, generator=g) < 0.8).double().mean(0)
+    result = paired_bootstrap(a, share, n_resamples=20000, seed=3)
+    difference = a.double() - share
+    means = difference[torch.randint(len(a), (20000, len(a)), generator=g)].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
+    assert result.estimate == pytest.approx(difference.mean().item())
+    assert (result.low, result.high) == pytest.approx((low, high), abs=5e-4)
 
 def two_class_probs(confidence, n):
     return torch.tensor([[confidence, 1 - confidence]]).repeat(n, 1)

@@ -22,20 +22,30 @@ class McNemar:
     method: str  # "exact" (binomial) or "chi-square" (with continuity correction)
 
 
-def paired_bootstrap(correct_a, correct_b, n_resamples=10000, seed=0, confidence=0.95, chunk_elements=2 ** 22):
+def paired_bootstrap(correct_a, correct_b, n_resamples=10000, seed=0, confidence=0.95):
     """Accuracy of a minus accuracy of b, with a percentile bootstrap interval.
 
     ``correct_a`` and ``correct_b`` say, for the same images in the same order, whether each
-    system is right. Each resample draws the images with replacement, keeping the pairs, so the
-    interval accounts for the two systems erring on related images. Resamples are drawn in
-    chunks of about ``chunk_elements`` indices.
+    system is right (``correct_b`` may also be a share, such as random routing's mean over its
+    draws). Each resample draws the images with replacement, keeping the pairs, so the interval
+    accounts for the two systems erring on related images.
+
+    A resample's mean depends only on how many images of each distinct difference it draws, and
+    those counts are multinomial: they are drawn as a chain of binomials, one per distinct value
+    (three for two systems that are right or wrong), not as ``n`` indices per resample.
     """
     difference = correct_a.double() - correct_b.double()
-    n = len(difference)
+    values, counts = difference.unique(return_counts=True)
     generator = torch.Generator().manual_seed(seed)
-    per_chunk = max(1, chunk_elements // n)
-    means = torch.cat([difference[torch.randint(n, (min(per_chunk, n_resamples - start), n), generator=generator)]
-                       .mean(1) for start in range(0, n_resamples, per_chunk)])
+    undrawn = torch.full((n_resamples,), float(len(difference)), dtype=torch.float64)
+    total = torch.zeros(n_resamples, dtype=torch.float64)
+    remaining = len(difference)
+    for value, count in zip(values[:-1].tolist(), counts[:-1].tolist()):
+        drawn = torch.binomial(undrawn, torch.full_like(undrawn, count / remaining), generator=generator)
+        total += value * drawn
+        undrawn -= drawn
+        remaining -= count
+    means = (total + values[-1].item() * undrawn) / len(difference)
     tail = (1 - confidence) / 2
     low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=means.dtype)).tolist()
     return Interval(difference.mean().item(), low, high, confidence)
