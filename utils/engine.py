@@ -438,11 +438,11 @@ def fit(members, splits, args, runtime, teacher=None, augment=True, time_box=Non
     """
     members = list(members)
     time_box = time_box or TimeBox(time.time())
-    if runtime.cuda:
-        torch.cuda.reset_peak_memory_stats(runtime.device)
     train_loader, holdout_loader, test_loader = _loaders(
         splits, args, runtime, augment and Augmentation.from_args(args, members[0].meta["num_classes"]))
     trainees = [Trainee(m, runtime, len(train_loader)) for m in members]
+    if runtime.cuda:  # after the models are on the device: before CUDA's first use it is an invalid device
+        torch.cuda.reset_peak_memory_stats(runtime.device)
     if runtime.is_main:  # best + last (weights, momentum, EMA) + the temporary copy of the largest
         for t in trainees:
             weight_bytes = sum(v.numel() * v.element_size() for v in t.model.state_dict().values())
