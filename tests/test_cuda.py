@@ -4,13 +4,16 @@ streams of students trained together, a time box that synchronises before it rea
 Skipped without CUDA; on a GPU machine run them with ``python -m pytest -m cuda -q`` (under a minute).
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import StudentTrain
 import teacherTrain
 from models import build_model
-from tests.conftest import write_tree
+from tests.conftest import REPO, write_tree
 from utils.augment import predict
 from utils.checkpoint import load_checkpoint
 from utils.data import DeviceLoader
@@ -63,6 +66,15 @@ def test_evaluation_sees_one_batch_shape_and_views_are_averaged_in_float32(runti
     with runtime.autocast:
         x = torch.randn(8, 3, 32, 32, device=runtime.device).contiguous(memory_format=torch.channels_last)
         assert predict(model, x, "flip-shift").dtype == torch.float32
+
+
+def test_a_fresh_process_trains_on_the_gpu(tree, tmp_path):
+    # CUDA is first used inside fit here, as in a real run (the tests above have already woken it in this process)
+    done = subprocess.run([sys.executable, str(REPO / "teacherTrain.py"), "--data-dir", str(tree), "--partial-data",
+                           "--holdout", "40", "--batch-size", "32", "--device", "cuda", "--arch", "resnet18",
+                           "--epochs", "1", "--name", "fresh"], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "checkpoints/fresh/teacher.pt", hint="")["complete"]
 
 
 def test_students_trained_together_on_the_gpu_and_a_time_box_that_measures_them(tree, tmp_path, monkeypatch):
