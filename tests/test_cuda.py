@@ -72,7 +72,8 @@ def test_a_fresh_process_trains_on_the_gpu(tree, tmp_path):
     # CUDA is first used inside fit here, as in a real run (the tests above have already woken it in this process)
     done = subprocess.run([sys.executable, str(REPO / "teacherTrain.py"), "--data-dir", str(tree), "--partial-data",
                            "--holdout", "40", "--batch-size", "32", "--device", "cuda", "--arch", "resnet18",
-                           "--epochs", "1", "--name", "fresh"], cwd=tmp_path, capture_output=True, text=True, check=False)
+                           "--epochs", "1", "--name", "fresh"],
+                          cwd=tmp_path, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert load_checkpoint(tmp_path / "checkpoints/fresh/teacher.pt", hint="")["complete"]
 

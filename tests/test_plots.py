@@ -60,3 +60,13 @@ def test_every_point_shows_above_the_curves_even_where_points_coincide():
     assert (cascade.get_linestyle(), cascade.get_linewidth()) != (deferral.get_linestyle(), deferral.get_linewidth())
     assert cascade.get_linewidth() > deferral.get_linewidth()
 
+
+
+def test_a_long_legend_leaves_the_accuracy_plot_its_width(tmp_path):
+    long_name = "Cascade to the teacher (the students cheapest first, then the teacher), at its best hold-out accuracy"
+    points = {f"{long_name} {i}": (1.0 + i, 0.8 + 0.01 * i) for i in range(12)}
+    fig = plots.accuracy_vs_flops_figure({"cascade": ([0.9, 1.8], [0.80, 0.85])}, points, "accuracy against compute")
+    fig.savefig(tmp_path / "plot.png", bbox_inches="tight")
+    ax = fig.axes[0]
+    assert ax.get_position().width * fig.get_figwidth() > 6  # inches: the legend sits beside the axes, not in them
+    assert ax.get_legend().get_window_extent().x0 > ax.get_window_extent().x1

@@ -1,4 +1,5 @@
-"""Every published bundle (``results/published/<gpu>-<date>/``): small enough for git, made on a GPU, and its
+"""Every published bundle (``results/published/<gpu>-<date>/``, with a ``README.md`` saying how and where it was
+made and the command's log ``reproduce.log`` beside it): small enough for git, made on a GPU, and its
 ``results.md`` the very figures that ``inference.py --bundle`` recomputes from its logits on the CPU."""
 
 import json
@@ -15,9 +16,9 @@ PUBLISHED = sorted(p for p in (REPO / "results" / "published").glob("*") if (p /
 
 @pytest.mark.parametrize("bundle", PUBLISHED, ids=[p.name for p in PUBLISHED])
 def test_a_published_bundle_gives_its_own_tables_again_from_its_logits(bundle, tmp_path):
-    files, within = bundle_sizes(bundle)
+    files, within = bundle_sizes(bundle, besides=("README.md", "reproduce.log"))  # where it was made; its log
     assert within, files
-    readme = bundle / "README.md"  # the command that made it, and where
+    readme = bundle / "README.md"
     assert readme.exists() and "reproduce.py" in readme.read_text()
     results = json.loads((bundle / "results.json").read_text())
     assert not results["device"].startswith("CPU")  # nothing in results/published/ is produced on a CPU

@@ -208,6 +208,16 @@ def test_a_bundle_alone_gives_the_same_tables_without_data_or_checkpoints(boxed_
     assert any("re-analysed from the bundle" in line for line in again)
 
 
+def test_a_bundle_reanalysed_with_another_policy_says_its_speed_was_not_measured(boxed_pipeline, tmp_path):
+    _, bundle = boxed_pipeline
+    inference.main(["--bundle", str(bundle), "--router", "deferral", "--budget", "1.5", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["routed"]["router"] == "deferral" and "routed (deferral)" not in results["costs"]
+    (verdict,) = [line for line in (tmp_path / "results.md").read_text().splitlines()
+                  if line.startswith("**Against the teacher.**")]
+    assert verdict.endswith("images/s not measured (the run that wrote the bundle timed another routed system).")
+
+
 @pytest.mark.parametrize("damage, needle", [
     ("no logits", "is not a results bundle"),
     ("a network missing", "lacks 'holdout_"),

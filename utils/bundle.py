@@ -69,9 +69,10 @@ def read_bundle(folder):
     return results, [Trained.from_record(record, network_logits) for record, network_logits in zip(records, logits)]
 
 
-def bundle_sizes(folder):
-    """``[(file name, bytes)]`` of a bundle folder, and whether it is within the limits of one kept in git."""
-    files = sorted((p.name, p.stat().st_size) for p in Path(folder).iterdir() if p.is_file())
+def bundle_sizes(folder, besides=()):
+    """``[(file name, bytes)]`` of a bundle folder, and whether it is within the limits of one kept in git;
+    ``besides``: names of files kept beside the bundle, not counted."""
+    files = sorted((p.name, p.stat().st_size) for p in Path(folder).iterdir() if p.is_file() and p.name not in besides)
     within = (len(files) <= MAX_FILES and all(size <= MAX_FILE_BYTES for _, size in files)
               and sum(size for _, size in files) <= MAX_BYTES)
     return files, within

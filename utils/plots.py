@@ -141,8 +141,7 @@ def accuracy_vs_flops_figure(curves, points, title):
     ax.set_title(wrap(title, 75))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, borderaxespad=0)
-    fig.tight_layout()
-    return fig
+    return fig  # no tight_layout: it would shrink the axes to make room for a long legend; the saving takes it in
 
 
 def plot_accuracy_vs_flops(curves, points, path, title):
