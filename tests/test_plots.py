@@ -61,7 +61,6 @@ def test_every_point_shows_above_the_curves_even_where_points_coincide():
     assert cascade.get_linewidth() > deferral.get_linewidth()
 
 
-
 def test_a_long_legend_leaves_the_accuracy_plot_its_width(tmp_path):
     long_name = "Cascade to the teacher (the students cheapest first, then the teacher), at its best hold-out accuracy"
     points = {f"{long_name} {i}": (1.0 + i, 0.8 + 0.01 * i) for i in range(12)}
