@@ -59,7 +59,6 @@ def test_paired_bootstrap_resamples_pairs():
     assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
 
 
-
 def test_paired_bootstrap_of_a_share_matches_resampling_the_images():
     """Against random routing's mean over 200 draws (many distinct differences): the interval of resampled
     images, drawn here index by index."""
@@ -72,6 +71,7 @@ def test_paired_bootstrap_of_a_share_matches_resampling_the_images():
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
     assert result.estimate == pytest.approx(difference.mean().item())
     assert (result.low, result.high) == pytest.approx((low, high), abs=5e-4)
+
 
 def two_class_probs(confidence, n):
     return torch.tensor([[confidence, 1 - confidence]]).repeat(n, 1)
