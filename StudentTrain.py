@@ -13,27 +13,10 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
-import torch
-
-from models import CLASSIFIERS, build_model
-from utils.cli import (
-    POSITIVE,
-    PROBABILITY,
-    UserError,
-    add_data_args,
-    add_device_args,
-    make_parser,
-    parse,
-    print_config,
-    run,
-)
-from utils.data import CLASSES, Split, data_record, load_cifar10, make_splits
-from utils.engine import Member, TimeBox, fit
-from utils.losses import KD_LOSSES, classification_loss, distillation_loss
-from utils.networks import Network
+from utils.choices import CLASSIFIERS, KD_LOSSES
+from utils.cli import POSITIVE, PROBABILITY, add_data_args, add_device_args, make_parser, parse, print_config, run
 from utils.recipes import STUDENTS
-from utils.runs import default_checkpoint, prepare_run, student_stem
-from utils.runtime import setup_runtime, teardown_runtime
+from utils.runs import default_checkpoint, student_stem
 from utils.train_flags import add_model_args, add_split_args, add_training_args, finish_training_args
 
 # Flags every student of one loop shares: they see the same batches, epochs and split.
@@ -67,84 +50,68 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """One set of flags per student of the loop: each is what ``StudentTrain.py --model K [--no-kd]`` alone
-    would parse, with its own network's recipe; the students must agree on the flags their loop shares."""
+    """The command line's flags, and in ``args.members`` one set per student of the loop: each what
+    ``StudentTrain.py --model K [--no-kd]`` alone would parse, with its own network's recipe. The students
+    must agree on the flags their loop shares."""
     parser = build_parser()
     args = parse(parser, argv)
     models = list(dict.fromkeys(args.model))
     if args.checkpoint and len(models) + args.with_nokd > 1:
         parser.error("--checkpoint names one run; several students write theirs in checkpoints/[NAME/] (--name)")
     args.teacher = args.teacher or default_checkpoint(args.name, "teacher")
-    runs = []
+    members = []
     for model in models:
         arch = STUDENTS.get(model, model)
         for kd in [False] if args.no_kd else [True, False] if args.with_nokd else [True]:
             own = {**vars(args), "model": model, "arch": arch, "no_kd": not kd}
             own.pop("with_nokd")
-            runs.append(finish_training_args(parser, Namespace(**own), arch, stem=student_stem(arch, kd)))
+            members.append(finish_training_args(parser, Namespace(**own), arch, stem=student_stem(arch, kd)))
     for key in LOOP_FLAGS:
-        values = {flags.checkpoint: getattr(flags, key) for flags in runs}
+        values = {flags.checkpoint: getattr(flags, key) for flags in members}
         if len(set(values.values())) > 1:
             flag = f"--{key.replace('_', '-')}"
             parser.error(f"the students' recipes differ in {flag} (" + ", ".join(f"{p}: {v}" for p, v in values.items())
                          + f"); give {flag} to train them together, or train them one at a time")
-    return runs
+    args.members = members
+    return args
 
 
-def load_teacher(args, data, runtime):
-    """The frozen teacher, refused if it was trained on another split (it would have seen the students'
-    hold-out images)."""
-    hint = "python teacherTrain.py" + (f" --name {args.name}" if args.name else "")
-    teacher = Network(args.teacher, "teacher", hint, runtime)
-    if teacher.split != Split.from_args(args):
-        raise UserError(f"{args.teacher} was trained with {teacher.split}, not {Split.from_args(args)}; use the same "
-                        "split, or the teacher has seen the students' hold-out images")
-    if teacher.checkpoint["data_fingerprint"] != data.fingerprint and runtime.is_main:
-        print(f"warning: {args.teacher} was trained on other CIFAR-10 pixels (another copy or format)")
-    if args.compile:
-        teacher.model = torch.compile(teacher.model, dynamic=False)
-    return teacher
-
-
-def loss_and_meta(flags, teacher, data, split):
-    """A student's loss and what its checkpoints record, from its flags."""
-    if flags.no_kd:
-        loss_fn = classification_loss(flags.label_smoothing)
-        loss = f"cross-entropy (label smoothing {flags.label_smoothing:g})"
-    else:
-        loss_fn = distillation_loss(flags.kd_loss, flags.temperature, flags.alpha, flags.label_smoothing)
-        loss = (f"KD loss ({flags.kd_loss}{f', T={flags.temperature:g}' if flags.kd_loss == 'kl' else ''}, "
-                f"alpha={flags.alpha:g})")
-    teacher_record = None if flags.no_kd else {"path": flags.teacher, "arch": teacher.arch,
-                                             "weights_sha256": teacher.checkpoint["weights_sha256"]}
-    meta = {"kind": "student", "arch": flags.arch, "num_classes": len(CLASSES), "model_args": flags.model_args,
-            "kd": not flags.no_kd, "teacher": teacher_record, "loss": loss, **data_record(data, split)}
-    return loss_fn, meta
+def runs(args):
+    """``{checkpoint: flags}`` of every run this command writes."""
+    return {flags.checkpoint: flags for flags in args.members}
 
 
 def main(argv=None):
     started = time.time()
-    runs = parse_args(argv)
-    args = runs[0]  # what the loop shares: data, device, seed, epochs, batches
-    runtime = setup_runtime(args)
+    args = parse_args(argv)
+    import torch  # after the flags: --help and a refused flag need no torch
+
+    from models import build_model
+    from utils.data import CLASSES, load_cifar10, make_splits
+    from utils.distill import load_teacher, student_member
+    from utils.engine import TimeBox, fit
+    from utils.runs import prepare_run
+    from utils.runtime import setup_runtime, teardown_runtime
+    from utils.split import Split
+
+    loop = args.members[0]  # what the loop shares: data, device, seed, epochs, batches
+    runtime = setup_runtime(loop)
+    files = [prepare_run(flags, runtime.is_main) for flags in args.members]
     if runtime.is_main:
-        print_config(args, "StudentTrain.py")
-        for other in runs[1:]:
+        print_config(loop, "StudentTrain.py")
+        for other in args.members[1:]:
             print(f"  and {other.checkpoint}: " + ", ".join(f"{k} {v}" for k, v in vars(other).items()
-                                                            if v != getattr(args, k)))
-    files = [prepare_run(flags, runtime.is_main) for flags in runs]
+                                                            if v != getattr(loop, k)))
     models = []
-    for flags in runs:  # each starts as it would in a run of its own; before decoding: ImageNet weights may be missing
+    for flags in args.members:  # each starts as in a run of its own; before decoding: ImageNet weights may be missing
         torch.manual_seed(flags.seed)
         models.append(build_model(flags.arch, len(CLASSES), **flags.model_args))
-    data = load_cifar10(args.data_dir, args.download, verbose=runtime.is_main, allow_partial=args.partial_data)
-    split = Split.from_args(args)
-    teacher = load_teacher(args, data, runtime) if not all(flags.no_kd for flags in runs) else None
-    members = []
-    for flags, model, run_files in zip(runs, models, files):
-        loss_fn, meta = loss_and_meta(flags, teacher, data, split)
-        members.append(Member(model, loss_fn, flags, meta, run_files))
-    fit(members, make_splits(data, split), args, runtime, teacher=teacher, time_box=TimeBox.of(args, started))
+    data = load_cifar10(loop.data_dir, loop.download, verbose=runtime.is_main, allow_partial=loop.partial_data)
+    split = Split.from_args(loop)
+    teacher = load_teacher(loop, data, runtime) if not all(flags.no_kd for flags in args.members) else None
+    members = [student_member(flags, model, run_files, teacher, data, split)
+               for flags, model, run_files in zip(args.members, models, files)]
+    fit(members, make_splits(data, split), loop, runtime, teacher=teacher, time_box=TimeBox.of(loop.minutes, started))
     teardown_runtime(runtime)
 
 

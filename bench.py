@@ -4,8 +4,8 @@ Training, per architecture, on the same images: our engine's step (the split hel
 device, batched augmentation, bf16 autocast, channels_last and fused SGD on CUDA, with the
 speed flags given here: --batch-size, --compile) against a reference loop (torchvision
 DataLoader with PIL transforms, fp32, batch 128, no compile, ``loss.item()`` every step), with
-images/s, peak GPU memory and the speed-up. --baseline adds the engine as it was first measured
-(batch 512, no compile), so that a speed flag's gain shows as a ratio in the same run.
+images/s, peak GPU memory and the speed-up. --baseline adds the engine at batch 512 without
+compile, so that a speed flag's gain shows as a ratio in the same run.
 
 Inference: the teacher, each student, both students on every image, and the two routed
 systems — the cascade (the cheaper student on every image, the other on --defer-share of them)
@@ -20,24 +20,10 @@ routing shares, which are set by the flags.
     python bench.py --device cpu --limit 64 --batch-size 8 --ref-batch-size 8 --steps 2 --workers 0 --infer-batch-size 8
 """
 
-import argparse
-import gc
-import itertools
 import json
-import math
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
-
-from models import CLASSIFIERS, build_model, model_stats
-from utils.augment import Augmentation
+from utils.choices import CLASSIFIERS
 from utils.cli import (
     NON_NEGATIVE_INT,
     POSITIVE_INT,
@@ -50,18 +36,10 @@ from utils.cli import (
     print_config,
     run,
 )
-from utils.data import CLASSES, MEAN, STD, DeviceLoader, Split, load_cifar10, make_splits
-from utils.engine import Member, Trainee, loop_step, make_optimizer, train_step
-from utils.losses import distillation_loss
-from utils.recipes import RECIPES, STUDENTS, TEACHER
-from utils.routers import StudentOutputs, build_router
-from utils.routing import batched_routed, timed
-from utils.runtime import batched_logits, device_name, prepare_model, setup_runtime
+from utils.recipes import STUDENTS, TEACHER
 from utils.train_flags import add_split_args, check_split_flags
 
-BASELINE_BATCH = 512
 STUDENT_ARCHS = tuple(STUDENTS.values())
-LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4  # both loops; the values do not change the speed
 
 
 def build_parser():
@@ -86,7 +64,8 @@ def build_parser():
                    help="share of images that routed inference sends to the second student (0.15: what a budget "
                         "of about 1.3x the cheaper student's GFLOPs affords a cascade)")
     g.add_argument("--baseline", action="store_true",
-                   help="also time the engine as first measured (batch 512, no compile) for the side-by-side ratio")
+                   help="also time the engine at batch 512 without compile, for the side-by-side ratio of the speed "
+                        "flags given")
     g.add_argument("--out", default=None, help="also write every figure to this JSON file")
     add_device_args(parser)
     return parser
@@ -106,182 +85,20 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------- timing
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def throughput(step, batches, steps, warmup, device):
-    """Images/s of ``step(x, y)`` over ``steps`` batches of the iterator ``batches``, after ``warmup``."""
-    for _ in range(warmup):
-        step(*next(batches))
-    _sync(device)
-    start, images = time.perf_counter(), 0
-    for _ in range(steps):
-        x, y = next(batches)  # loading counts: it is part of each loop's cost
-        step(x, y)
-        images += len(x)
-    _sync(device)
-    return images / (time.perf_counter() - start)
-
-
-def with_peak_memory(fn, device):
-    """``(fn(), peak MiB that fn allocated on the GPU)``; the peak is None off CUDA."""
-    gc.collect()
-    if device.type != "cuda":
-        return fn(), None
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    result = fn()
-    return result, (torch.cuda.max_memory_allocated(device) - before) / 2**20
-
-
-def full_batches(loader, batch_size):
-    """Full batches of ``loader``, epoch after epoch (a short last batch would change the shapes timed)."""
-    for epoch in itertools.count():
-        if isinstance(loader, DeviceLoader):
-            loader.set_epoch(epoch)
-        for x, y in loader:
-            if len(x) == batch_size:
-                yield x, y
-
-
-# ----------------------------------------------------------------------------- training
-
-def train_ours(arch, images, labels, args, runtime, batch_size, compile):
-    """Images/s of our engine's training step, as ``utils.engine.fit`` runs it, with the recipe's augmentation."""
-    model = build_model(arch, len(CLASSES))
-    net = prepare_model(model, runtime, compile)
-    optimizer = make_optimizer(model, LR, MOMENTUM, WEIGHT_DECAY, runtime)
-    augment = Augmentation.from_args(argparse.Namespace(**RECIPES[arch]))
-    loader = DeviceLoader(images, labels, batch_size, runtime.device, train=True, augment=augment, seed=args.seed)
-    sums = {}
-
-    def loss_fn(logits, y, teacher_logits=None):
-        return F.cross_entropy(logits.float(), y, label_smoothing=0.1)
-
-    def step(x, y):
-        train_step(net, optimizer, loss_fn, x, y, runtime, sums)
-
-    model.train()
-    return throughput(step, full_batches(loader, batch_size), args.steps, args.warmup_steps, runtime.device)
-
-
-def train_students_together(images, labels, args, runtime, batch_size):
-    """Images/s of the students' loop as ``StudentTrain.py --model 1 2`` runs it: one augmentation and one frozen
-    teacher forward pass per batch, then a KD step of each student (``utils.engine.loop_step``)."""
-    teacher = prepare_model(build_model(TEACHER, len(CLASSES)), runtime).eval().requires_grad_(False)
-    loader = DeviceLoader(images, labels, batch_size, runtime.device, train=True, seed=args.seed,
-                          augment=Augmentation.from_args(argparse.Namespace(**RECIPES[STUDENT_ARCHS[0]])))
-    trainees = []
-    for arch in STUDENT_ARCHS:
-        flags = argparse.Namespace(**RECIPES[arch], momentum=MOMENTUM, warmup_epochs=0, compile=args.compile)
-        flags.batch_size, flags.epochs = batch_size, 1
-        member = Member(build_model(arch, len(CLASSES)), distillation_loss("kl"), flags, {}, None)
-        trainees.append(Trainee(member, runtime, len(loader)))
-        trainees[-1].start_epoch()
-
-    def step(x, y):
-        loop_step(trainees, x, y, teacher, 0, runtime)
-
-    return throughput(step, full_batches(loader, batch_size), args.steps, args.warmup_steps, runtime.device)
-
-
-class PILImages(Dataset):
-    """The same uint8 images, served one PIL image at a time through torchvision transforms."""
-
-    def __init__(self, images, labels, transform):
-        self.images = np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())  # (N, H, W, C) for PIL
-        self.labels = labels.tolist()
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
-
-
-def train_reference(arch, images, labels, args, runtime):
-    """Images/s of the plain loop: DataLoader + PIL transforms, fp32, default memory format, no compile."""
-    device = runtime.device
-    transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                    transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-    loader = DataLoader(PILImages(images, labels, transform), batch_size=args.ref_batch_size, shuffle=True,
-                        num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)
-    model = build_model(arch, len(CLASSES)).to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    criterion = nn.CrossEntropyLoss()
-    losses = []
-
-    def step(inputs, targets):
-        inputs, targets = inputs.to(device), targets.to(device)
-        optimizer.zero_grad()
-        loss = criterion(model(inputs), targets)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())  # the host sync those loops pay every step
-
-    return throughput(step, full_batches(loader, args.ref_batch_size), args.steps, args.warmup_steps, device)
-
-
-# ----------------------------------------------------------------------------- inference
-
-def router_at_share(name, students, flops, selector, images, share, runtime):
-    """A ``name`` router whose threshold sends ``share`` of ``images`` to the dearer student, the cheaper
-    (by ``flops``) first."""
-    router = build_router(name, flops=flops, order=sorted(range(len(students)), key=flops.__getitem__)[:2])
-    router.temperature_ = torch.ones(len(students))
-    logits = torch.stack([batched_logits(s, images, runtime) for s in students], 1).cpu()
-    scores = batched_logits(selector, images, runtime).cpu() if router.uses_selector else None
-    climbs = router.climbs(StudentOutputs(logits, scores))[:, 0].double()
-    router.threshold_ = torch.quantile(climbs, 1 - share).item() if share < 1 else -math.inf
-    return router
-
-
-def inference(test_images, args, runtime):
-    """``{system: images/s}``, timed as inference.py times its systems."""
-    images, bs = test_images[:args.steps * args.infer_batch_size], args.infer_batch_size
-
-    def prepare(model):
-        return prepare_model(model.eval(), runtime, args.compile)
-
-    teacher = prepare(build_model(TEACHER, len(CLASSES)))
-    students = [build_model(arch, len(CLASSES)) for arch in STUDENT_ARCHS]
-    flops = [model_stats(s)["flops"] / 1e9 for s in students]
-    students = [prepare(s) for s in students]
-    selector = prepare(build_model("selector", len(STUDENT_ARCHS)))
-    # Routed sub-batches vary in size: one dynamic-shape compile rather than prepare_model's one per size.
-    routed = [torch.compile(s._orig_mod, dynamic=True) for s in students] if args.compile else students
-    cascade, selection = (router_at_share(name, students, flops, selector, images, args.defer_share, runtime)
-                          for name in ("cascade", "selector"))
-    systems = {
-        "teacher": lambda: batched_logits(teacher, images, runtime, bs),
-        **{arch: lambda s=s: batched_logits(s, images, runtime, bs) for arch, s in zip(STUDENT_ARCHS, students)},
-        "both_students": lambda: [batched_logits(s, images, runtime, bs) for s in students],
-        "cascade": lambda: batched_routed(cascade, routed, selector, images, runtime, bs),
-        "selector_routing": lambda: batched_routed(selection, routed, selector, images, runtime, bs),
-    }
-    return {name: len(images) / timed(fn, runtime)[1][0] for name, fn in systems.items()}
-
-
-# ----------------------------------------------------------------------------- report
-
-def _mib(value):
-    return "n/a" if value is None else f"{value:.0f}"
-
-
 def main(argv=None):
     args = parse_args(argv)
+    import torch  # after the flags: --help and a refused flag need no torch
+
+    from utils import benchmark
+    from utils.data import load_cifar10, make_splits
+    from utils.runtime import device_name, setup_runtime
+    from utils.split import Split
+
     runtime = setup_runtime(args)
     print_config(args, "bench.py")
     data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)
     splits = make_splits(data, Split.from_args(args))
-    train_images, train_labels = splits["train"]
-    test_images, test_labels = splits["test"]
+    (train_images, train_labels), (test_images, _) = splits["train"], splits["test"]
     if len(train_images) < max(args.batch_size, args.ref_batch_size):
         raise UserError(f"the training split has {len(train_images)} images, fewer than one batch "
                         f"(--batch-size {args.batch_size}, --ref-batch-size {args.ref_batch_size}); "
@@ -289,65 +106,15 @@ def main(argv=None):
     if len(test_images) < args.infer_batch_size:
         raise UserError(f"the test split has {len(test_images)} images, fewer than one batch "
                         f"(--infer-batch-size {args.infer_batch_size}); raise --limit or lower it")
-    device = runtime.device
-    cuda = device.type == "cuda"
-
-    print(f"\ndevice: {device_name(device)}   torch {torch.__version__}")
-    ours = ("bf16 autocast, channels_last, fused SGD" if cuda else "fp32, foreach SGD") + \
-        (", torch.compile" if args.compile else "")
-    print(f"training on {len(train_images)} images, {args.steps} timed steps after {args.warmup_steps} warm-up "
-          f"steps, random weights, each network's recipe augmentation\n  ours:      batch {args.batch_size}, {ours}, "
-          f"split held on the device ({train_images.numel() / 2**20:.0f} MiB, counted in its peak)\n"
-          + (f"  baseline:  the engine as first measured: batch {BASELINE_BATCH}, no compile\n"
-             if args.baseline else "")
-          + f"  reference: batch {args.ref_batch_size}, DataLoader + PIL transforms ({args.workers} workers), fp32, "
-          "no compile")
-    columns = ["ours img/s", "ours peak MiB", *(["baseline img/s", "ours/baseline"] if args.baseline else []),
-               "ref img/s", "ref peak MiB", "ours/ref"]
-    print(f"{'arch':<12} " + " ".join(f"{c:>14}" for c in columns))
-    training = {}
-    for arch in dict.fromkeys(args.archs):
-        row = training[arch] = {}
-        row["ours_images_per_s"], row["ours_peak_mib"] = with_peak_memory(
-            lambda: train_ours(arch, train_images, train_labels, args, runtime, args.batch_size, args.compile), device)
-        if args.baseline:
-            row["baseline_images_per_s"], row["baseline_peak_mib"] = with_peak_memory(
-                lambda: train_ours(arch, train_images, train_labels, args, runtime,
-                                   min(BASELINE_BATCH, len(train_images)), False), device)
-            row["speedup_over_baseline"] = row["ours_images_per_s"] / row["baseline_images_per_s"]
-        row["reference_images_per_s"], row["reference_peak_mib"] = with_peak_memory(
-            lambda: train_reference(arch, train_images, train_labels, args, runtime), device)
-        row["speedup"] = row["ours_images_per_s"] / row["reference_images_per_s"]
-        cells = [f"{row['ours_images_per_s']:.1f}", _mib(row["ours_peak_mib"]),
-                 *([f"{row['baseline_images_per_s']:.1f}", f"{row['speedup_over_baseline']:.2f}x"]
-                   if args.baseline else []),
-                 f"{row['reference_images_per_s']:.1f}", _mib(row["reference_peak_mib"]), f"{row['speedup']:.2f}x"]
-        print(f"{arch:<12} " + " ".join(f"{c:>14}" for c in cells), flush=True)
-
-    together = {}
-    together["images_per_s"], together["peak_mib"] = with_peak_memory(
-        lambda: train_students_together(train_images, train_labels, args, runtime, args.batch_size), device)
-    print(f"students' loop (one {TEACHER} forward pass, then a KD step of each of {', '.join(STUDENT_ARCHS)}): "
-          f"{together['images_per_s']:.1f} img/s, peak {_mib(together['peak_mib'])} MiB", flush=True)
-
-    torch.backends.cudnn.benchmark = False  # as inference.py times them: routed batches vary in shape
-    speeds = inference(test_images, args, runtime)
-    labels = {"teacher": f"teacher {TEACHER}", **{a: f"student {a}" for a in STUDENT_ARCHS},
-              "both_students": "both students",
-              "cascade": f"cascade (dearer student on {args.defer_share:.0%})",
-              "selector_routing": f"selector + 1 student ({args.defer_share:.0%} to the dearer)"}
-    timed_images = min(len(test_images), args.steps * args.infer_batch_size)
-    print(f"\ninference: batch {args.infer_batch_size}, eval, no_grad{', bf16 autocast' if cuda else ''}, "
-          f"{timed_images} test images on the device, the second of two passes timed, random weights")
-    print(f"{'system':<40} {'img/s':>10}")
-    for name, speed in speeds.items():
-        print(f"{labels[name]:<40} {speed:>10.1f}")
-
+    print(f"\ndevice: {device_name(runtime.device)}   torch {torch.__version__}")
+    training = benchmark.training_table(train_images, train_labels, args, runtime)
+    together = benchmark.students_loop(train_images, train_labels, args, runtime)
+    speeds = benchmark.inference_table(test_images, args, runtime)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
-            "device": device_name(device), "torch": str(torch.__version__), "config": vars(args),
+            "device": device_name(runtime.device), "torch": str(torch.__version__), "config": vars(args),
             "training": training, "students_together": together, "inference_images_per_s": speeds},
             indent=2) + "\n")
         print(f"wrote {out}")

@@ -10,17 +10,8 @@ logits are computed once and kept beside the checkpoint (<stem>.logits.pt).
 
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from utils.checkpoint import load_checkpoint
 from utils.cli import UserError, add_data_args, add_device_args, make_parser, parse, run
-from utils.data import CLASSES, load_cifar10
-from utils.networks import Network
-from utils.report import write_json
 from utils.runs import check_output_folder
-from utils.runtime import setup_runtime
-from utils.stats import expected_calibration_error, paired_bootstrap
 
 HINT = "python teacherTrain.py (or StudentTrain.py)"
 
@@ -36,22 +27,19 @@ def build_parser():
     return parser
 
 
-def scores(logits, labels):
-    """Accuracy with its 95% bootstrap interval, per-class accuracy, NLL and ECE of one network."""
-    correct = logits.argmax(1) == labels
-    interval = paired_bootstrap(correct, torch.zeros_like(correct))
-    return {"images": len(labels), "accuracy": interval.estimate, "accuracy_low": interval.low,
-            "accuracy_high": interval.high, "nll": F.cross_entropy(logits, labels).item(),
-            "ece": expected_calibration_error(logits.softmax(1), labels),
-            "per_class": [correct[labels == c].double().mean().item() for c in range(len(CLASSES))]}
-
-
 def main(argv=None):
     args = parse(build_parser(), argv)
     if args.out:
         if Path(args.out).is_dir():
             raise UserError(f"--out {args.out} is a folder; give a file, such as {Path(args.out) / 'evaluation.json'}")
         check_output_folder(Path(args.out).parent, "--out")
+    from utils.analyses import network_scores  # after the flags: --help and a refused flag need no torch
+    from utils.checkpoint import load_checkpoint
+    from utils.data import CLASSES, load_cifar10
+    from utils.networks import Network
+    from utils.report import write_json
+    from utils.runtime import setup_runtime
+
     runtime = setup_runtime(args)
     data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)
     results = {}
@@ -63,20 +51,24 @@ def main(argv=None):
         if len(labels) == 0:
             raise UserError(f"{path} was trained with --holdout 0: it has no hold-out split; use --split test")
         results[path] = {"kind": network.checkpoint["kind"], "arch": network.checkpoint["arch"],
-                         "complete": bool(network.checkpoint.get("complete")), **scores(logits, labels)}
-    print(f"\n{args.split} split; accuracy with its 95% bootstrap interval; NLL; ECE (15 bins)\n")
+                         "complete": bool(network.checkpoint.get("complete")), **network_scores(logits, labels)}
+    print_tables(results, args.split, CLASSES)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.out, results)
+        print(f"\nwrote {args.out}")
+
+
+def print_tables(results, split, classes):
+    print(f"\n{split} split; accuracy with its 95% bootstrap interval; NLL; ECE (15 bins)\n")
     print("| Checkpoint | Network | Accuracy | 95% interval | NLL | ECE |\n|---|---|---|---|---|---|")
     for path, r in results.items():
         name = f"{r['kind']} {r['arch']}" + ("" if r["complete"] else " [unfinished]")
         print(f"| `{path}` | {name} | {100 * r['accuracy']:.2f}% | {100 * r['accuracy_low']:.2f}–"
               f"{100 * r['accuracy_high']:.2f}% | {r['nll']:.3f} | {r['ece']:.4f} |")
-    print("\nPer-class accuracy (%)\n\n| Checkpoint | " + " | ".join(CLASSES) + " |\n|---|" + "---|" * len(CLASSES))
+    print("\nPer-class accuracy (%)\n\n| Checkpoint | " + " | ".join(classes) + " |\n|---|" + "---|" * len(classes))
     for path, r in results.items():
         print(f"| `{path}` | " + " | ".join(f"{100 * a:.1f}" for a in r["per_class"]) + " |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.out, results)
-        print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ Exit codes: 0 done; 2 a refusal (one line saying why); 75 a training stage stopp
 --time-budget; 130/143 stopped by SIGINT/SIGTERM. Run the same command again to go on.
 """
 
-import json
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,14 +32,12 @@ import inference
 import StudentTrain
 import teacherTrain
 import trainSelector
-from utils.bundle import METRICS, bundle_sizes, read_bundle
-from utils.checkpoint import load_checkpoint
+from utils.choices import KD_LOSSES
 from utils.cli import (
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
-    UserError,
     default_data_dir,
     experiment_name,
     make_parser,
@@ -49,11 +45,8 @@ from utils.cli import (
     print_config,
     run,
 )
-from utils.data import load_cifar10
-from utils.losses import KD_LOSSES
 from utils.recipes import STUDENTS
-from utils.report import write_results
-from utils.runs import RESULTS_ROOT, RunFiles, config_changes, continued_by, student_stem
+from utils.runs import student_stem
 
 PRESETS = {
     "smoke": {"name": "smoke", "device": "cpu", "epochs": 1, "split": ["--limit", "20", "--holdout", "100"],
@@ -125,6 +118,8 @@ def stage_epochs(args):
     """``{stage title: [--epochs flags]}``: the user's, a bundle's chosen ones (each fold selector's too), or the
     preset's (none: the recipe's or a time box's)."""
     if args.epochs_from:
+        from utils.bundle import read_bundle  # numpy and torch: after the flags
+
         results, networks = read_bundle(args.epochs_from)
         layout = results["layout"]
         roles = {"teacher": layout["teacher"], "students": layout["students"][0], "selector": layout["selector"],
@@ -167,176 +162,22 @@ def stages(args, name, seed):
     ], common
 
 
-def _peek(path):
-    return load_checkpoint(path, hint="python reproduce.py --force")
-
-
-def checkpoint_state(path, expected, fingerprint):
-    """``(state, why)`` of one checkpoint against the flags ``expected`` of the run that should write it:
-    'complete', 'partial' (resumable), 'stale' (trained otherwise) or 'missing'."""
-    files = RunFiles.of(path)
-    if not files.best.exists() and not files.last.exists():
-        return "missing", ""
-    checkpoint = _peek(files.last if files.last.exists() else files.best)
-    changed = config_changes(checkpoint["config"], vars(expected))
-    if expected.minutes is not None and checkpoint["config"].get("minutes") is not None:
-        changed = [k for k in changed if k != "epochs"]  # each time box chose its own
-    inputs = [("teacher", checkpoint["teacher"])] if checkpoint.get("teacher") else []
-    inputs += [(f"student {k}", s) for k, s in enumerate(checkpoint.get("students", []), 1)]
-    moved = [what for what, record in inputs
-             if not Path(record["path"]).exists()
-             or _peek(record["path"])["weights_sha256"] != record["weights_sha256"]]
-    if checkpoint.get("data_fingerprint") != fingerprint:
-        return "stale", "trained on other data"
-    if moved:
-        return "stale", f"its {' and '.join(moved)} changed since"
-    if changed:
-        return "stale", "trained with other flags: " + ", ".join(f"--{k.replace('_', '-')}" for k in changed)
-    complete = files.best.exists() and _peek(files.best).get("complete")
-    return ("complete", "") if complete else ("partial", "")
-
-
-def stage_state(stage, fingerprint, time_boxed=False):
-    """``(state, why)`` of a stage: that of its checkpoints when they agree; a mix of complete and missing
-    ones is 'stale' too (its loop cannot train some of them alone). ``time_boxed``: it is to run with --minutes."""
-    try:
-        parsed = stage.module.parse_args([*stage.argv, *(["--minutes", "1"] if time_boxed else [])])
-    except UserError as e:  # what the stage reads (the selector's students) is not there
-        if any(RunFiles.of(path).last.exists() or Path(path).exists() for path in stage.paths):
-            return "stale", str(e)
-        return "missing", ""
-    expected = {run.checkpoint: run for run in parsed} if isinstance(parsed, list) else {parsed.checkpoint: parsed}
-    states = {path: checkpoint_state(path, expected[str(path)], fingerprint) for path in stage.paths}
-    stale = [(path, why) for path, (state, why) in states.items() if state == "stale"]
-    if stale:
-        path, why = stale[0]
-        return "stale", why if len(stage.paths) == 1 else f"{path} {why}"
-    kinds = {state for state, _ in states.values()}
-    if len(kinds) > 1:
-        return "stale", ", ".join(f"{path} {state}" for path, (state, _) in states.items())
-    return kinds.pop(), ""
-
-
-def stage_budget(deadline, plan, title, shares):
-    """Minutes for stage ``title``: its share of the time left, among the stages that still have to run."""
-    left = deadline - time.time()
-    share = shares[title] / sum(shares[t] for t in [*plan, "inference"])
-    return max(left * share, 1.0) / 60
-
-
 def run_pipeline(args, name, seed, fingerprint, started=None):
-    """Train every stage that needs it, then run inference into the results bundle; returns the stage wall times.
+    """One pipeline (``utils.pipeline.run_pipeline``) of the experiment ``name`` with ``seed``."""
+    from utils.pipeline import run_pipeline
 
-    A stage stopped early (a signal, --time-budget) ends the process with its exit code, after the wall times.
-    """
-    started = started or time.time()
-    deadline = started + 60 * args.minutes if args.minutes else None
-    shares = SHARES_WITH_NOKD if args.with_nokd else SHARES
     plan, common = stages(args, name, seed)
-
-    def state_of(stage):
-        state, why = ("missing", "") if args.force else stage_state(stage, fingerprint, bool(deadline))
-        if state == "stale":
-            raise UserError(f"the {stage.title} stage of experiment '{name}' is stale ({why}); nothing was deleted: "
-                            "retrain every stage with --force, or write this run elsewhere with --name")
-        return state
-
-    states = {stage.title: state_of(stage) for stage in plan}  # a stale stage stops the pipeline before any work
-    to_run = [stage.title for stage in plan if states[stage.title] != "complete"]
-    if deadline:
-        print(f"time box of {args.minutes:g} min, shared when each stage starts: " + ", ".join(
-            f"{t} {100 * shares[t]:.0f}%" for t in [*to_run, "inference"]))
-    wall = {}
-    for stage in plan:
-        state = state_of(stage) if wall else states[stage.title]  # what the stages before it trained may change it
-        paths = ", ".join(map(str, stage.paths))
-        if state == "complete":
-            print(f"== {stage.title}: {paths} complete, skipped (--force retrains it)")
-            continue
-        print(f"== {stage.title} -> {paths}" + (" (resuming)" if state == "partial" else ""))
-        flags = {"partial": ["--resume"]}.get(state, ["--force"] if args.force or _leftovers(stage) else [])
-        if deadline:
-            flags += ["--minutes", f"{stage_budget(deadline, to_run, stage.title, shares):.4f}"]
-        to_run.remove(stage.title)
-        start = time.time()
-        try:
-            with continued_by(args.command):
-                stage.module.main([*stage.argv, *flags])
-        except SystemExit:
-            wall[stage.title] = time.time() - start
-            print(f"{stage.title} stopped before its end; run the same command again to go on")
-            report(wall)
-            raise
-        wall[stage.title] = time.time() - start
-    out = RESULTS_ROOT / name / "bundle"
-    start = time.time()
-    inference.main([*common, "--out", str(out)])
-    wall["inference"] = time.time() - start
-    finish_bundle(out, plan, wall, args, time.time() - started)
-    report(wall)
-    return wall
-
-
-def _leftovers(stage):
-    """Whether a missing stage left files that a fresh run must replace (an unresumable start)."""
-    return any(path.exists() for p in stage.paths for path in RunFiles.of(p))
-
-
-def finish_bundle(out, plan, wall, args, total_seconds):
-    """Add to the bundle every stage's training log (``metrics.jsonl``) and the pipeline's wall times."""
-    with open(out / METRICS, "w") as f:
-        for stage in plan:
-            for path in stage.paths:
-                log = RunFiles.of(path).log
-                for line in log.read_text().splitlines() if log.exists() else []:
-                    f.write(json.dumps({"run": str(path), **json.loads(line)}) + "\n")
-    results = json.loads((out / "results.json").read_text())
-    results["pipeline"] = {"command": args.command, "minutes": args.minutes, "stages": wall,
-                           "total_seconds": total_seconds}
-    write_results(results, out)
-    files, within = bundle_sizes(out)
-    if not within:
-        print(f"warning: the bundle {out} is larger than a bundle kept in git may be: "
-              + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in files))
-
-
-def report(wall):
-    print("\nwall time per stage (this invocation):")
-    for name, seconds in wall.items():
-        print(f"  {name:<36} {seconds / 60:7.2f} min")
-    print(f"  {'total':<36} {sum(wall.values()) / 60:7.2f} min")
-
-
-def summarise(name, seeds):
-    """``results/NAME/seeds.md`` and ``.json``: each row's mean and standard deviation over the seeds."""
-    runs = {seed: json.loads((RESULTS_ROOT / name / f"seed{seed}" / "bundle" / "results.json").read_text())
-            for seed in seeds}
-    rows = {}
-    for seed, results in runs.items():
-        for row, acc in results["accuracy"].items():
-            rows.setdefault(row, []).append(100 * acc)
-        for row, gain in results.get("kd_gain", {}).items():
-            rows.setdefault(f"KD gain: {row}", []).append(100 * gain["difference"])
-    summary = {row: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
-               for row, v in rows.items()}
-    out = RESULTS_ROOT / name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "seeds.json").write_text(json.dumps({"seeds": seeds, "rows": summary}, indent=2) + "\n")
-    lines = [f"# Results over seeds {', '.join(map(str, seeds))}", "",
-             "Test accuracy in %, mean ± sample standard deviation over the seeds (one full pipeline per seed).", "",
-             "| Row | Mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-             "|---|---|" + "---|" * len(seeds),
-             *[f"| {row} | {s['mean']:.2f} ± {s['std']:.2f} | " + " | ".join(f"{v:.2f}" for v in s["values"]) + " |"
-               for row, s in summary.items()], ""]
-    (out / "seeds.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {out / 'seeds.md'} and {out / 'seeds.json'}")
+    shares = SHARES_WITH_NOKD if args.with_nokd else SHARES
+    return run_pipeline(args, name, plan, common, shares, inference.main, fingerprint, started)
 
 
 def main(argv=None):
     started = time.time()
     args = parse_args(argv)
     print_config(args, "reproduce.py")
+    from utils.data import load_cifar10  # after the flags: --help and a refused flag need no torch
+    from utils.pipeline import summarise
+
     fingerprint = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data).fingerprint
     if not args.seeds:
         run_pipeline(args, args.name, args.seed, fingerprint, started)

@@ -7,27 +7,10 @@ accuracy), teacher.last.pt (resume state), a metrics log, training curves and co
 import time
 from pathlib import Path
 
-from models import CLASSIFIERS, build_model
-from utils.cli import (
-    add_data_args,
-    add_device_args,
-    make_parser,
-    parse,
-    print_config,
-    run,
-)
-from utils.data import CLASSES, Split, data_record, load_cifar10, make_splits
-from utils.engine import Member, TimeBox, fit
-from utils.losses import classification_loss
+from utils.choices import CLASSIFIERS
+from utils.cli import add_data_args, add_device_args, make_parser, parse, print_config, run
 from utils.recipes import TEACHER
-from utils.runs import prepare_run
-from utils.runtime import setup_runtime, teardown_runtime
-from utils.train_flags import (
-    add_model_args,
-    add_split_args,
-    add_training_args,
-    finish_training_args,
-)
+from utils.train_flags import add_model_args, add_split_args, add_training_args, finish_training_args
 
 
 def build_parser():
@@ -47,20 +30,33 @@ def parse_args(argv=None):
     return finish_training_args(parser, args, args.arch, stem="teacher")
 
 
+def runs(args):
+    """``{checkpoint: flags}`` of the run this command writes."""
+    return {args.checkpoint: args}
+
+
 def main(argv=None):
     started = time.time()
     args = parse_args(argv)
+    from models import build_model  # after the flags: --help and a refused flag need no torch
+    from utils.data import CLASSES, data_record, load_cifar10, make_splits
+    from utils.engine import Member, TimeBox, fit
+    from utils.losses import classification_loss
+    from utils.runs import prepare_run
+    from utils.runtime import setup_runtime, teardown_runtime
+    from utils.split import Split
+
     runtime = setup_runtime(args)
+    files = prepare_run(args, runtime.is_main)
     if runtime.is_main:
         print_config(args, "teacherTrain.py")
-    files = prepare_run(args, runtime.is_main)
     model = build_model(args.arch, len(CLASSES), **args.model_args)  # before decoding: ImageNet weights may be missing
     data = load_cifar10(args.data_dir, args.download, verbose=runtime.is_main, allow_partial=args.partial_data)
     split = Split.from_args(args)
     meta = {"kind": "teacher", "arch": args.arch, "num_classes": len(CLASSES), "model_args": args.model_args,
             "loss": f"cross-entropy (label smoothing {args.label_smoothing:g})", **data_record(data, split)}
     fit([Member(model, classification_loss(args.label_smoothing), args, meta, files)], make_splits(data, split),
-        args, runtime, time_box=TimeBox.of(args, started))
+        args, runtime, time_box=TimeBox.of(args.minutes, started))
     teardown_runtime(runtime)
 
 

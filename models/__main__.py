@@ -4,8 +4,9 @@ classifier's cost against the teacher's, here (CIFAR stem, 32x32) and in the ori
 
 from torchvision import models as tvm
 
-from models import CLASSIFIERS, MODEL_NAMES, build_model, model_stats
+from models import build_model, model_stats
 from models.pretrained import HEADS
+from utils.choices import CLASSIFIERS, MODEL_NAMES
 from utils.recipes import TEACHER
 
 

@@ -6,7 +6,7 @@ max-pooling is removed, so every network sees CIFAR-10 at full resolution. GoogL
 second max-pooling (``maxpool2``): its inception blocks run at 16x16, 8x8 and 4x4, which keeps
 its cost against ResNet50 where the original's ImageNet networks had it (0.35x, against 0.37x
 at 224x224). ``googlenet32`` removes that pooling too: inception blocks at 32x32, 16x16 and
-8x8, and more GFLOPs than ResNet50 (the default of this repository's earlier versions).
+8x8, and more GFLOPs than ResNet50.
 ``build_model(name, pretrained=...)`` instead builds the ImageNet-pretrained network of
 ``models/pretrained.py``.
 """
@@ -16,6 +16,7 @@ from torchvision import models as tvm
 from torchvision.models.googlenet import BasicConv2d
 
 from models.pretrained import build_pretrained, model_args
+from utils.choices import MODEL_NAMES
 
 
 def _resnet(builder):
@@ -71,12 +72,10 @@ class Selector(nn.Module):
 
 _BUILDERS = {"resnet50": _resnet(tvm.resnet50), "densenet121": _densenet121, "googlenet": _googlenet(),
              "googlenet32": _googlenet(full_resolution=True), "resnet18": _resnet(tvm.resnet18)}
-MODEL_NAMES = (*_BUILDERS, "selector")
-CLASSIFIERS = tuple(_BUILDERS)  # the networks that classify images (every name but the selector)
 
 
 def build_model(name, num_classes=10, pretrained=False, freeze_backbone=False, load_weights=True):
-    """Build a classifier of ``CLASSIFIERS`` (``num_classes`` logits) or the ``selector``
+    """Build a classifier of ``utils.choices.CLASSIFIERS`` (``num_classes`` logits) or the ``selector``
     (``num_classes`` = number of students), with random weights.
 
     ``pretrained``: ``True`` (torchvision's ``DEFAULT`` weights) or a weights name such as

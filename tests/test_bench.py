@@ -9,7 +9,10 @@ import torch
 import bench
 from models import build_model
 from tests.conftest import write_tree
+from tests.test_flags_act import recorded, unread
+from utils.benchmark import router_at_share
 from utils.cli import UserError
+from utils.routed import batched_routed
 from utils.runtime import Runtime
 
 TINY = ["--device", "cpu", "--partial-data", "--limit", "16", "--batch-size", "4", "--ref-batch-size", "4",
@@ -21,10 +24,13 @@ INFERENCE_ROWS = {"teacher": "teacher resnet50", "densenet121": "student densene
 NUMBER = r"(\d+\.\d+)"
 
 
-def test_tiny_cpu_run_prints_and_writes_every_figure(tmp_path, capsys):
+def test_tiny_cpu_run_prints_and_writes_every_figure_and_acts_on_every_flag(tmp_path, capsys, monkeypatch):
     tree = write_tree(tmp_path / "cifar", per_class=(2, 2))
     out = tmp_path / "bench.json"
-    bench.main(["--data-dir", str(tree), *TINY, "--archs", "googlenet", "--baseline", "--out", str(out)])
+    parser = recorded(monkeypatch, bench, "bench.py")
+    bench.main(["--data-dir", str(tree), *TINY, "--archs", "googlenet", "--baseline", "--out", str(out),
+                "--defer-share", "0.15", "--holdout", "0", "--split-seed", "1", "--seed", "2", "--download"])
+    assert unread(parser, "bench.py") == []
     printed = capsys.readouterr().out
 
     row = re.search(rf"^googlenet +{NUMBER} +n/a +{NUMBER} +{NUMBER}x +{NUMBER} +n/a +{NUMBER}x$", printed,
@@ -58,8 +64,8 @@ def test_routers_send_the_asked_share_to_the_dearer_student(name, share, flops):
     selector = build_model("selector", 2).eval()
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     runtime = Runtime(torch.device("cpu"))
-    router = bench.router_at_share(name, students, list(flops), selector, images, share, runtime)
-    _, ran = bench.batched_routed(router, students, selector, images, runtime, batch_size=16)
+    router = router_at_share(name, students, list(flops), selector, images, share, runtime)
+    _, ran = batched_routed(router, students, selector, images, runtime, batch_size=16)
     cheap, dear = (0, 1) if flops[0] < flops[1] else (1, 0)
     assert ran[:, dear].float().mean().item() == pytest.approx(share, abs=1 / 40)
     assert ran[:, cheap].all() if name == "cascade" else (ran.sum(1) == 1).all()

@@ -22,12 +22,12 @@ from utils.data import (
     Cifar10,
     DataError,
     DeviceLoader,
-    Split,
     holdout_split,
     load_cifar10,
     make_splits,
     stratified_indices,
 )
+from utils.split import Split
 
 OFFICIAL_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PER_CLASS = (4, 2)
@@ -542,3 +542,16 @@ def test_sharded_loaders_cover_everything(n):
     (a, b), _ = shards(train=False)
     assert not set(a) & set(b)
     assert sorted(a + b) == list(range(n))
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("n, world_size", [(21, 1), (21, 2), (20, 3)])
+def test_a_loader_s_length_is_arithmetic_and_what_it_serves(train, n, world_size, monkeypatch):
+    loaders = [DeviceLoader(torch.zeros(n, 3, 32, 32, dtype=torch.uint8), torch.arange(n), batch_size=4,
+                            device="cpu", train=train, rank=r, world_size=world_size) for r in range(world_size)]
+    served = [sum(1 for _ in loader) for loader in loaders]
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: pytest.fail("len() drew a permutation"))
+    assert [len(loader) for loader in loaders] == served
+    assert [loader.num_samples for loader in loaders] == [len(list(range(r, n, world_size))) for r in
+                                                          range(world_size)] if not train else \
+        [len(loader) * 4 for loader in loaders]

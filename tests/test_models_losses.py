@@ -7,8 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import MODEL_NAMES, build_model, model_stats
-from utils.losses import KD_LOSSES, distillation_loss, kd_terms
+from models import build_model, model_stats
+from utils.choices import MODEL_NAMES
+from utils.choices import KD_LOSSES
+from utils.losses import SOFT_TERMS, distillation_loss, kd_terms
 
 
 def kd_loss(name, student, teacher, targets, temperature=4.0, alpha=0.9, label_smoothing=0.0):
@@ -236,3 +238,15 @@ def test_unknown_kd_loss_is_refused():
     assert "cosine" in str(e.value)
     for name in KD_LOSSES:
         assert name in str(e.value)
+
+
+def test_every_name_a_flag_offers_is_implemented_and_nothing_else():
+    """``utils.choices`` lists them without importing torch; the modules that implement them agree."""
+    import models.cifar
+    from utils import augment, choices, policies
+
+    assert tuple(models.cifar._BUILDERS) == choices.CLASSIFIERS
+    assert tuple(SOFT_TERMS) == choices.KD_LOSSES
+    assert tuple(augment.MIXERS) == choices.MIXERS and tuple(augment.TTA_VIEWS) == choices.TTA
+    assert set(choices.ROUTERS) <= set(policies.POLICIES)
+    assert all(issubclass(policies.POLICIES[name], policies.ThresholdRouter) for name in choices.ROUTERS)

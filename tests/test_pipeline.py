@@ -18,11 +18,15 @@ from PIL import Image
 import inference
 import predict
 import reproduce
+import utils.experiment
+import utils.speed
 from tests.conftest import REPO, SHARED_ARCHIVE, write_tree
+from utils.analyses import cost_labels
 from utils.cli import UserError, run
+from utils.images import read_image, to_rgb
 from utils.report import write_json
-from utils.routers import CascadeRouter, SelectorRouter
-from utils.routing import run_routed
+from utils.policies import CascadeRouter, SelectorRouter
+from utils.routed import run_routed
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +80,16 @@ def test_oracle_bounds_every_one_student_system(smoke_run):
     root, _ = smoke_run
     results = strict_json((root / "results" / "smoke" / "bundle" / "results.json").read_text())
     accuracy = results["accuracy"]
-    oracle = accuracy["Oracle (any student right)"]
-    one_student = [name for name in accuracy if name.startswith(("Student", "Selector", "Random"))]
+    oracle = accuracy["oracle"]
+    one_student = [k for k in accuracy if k.startswith("student") or k in ("selector", "random", "control",
+                                                                            "control_random")]
     assert len(one_student) >= 4
     for name in one_student:  # averaging systems (ensemble, cascade) may be right where no student is
         assert oracle >= accuracy[name], name
     routed = results["routed"]
     assert routed["share"][routed["order"][0]] == pytest.approx(1.0)  # a cascade always runs its first student
     assert sum(map(sum, results["confusion_routed"])) == results["test_images"]
-    assert set(results["budgets"]) == {"cascade", "deferral", "selector", "cascade to the teacher"}
+    assert set(results["budgets"]) == {"cascade", "deferral", "selector", "to_teacher"}
     assert results["comparisons"] and all(c["low"] <= c["difference"] <= c["high"]
                                           for c in results["comparisons"].values())
 
@@ -138,18 +143,19 @@ def test_unfinished_checkpoints_are_announced_and_their_rows_marked(smoke_run, t
 def test_each_system_is_timed_as_often_as_asked_and_said_as_it_is(smoke_run, tmp_path, monkeypatch, capsys):
     root, data = smoke_run
     monkeypatch.chdir(root)
-    calls, timed = [], inference.timed
-    monkeypatch.setattr(inference, "timed", lambda fn, runtime, n: calls.append(n) or timed(fn, runtime, n))
+    calls, timed = [], utils.speed.timed
+    monkeypatch.setattr(utils.speed, "timed", lambda fn, runtime, n: calls.append(n) or timed(fn, runtime, n))
     inference.main(["--name", "smoke", "--device", "cpu", "--data-dir", str(data), "--out", str(tmp_path / "r"),
                     "--timed-passes", "1"])
     out = capsys.readouterr().out
     costs = json.loads((tmp_path / "r" / "results.json").read_text())["costs"]
     assert calls == [1] * len(costs) and len(costs) == 7  # teacher, 2 students, both, 3 routed systems
     assert "timing every system: 1 timed pass over the 20 test images each" in out
-    for name, cost in costs.items():
+    names = cost_labels(costs, 2, "cascade")
+    for k, cost in costs.items():
         low, high = cost["images_per_s_range"]
         assert low == cost["images_per_s"] == high  # one pass: its own median and range
-        assert f"  {name}: {cost['images_per_s']:.0f} images/s" in out
+        assert f"  {names[k]}: {cost['images_per_s']:.0f} images/s" in out
 
 
 def test_second_run_skips_complete_stages(smoke_run, capsys, monkeypatch):
@@ -196,8 +202,8 @@ def test_selector_for_other_students_is_refused(smoke_run, tmp_path, monkeypatch
 
 
 def test_student_logits_and_selector_targets_of_known_students():
-    from trainSelector import student_logits
-    from utils.routers import selector_targets
+    from utils.selector import student_logits
+    from utils.selector import selector_targets
     from utils.runtime import Runtime
 
     class Always(nn.Module):  # predicts one class with certainty, whatever the image
@@ -278,7 +284,7 @@ def random_student(path, arch, holdout, translate=4, padding="reflect"):
 
 
 def test_the_selector_sees_views_augmented_as_the_students_training_images_were(tmp_path, capsys):
-    from trainSelector import selector_examples, students_augmentation
+    from utils.selector import selector_examples, students_augmentation
     from utils.networks import Network
     from utils.runtime import Runtime
 
@@ -338,7 +344,8 @@ def png_claiming(path, width, height):
 
 def predict_refusal(argv, monkeypatch, capsys):
     """predict.py's one ``error:`` line and exit code 2, reached before any network is loaded."""
-    monkeypatch.setattr(predict, "load_students", lambda *a, **k: pytest.fail("networks loaded before the images"))
+    monkeypatch.setattr(utils.experiment, "load_students",
+                        lambda *a, **k: pytest.fail("networks loaded before the images"))
     with pytest.raises(SystemExit) as e:
         run(lambda: predict.main([*argv, "--device", "cpu"]))
     err = capsys.readouterr().err
@@ -373,7 +380,7 @@ def test_a_16_bit_grey_image_keeps_its_gradient(tmp_path):
     path = tmp_path / "ramp16.png"
     Image.fromarray(np.linspace(0, 65535, 256).astype(np.uint16)[None].repeat(64, 0)).save(path)
     assert Image.open(path).mode == "I;16"
-    image = predict.read_image(path)
+    image = read_image(path)
     assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
     assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
     row = image[0, 16].int()
@@ -390,7 +397,7 @@ def test_a_16_bit_grey_image_keeps_its_gradient(tmp_path):
     ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
 ])
 def test_each_image_mode_becomes_8_bit_rgb(mode, pixel, rgb):
-    assert predict.to_rgb(Image.new(mode, (2, 2), pixel)).getpixel((0, 0)) == rgb
+    assert to_rgb(Image.new(mode, (2, 2), pixel)).getpixel((0, 0)) == rgb
 
 
 def test_a_palette_image_with_a_transparent_colour_shows_white_there():
@@ -398,13 +405,13 @@ def test_a_palette_image_with_a_transparent_colour_shows_white_there():
     image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     image.putpixel((1, 0), 1)
     image.info["transparency"] = 0
-    assert [predict.to_rgb(image).getpixel((x, 0)) for x in (0, 1)] == [(255, 255, 255), (255, 0, 0)]
+    assert [to_rgb(image).getpixel((x, 0)) for x in (0, 1)] == [(255, 255, 255), (255, 0, 0)]
 
 
 # ----------------------------------------------------------------------------- the selector, cross-fitted
 
 def test_each_hold_out_score_comes_from_the_fold_selector_that_never_trained_on_it(smoke_run, monkeypatch):
-    from trainSelector import scores_of
+    from utils.selector import scores_of
     from utils.checkpoint import load_checkpoint
     from utils.data import load_cifar10, make_splits
     from utils.networks import Network
@@ -430,7 +437,7 @@ def test_each_hold_out_score_comes_from_the_fold_selector_that_never_trained_on_
 
 def test_a_selector_without_out_of_fold_scores_is_refused(smoke_run, tmp_path, monkeypatch):
     from utils.checkpoint import load_checkpoint, save_checkpoint
-    from utils.routing import load_selector, load_students
+    from utils.experiment import load_selector, load_students
     from utils.runtime import Runtime
 
     root, _ = smoke_run
@@ -472,20 +479,20 @@ def colour_students(images):
 def selector_setup(tmp_path, monkeypatch):
     """Two untrained students on a tree of 6 + 2 images per class, 20 of them held out (2 per class), students
     that are always right (by the images' colour), and a record of each selector fit's splits and time box."""
-    import trainSelector
-    import utils.engine
+    import utils.selector
+    import utils.timebox
 
     tree = write_tree(tmp_path / "cifar", per_class=(6, 2))
     students = [random_student(tmp_path / f"s{k}.pt", "googlenet", holdout=20) for k in range(2)]
-    monkeypatch.setattr(trainSelector, "student_logits", lambda students, images, runtime: colour_students(images))
-    monkeypatch.setattr(utils.engine, "choose_epochs", lambda *args, **kwargs: 1)
-    fits, fit = [], trainSelector.fit
+    monkeypatch.setattr(utils.selector, "student_logits", lambda students, images, runtime: colour_students(images))
+    monkeypatch.setattr(utils.timebox, "choose_epochs", lambda *args, **kwargs: 1)
+    fits, fit = [], utils.selector.fit
 
     def recorded(members, splits, args, runtime, **kwargs):
         fits.append({"splits": splits, "box": kwargs["time_box"], "path": str(members[0].files.best)})
         return fit(members, splits, args, runtime, **kwargs)
 
-    monkeypatch.setattr(trainSelector, "fit", recorded)
+    monkeypatch.setattr(utils.selector, "fit", recorded)
     monkeypatch.chdir(tmp_path)
     argv = ["--students", *students, "--data-dir", str(tree), "--partial-data", "--device", "cpu", "--views", "0",
             "--folds", "2", "--batch-size", "4"]
@@ -524,11 +531,11 @@ def test_each_fold_selector_trains_and_chooses_its_epoch_outside_its_fold(select
 
 def test_fold_epochs_give_each_fold_selector_its_own_and_are_checked(selector_setup, monkeypatch, capsys):
     import trainSelector
-    import utils.engine
+    import utils.timebox
     from utils.checkpoint import load_checkpoint
 
     argv, fits = selector_setup
-    monkeypatch.setattr(utils.engine, "choose_epochs", lambda *args, **kwargs: pytest.fail("no time box here"))
+    monkeypatch.setattr(utils.timebox, "choose_epochs", lambda *args, **kwargs: pytest.fail("no time box here"))
     trainSelector.main([*argv, "--epochs", "1", "--fold-epochs", "2", "3"])
     assert [load_checkpoint(f["path"], hint="")["epochs"] for f in fits] == [2, 3, 1]
     assert load_checkpoint("checkpoints/selector.pt", hint="")["cross_fit"]["epochs"] == [2, 3]
@@ -557,18 +564,18 @@ def test_minutes_are_shared_by_the_fold_selectors_and_the_shipped_one(selector_s
 def test_a_selector_after_the_first_trains_one_epoch_where_its_share_is_too_short(selector_setup, monkeypatch,
                                                                                   capsys):
     import trainSelector
-    import utils.engine
+    import utils.timebox
     from utils.checkpoint import load_checkpoint
 
     argv, fits = selector_setup
     epochs = iter([1, 0, 0])  # the first fold's share fits an epoch, the others' (overrun by it) none
-    monkeypatch.setattr(utils.engine, "choose_epochs", lambda *args, **kwargs: next(epochs))
+    monkeypatch.setattr(utils.timebox, "choose_epochs", lambda *args, **kwargs: next(epochs))
     trainSelector.main([*argv, "--minutes", "3"])
     assert [f["box"].at_least_one for f in fits] == [False, True, True]
     out = capsys.readouterr().out
     assert out.count("is too short for one epoch; training one, about ") == 2
     assert all(load_checkpoint(f["path"], hint="")["epochs"] == 1 for f in fits)
-    monkeypatch.setattr(utils.engine, "choose_epochs", lambda *args, **kwargs: 0)  # a first fold is refused
+    monkeypatch.setattr(utils.timebox, "choose_epochs", lambda *args, **kwargs: 0)  # a first fold is refused
     with pytest.raises(UserError, match="the share of --minutes 3 left for each of the last 3 of 3 selectors is too "
                                         "short: one epoch takes about .* give more --minutes, or fewer --folds"):
         trainSelector.main([*argv, "--minutes", "3", "--force"])
@@ -577,8 +584,14 @@ def test_a_selector_after_the_first_trains_one_epoch_where_its_share_is_too_shor
 def test_each_selector_s_share_is_what_is_left_less_the_most_a_selector_ran_over():
     import argparse
 
-    from trainSelector import box_share
-    from utils.engine import TimeBox
+    from utils.selector import CrossFit
+    from utils.timebox import TimeBox
+
+    def box_share(stage, fits_left, args, done, overrun):
+        """The box of the next selector of a stage in which ``done`` were made, ``fits_left`` are to train."""
+        cross_fit = CrossFit([], None, args, None, stage, {})
+        cross_fit.fits_left, cross_fit.folds_made, cross_fit.overrun = fits_left, [None] * done, overrun
+        return cross_fit.box()
 
     args = argparse.Namespace(minutes=1.0, folds=2)
     stage = TimeBox(time.time() - 30, 60)  # 30 s of the stage's 60 are left
@@ -652,19 +665,22 @@ def test_three_students_through_the_selector_and_inference(tmp_path, monkeypatch
     selector = ["--views", "0", "--folds", "2", "--batch-size", "4", "--epochs", "1"]
     trainSelector.main([*common, *selector, "--checkpoint", "selector.pt"])
     trainSelector.main([*common, *selector, "--checkpoint", "selector_shuffled.pt", "--shuffle-labels"])
-    monkeypatch.setattr(inference, "timed", lambda fn, runtime, passes: (fn(), [1.0] * passes))  # each run once
+    monkeypatch.setattr(utils.speed, "timed", lambda fn, runtime, passes: (fn(), [1.0] * passes))  # each run once
     inference.main([*common, "--teacher", str(teacher), "--selector", "selector.pt", "--out", "results",
                     "--router", "selector", "--budget", "2"])
     results = json.loads((tmp_path / "results" / "results.json").read_text())
+    labels = results["labels"]
     assert len(results["routed"]["share"]) == 3 and sum(results["routed"]["share"]) == pytest.approx(1)
-    assert results["students"] == ["student 1 (googlenet)", "student 2 (resnet18)", "student 3 (densenet121)"]
-    assert "Ensemble (all 3 students, probabilities averaged)" in results["accuracy"]
-    assert set(results["costs"]) >= {"teacher", "student 3", "all 3 students", "routed (selector)",
-                                     "selector routing", "cascade to the teacher"}
-    assert set(results["cross_fit"]) == {"Selector", "Selector on shuffled labels"}
-    assert set(results["random_routing"]) == {inference.SELECTOR, inference.CONTROL}
+    assert labels["students"] == ["student 1 (googlenet)", "student 2 (resnet18)", "student 3 (densenet121)"]
+    assert "ensemble" in results["accuracy"]
+    assert labels["systems"]["ensemble"] == "Ensemble (all 3 students, probabilities averaged)"
+    assert set(results["costs"]) >= {"teacher", "student3", "students", "routed", "selector", "to_teacher"}
+    assert results["costs"]["routed"]["router"] == "selector"
+    assert set(results["cross_fit"]) == {"selector", "control"}
+    assert {labels["roles"][k] for k in results["cross_fit"]} == {"Selector", "Selector on shuffled labels"}
+    assert set(results["random_routing"]) == {"selector", "control"}
     cheapest = results["routed"]["budget_gflops"] / 2
-    assert cheapest == pytest.approx(results["costs"]["student 1"]["gflops"])  # googlenet, the cheapest
+    assert cheapest == pytest.approx(results["costs"]["student1"]["gflops"])  # googlenet, the cheapest
 
 
 def test_a_cascade_to_the_teacher_runs_each_network_only_where_the_ones_before_are_unsure():

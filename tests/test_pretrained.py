@@ -180,9 +180,10 @@ def test_flops_count_the_224_forward():
 
 def test_cli_offline_stops_in_one_line_before_the_data_is_read(offline, tmp_path, capsys, monkeypatch):
     import teacherTrain
+    import utils.data
     from utils.cli import run
 
-    monkeypatch.setattr(teacherTrain, "load_cifar10", lambda *a, **k: pytest.fail("the data was read first"))
+    monkeypatch.setattr(utils.data, "load_cifar10", lambda *a, **k: pytest.fail("the data was read first"))
     with pytest.raises(SystemExit) as e:
         run(lambda: teacherTrain.main(["--arch", "googlenet", "--pretrained", "--device", "cpu",
                                        "--checkpoint", str(tmp_path / "run" / "teacher.pt")]))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import inference
+import utils.trained
 from tests.conftest import REPO
 from utils.bundle import bundle_sizes
 
@@ -15,14 +16,20 @@ PUBLISHED = sorted(p for p in (REPO / "results" / "published").glob("*") if (p /
 
 
 @pytest.mark.parametrize("bundle", PUBLISHED, ids=[p.name for p in PUBLISHED])
-def test_a_published_bundle_gives_its_own_tables_again_from_its_logits(bundle, tmp_path):
+def test_a_published_bundle_gives_its_own_tables_again_from_its_logits(bundle, tmp_path, monkeypatch):
     files, within = bundle_sizes(bundle, besides=("README.md", "reproduce.log"))  # where it was made; its log
     assert within, files
     readme = bundle / "README.md"
     assert readme.exists() and "reproduce.py" in readme.read_text()
     results = json.loads((bundle / "results.json").read_text())
     assert not results["device"].startswith("CPU")  # nothing in results/published/ is produced on a CPU
+    fitted = []  # the networks whose temperature is fitted: each once, for the ~40 policies fitted over them
+    fit = utils.trained.fit_temperature
+    monkeypatch.setattr(utils.trained, "fit_temperature", lambda logits, labels: fitted.append(logits) or
+                        fit(logits, labels))
     inference.main(["--bundle", str(bundle), "--out", str(tmp_path)])
+    classifiers = [n for n in results["networks"] if n["checkpoint"]["kind"] != "selector"]
+    assert len(fitted) == len(classifiers)
     published = (bundle / "results.md").read_text().splitlines()
     again = [line for line in (tmp_path / "results.md").read_text().splitlines()
              if "re-analysed from the bundle" not in line]

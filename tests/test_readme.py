@@ -68,7 +68,7 @@ def test_the_cpu_walkthrough_links_its_stages():
     (walkthrough,) = [block for block in bash_blocks() if "export CIFAR10_DIR" in block]
     steps = dict((" ".join([script, *argv[:2]]), argv) for script, argv in commands(walkthrough))
     teacher = teacherTrain.parse_args(steps["teacherTrain.py --name cpu"])
-    students = StudentTrain.parse_args(steps["StudentTrain.py --model 1"])  # --model 1 2: both, in one loop
+    students = StudentTrain.parse_args(steps["StudentTrain.py --model 1"]).members  # --model 1 2: both, in one loop
     selector = trainSelector.build_parser().parse_args(steps["trainSelector.py --name cpu"])
     results = inference.parse_args(steps["inference.py --name cpu"])
     assert all(s.teacher == teacher.checkpoint for s in students)

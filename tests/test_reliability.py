@@ -33,6 +33,7 @@ import utils.engine
 import utils.lock
 import utils.networks
 import utils.runs
+import utils.runtime
 from tests.conftest import REPO, write_tree
 from utils.checkpoint import load_checkpoint
 from utils.cli import UserError, run
@@ -467,7 +468,7 @@ def test_an_output_folder_that_cannot_be_created_is_one_line_before_any_data_is_
     def no_data(*args, **kwargs):
         raise AssertionError("data was read before the output folder was checked")
 
-    monkeypatch.setattr(teacherTrain, "load_cifar10", no_data)
+    monkeypatch.setattr(utils.data, "load_cifar10", no_data)
     line = one_error_line(capsys, lambda: teacherTrain.main(flags(tree, checkpoint)))
     assert f"cannot create the output folder {checkpoint.parent}" in line and "--checkpoint" in line
 
@@ -527,7 +528,7 @@ def test_an_unwritable_evaluate_out_is_one_line_before_any_work(tmp_path, monkey
     def no_work(*args, **kwargs):
         raise AssertionError("work began before --out was checked")
 
-    monkeypatch.setattr(evaluate, "setup_runtime", no_work)
+    monkeypatch.setattr(utils.runtime, "setup_runtime", no_work)
     line = one_error_line(capsys, lambda: evaluate.main(["teacher.pt", "--out", str(out)]))
     assert needle in line and "--out" in line, line
     assert sorted(tmp_path.rglob("*")) == before
@@ -547,7 +548,8 @@ def test_an_unwritable_inference_out_is_one_line_before_any_work(tmp_path, monke
 
     blocker = tmp_path / "results"
     blocker.write_text("a file where the results should go\n")
-    monkeypatch.setattr(inference, "setup_runtime", lambda args: pytest.fail("work began before --out was checked"))
+    monkeypatch.setattr(utils.runtime, "setup_runtime",
+                        lambda *args, **kwargs: pytest.fail("work began before --out was checked"))
     line = one_error_line(capsys, lambda: inference.main(["--out", str(blocker / "run")]))
     assert f"cannot create the output folder {blocker / 'run'}: {blocker} is a file" in line and "--out" in line
 
@@ -720,7 +722,7 @@ def test_a_second_run_on_the_same_output_is_refused_until_the_first_process_ends
     try:
         assert holder.stdout.readline() == "locked\n"
         before = contents(tmp_path)
-        monkeypatch.setattr(teacherTrain, "load_cifar10", lambda *a, **k: pytest.fail("data read by a second run"))
+        monkeypatch.setattr(utils.data, "load_cifar10", lambda *a, **k: pytest.fail("data read by a second run"))
         line = one_error_line(capsys, lambda: teacherTrain.main(tiny_flags(tree, checkpoint, epochs=1)))
         assert line == (f"error: another run is writing these files: process {holder.pid} holds {lock}; wait for "
                         "it to end, or write elsewhere with --name or --checkpoint")

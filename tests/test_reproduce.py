@@ -18,6 +18,7 @@ import reproduce
 import StudentTrain
 import teacherTrain
 import trainSelector
+import utils.pipeline as pipeline
 from models import build_model
 from tests.conftest import write_tree
 from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
@@ -99,10 +100,8 @@ def test_scripts_write_the_checkpoints_the_plan_inspects():
         if stage.module is trainSelector:  # its parse_args reads the students' checkpoints
             parsed = stage.module.build_parser().parse_args(stage.argv)
             written = [default_checkpoint(parsed.name, "selector_shuffled" if parsed.shuffle_labels else "selector")]
-        elif stage.module is StudentTrain:
-            written = [flags.checkpoint for flags in stage.module.parse_args(stage.argv)]
         else:
-            written = [stage.module.parse_args(stage.argv).checkpoint]
+            written = list(stage.module.runs(stage.module.parse_args(stage.argv)))
         assert written == list(map(str, stage.paths)), stage.title
     assert [path.name for path in plan[1].paths] == ["student_densenet121.pt", "student_densenet121_nokd.pt",
                                                      "student_googlenet.pt", "student_googlenet_nokd.pt"]
@@ -202,20 +201,20 @@ def student_stage(tree, *extra, name=NAME):
 def test_stages_trained_as_asked_are_complete(trained, monkeypatch):
     root, tree, fingerprint = trained
     monkeypatch.chdir(root)
-    assert reproduce.stage_state(teacher_stage(tree), fingerprint) == ("complete", "")
-    assert reproduce.stage_state(student_stage(tree), fingerprint) == ("complete", "")
+    assert pipeline.stage_state(teacher_stage(tree), fingerprint) == ("complete", "")
+    assert pipeline.stage_state(student_stage(tree), fingerprint) == ("complete", "")
     # flags that do not change the result (time budget, logging, saving, device, data location) leave it current
     control = student_stage(tree, "--time-budget", "5", "--log-every", "7", "--save-every", "0", "--data-dir",
                             str(root / "copy"))
-    assert reproduce.stage_state(control, fingerprint) == ("complete", "")
+    assert pipeline.stage_state(control, fingerprint) == ("complete", "")
 
 
 def test_other_flags_make_a_stage_stale(trained, monkeypatch):
     root, tree, fingerprint = trained
     monkeypatch.chdir(root)
-    state, why = reproduce.stage_state(student_stage(tree, "--epochs", "2"), fingerprint)
+    state, why = pipeline.stage_state(student_stage(tree, "--epochs", "2"), fingerprint)
     assert state == "stale" and why.startswith("trained with other flags: --epochs")
-    state, why = reproduce.stage_state(student_stage(tree, "--kd-loss", "mse", "--seed", "4"), fingerprint)
+    state, why = pipeline.stage_state(student_stage(tree, "--kd-loss", "mse", "--seed", "4"), fingerprint)
     assert state == "stale" and "--kd-loss" in why and "--seed" in why
 
 
@@ -224,14 +223,14 @@ def test_other_data_makes_every_stage_stale(trained, tmp_path, monkeypatch):
     other = load_cifar10(write_tree(tmp_path / "other", per_class=(5, 2)), allow_partial=True, verbose=False)
     assert other.fingerprint != fingerprint
     monkeypatch.chdir(root)
-    assert reproduce.stage_state(teacher_stage(tree), other.fingerprint) == ("stale", "trained on other data")
-    assert reproduce.stage_state(student_stage(tree), other.fingerprint) == ("stale", "trained on other data")
+    assert pipeline.stage_state(teacher_stage(tree), other.fingerprint) == ("stale", "trained on other data")
+    assert pipeline.stage_state(student_stage(tree), other.fingerprint) == ("stale", "trained on other data")
 
 
 def test_nothing_trained_is_missing(trained, monkeypatch):
     root, tree, fingerprint = trained
     monkeypatch.chdir(root)
-    assert reproduce.stage_state(teacher_stage(tree, name="never"), fingerprint) == ("missing", "")
+    assert pipeline.stage_state(teacher_stage(tree, name="never"), fingerprint) == ("missing", "")
 
 
 def test_a_stage_of_several_checkpoints_some_complete_and_some_missing_is_stale(trained, monkeypatch):
@@ -239,20 +238,20 @@ def test_a_stage_of_several_checkpoints_some_complete_and_some_missing_is_stale(
     monkeypatch.chdir(root)
     both = reproduce.Stage("students", StudentTrain, [Path(STUDENT), Path(STUDENT.replace(".pt", "_nokd.pt"))],
                            student_argv(tree, "--with-nokd"))
-    state, why = reproduce.stage_state(both, fingerprint)
+    state, why = pipeline.stage_state(both, fingerprint)
     assert state == "stale" and f"{STUDENT} complete" in why and "_nokd.pt missing" in why
 
 
 def test_a_student_of_a_vanished_teacher_is_stale(copy_of):
     tree, fingerprint = copy_of
     os.remove(TEACHER)
-    assert reproduce.stage_state(student_stage(tree), fingerprint) == ("stale", "its teacher changed since")
+    assert pipeline.stage_state(student_stage(tree), fingerprint) == ("stale", "its teacher changed since")
 
 
 def plan_of(monkeypatch, *plan):
     """Make ``run_pipeline`` train these stages, and record the inference stage instead of running it."""
     monkeypatch.setattr(reproduce, "stages", lambda args, name, seed: (list(plan), ["--name", name]))
-    monkeypatch.setattr(reproduce, "finish_bundle", lambda *args: None)
+    monkeypatch.setattr(pipeline, "finish_bundle", lambda *args: None)
     calls = []
     monkeypatch.setattr(inference, "main", calls.append)
     return calls
@@ -280,7 +279,7 @@ def test_a_stale_stage_stops_the_pipeline_and_deletes_nothing_without_force(copy
     wall = reproduce.run_pipeline(pipeline_args("--force"), NAME, 0, fingerprint)
     student = load_checkpoint(STUDENT, hint="")
     assert student["weights_sha256"] != old_student and student["teacher"]["weights_sha256"] == sha(TEACHER)
-    assert reproduce.stage_state(student_stage(tree), fingerprint) == ("complete", "")
+    assert pipeline.stage_state(student_stage(tree), fingerprint) == ("complete", "")
     assert set(wall) == {"teacher", "student", "inference"}
     assert calls == [["--name", NAME, "--out", os.path.join("results", NAME, "bundle")]]
 
@@ -309,7 +308,7 @@ def test_a_pipeline_stopped_by_its_time_budget_exits_75_and_goes_on_when_run_aga
     assert "teacher stopped before its end; run the same command again to go on" in out
     assert f"continue with: {args.command}" in out  # the pipeline's command, not the stage's
     assert calls == [] and not os.path.exists(student)
-    assert reproduce.stage_state(teacher_stage(tree, "--epochs", "2", name="cut"), fingerprint) == ("partial", "")
+    assert pipeline.stage_state(teacher_stage(tree, "--epochs", "2", name="cut"), fingerprint) == ("partial", "")
     first_epoch = load_checkpoint(teacher.replace(".pt", ".last.pt"), hint="")["history"]
 
     assert reproduce.run_pipeline(args, "cut", 0, fingerprint) is not None
@@ -340,19 +339,20 @@ def test_a_selector_of_a_changed_student_is_stale(trained, tmp_path):
             "--folds", "2", "--epochs", "1", "--batch-size", "3", "--checkpoint", str(tmp_path / "selector.pt")]
     trainSelector.main(argv)
     stage = reproduce.Stage("selector", trainSelector, [tmp_path / "selector.pt"], argv)
-    assert reproduce.stage_state(stage, fingerprint) == ("complete", "")
+    assert pipeline.stage_state(stage, fingerprint) == ("complete", "")
     random_student(students[1], seed=7)
-    assert reproduce.stage_state(stage, fingerprint) == ("stale", "its student 2 changed since")
+    assert pipeline.stage_state(stage, fingerprint) == ("stale", "its student 2 changed since")
 
 
 # ----------------------------------------------------------------------------- --seeds
 
 def fake_results(folder, accuracy, kd_gain):
+    """A bundle's results.json: ``accuracy`` by label (the label is the identifier here), ``kd_gain`` by arch."""
     folder = folder / "bundle"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(
-        {"accuracy": accuracy, "kd_gain": {arch: {"difference": d, "low": d - 1, "high": d + 1}
-                                           for arch, d in kd_gain.items()}}))
+        {"accuracy": accuracy, "labels": {"systems": {k: k for k in accuracy}},
+         "kd_gain": {arch: {"difference": d, "low": d - 1, "high": d + 1} for arch, d in kd_gain.items()}}))
 
 
 def test_summary_is_mean_and_sample_std_per_row(tmp_path, monkeypatch):
@@ -361,14 +361,15 @@ def test_summary_is_mean_and_sample_std_per_row(tmp_path, monkeypatch):
     fake_results(out / "seed0", {"Teacher": 0.90, "Student googlenet": 0.80}, {"googlenet": 0.02})
     fake_results(out / "seed1", {"Teacher": 0.92, "Student googlenet": 0.83}, {"googlenet": 0.04})
 
-    reproduce.summarise(NAME, [0, 1])
+    pipeline.summarise(NAME, [0, 1])
 
     summary = json.loads((out / "seeds.json").read_text())
     assert summary["seeds"] == [0, 1]
     rows = summary["rows"]
-    assert list(rows) == ["Teacher", "Student googlenet", "KD gain: googlenet"]
+    assert list(rows) == ["Teacher", "Student googlenet", "kd_gain:googlenet"]
+    assert [row["label"] for row in rows.values()] == ["Teacher", "Student googlenet", "KD gain: googlenet"]
     expected = {"Teacher": (91.0, 2 ** 0.5), "Student googlenet": (81.5, 4.5 ** 0.5),
-                "KD gain: googlenet": (3.0, 2 ** 0.5)}
+                "kd_gain:googlenet": (3.0, 2 ** 0.5)}
     for row, (mean, std) in expected.items():  # the sample std of two values d apart is d / sqrt(2), not d / 2
         assert rows[row]["mean"] == pytest.approx(mean) and rows[row]["std"] == pytest.approx(std), row
     assert rows["Teacher"]["values"] == pytest.approx([90.0, 92.0])

@@ -4,19 +4,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.cli import UserError
 from utils.data import stratified_folds
 from utils.plots import plot_accuracy_vs_flops
-from utils.routers import (
+from utils.choices import ROUTERS
+from utils.policies import (
+    POLICIES,
     RANDOM_DRAWS,
-    ROUTERS,
-    BudgetError,
     CascadeRouter,
     DeferralRouter,
     EnsembleRouter,
+    NoThresholdError,
     RandomRouter,
     SelectorRouter,
-    SingleStudentRouter,
+    SingleRouter,
     StudentOutputs,
     build_router,
     cost_envelope,
@@ -24,12 +24,11 @@ from utils.routers import (
     fit_temperature,
     ladder_curve,
     oracle_routing,
-    selector_targets,
-    shuffled_labels,
-    students_disagree,
 )
-from utils.routing import fit_router, out_of_fold
+from utils.routed import Ladder, budget_refusal, fit_policy
+from utils.selector import out_of_fold, selector_targets, shuffled_labels, students_disagree
 from utils.stats import paired_bootstrap
+from utils.trained import Trained
 
 FLOPS = (1.777, 2.902)  # DenseNet121 and GoogLeNet, GFLOPs per 32x32 image
 SELECTOR_FLOPS = 0.077
@@ -74,12 +73,12 @@ def easy_hard():
 
 
 def single(k, holdout):
-    return SingleStudentRouter(FLOPS, k).fit(*holdout).route(holdout[0])
+    return SingleRouter(FLOPS, order=(k,)).fit(*holdout).route(holdout[0])
 
 
 def test_only_a_fitted_cascade_threshold_beats_both_students(easy_hard):
     holdout, (test, labels) = easy_hard
-    students = [SingleStudentRouter(FLOPS, k).fit(*holdout).route(test).accuracy(labels) for k in range(2)]
+    students = [SingleRouter(FLOPS, order=(k,)).fit(*holdout).route(test).accuracy(labels) for k in range(2)]
     ensemble = EnsembleRouter(FLOPS).fit(*holdout).route(test)
     cascade = CascadeRouter(FLOPS).fit(*holdout).route(test)
     assert cascade.accuracy(labels) > max(students) + 0.1
@@ -232,7 +231,7 @@ def test_oracle_bounds_every_system_at_the_cost_of_all_students(easy_hard):
     oracle = oracle_routing(test, labels, FLOPS)
     assert oracle.gflops == pytest.approx(sum(FLOPS))
     assert oracle.accuracy(labels) == (test.logits.argmax(-1) == labels[:, None]).any(1).double().mean().item()
-    for router in (CascadeRouter(FLOPS), DeferralRouter(FLOPS), EnsembleRouter(FLOPS), SingleStudentRouter(FLOPS, 1)):
+    for router in (CascadeRouter(FLOPS), DeferralRouter(FLOPS), EnsembleRouter(FLOPS), SingleRouter(FLOPS, order=(1,))):
         assert router.fit(*holdout).route(test).accuracy(labels) <= oracle.accuracy(labels)
     ensemble = EnsembleRouter(FLOPS).fit(*holdout).route(test)
     assert ensemble.share.tolist() == [1.0, 1.0] and ensemble.gflops == pytest.approx(sum(FLOPS))
@@ -256,6 +255,7 @@ def test_registry_and_clear_refusals(easy_hard):
     (holdout, labels), _ = easy_hard
     for name in ROUTERS:
         assert build_router(name, flops=FLOPS).name == name
+    assert set(ROUTERS) <= set(POLICIES)
     with pytest.raises(ValueError, match="cascade, deferral, selector"):
         build_router("bandit", flops=FLOPS)
     with pytest.raises(ValueError, match="selector's scores"):
@@ -277,11 +277,10 @@ def test_accuracy_vs_flops_plot(easy_hard, tmp_path):
     assert (tmp_path / "a.png").stat().st_size > 0
 
 
-class Scored:
+def Scored(gflops, logits, labels):
     """A stand-in for a trained ``Network``: its GFLOPs and its logits on the hold-out and test splits."""
-
-    def __init__(self, gflops, logits, labels):
-        self.gflops, self.logits = gflops, {"holdout": (logits, labels), "test": (logits, labels)}
+    return Trained("", f"network of {gflops} GFLOPs", {}, flops=gflops * 1e9,
+                   logits={"holdout": (logits, labels), "test": (logits, labels)})
 
 
 @pytest.mark.parametrize("name", ["cascade", "deferral"])
@@ -289,7 +288,7 @@ def test_a_router_runs_the_cheapest_student_first_in_whichever_order_they_are_li
     (holdout, labels), _ = easy_hard
     cheap, dear = (Scored(gflops, holdout.logits[:, k], labels) for k, gflops in enumerate((0.9, 1.8)))
     for students in ([cheap, dear], [dear, cheap]):
-        router = fit_router(name, 1.0, students, None)
+        router = fit_policy(name, Ladder(students), budget=1.0)
         assert students[router.order[0]] is cheap and router.flops[router.order[0]] == 0.9
         routing = router.route(StudentOutputs(torch.stack([s.logits["holdout"][0] for s in students], 1)))
         assert routing.ran[:, router.order[0]].all() and not routing.ran[:, router.order[1]].any()
@@ -321,37 +320,46 @@ def test_route_sends_exactly_the_images_the_curve_counts_at_every_threshold():
 
 # ----------------------------------------------------------------------------- budgets and the errors fit may raise
 
-def test_only_a_missed_budget_is_caught_a_shape_or_count_mismatch_goes_through():
-    from utils.routing import try_fit
-
+def test_only_a_missed_budget_is_a_missed_budget_a_shape_or_count_mismatch_is_not():
     outputs, labels = complementary(500, 0)
     students = [Scored(gflops, outputs.logits[:, k], labels) for k, gflops in enumerate((0.9, 1.8))]
     selector = Scored(SELECTOR_FLOPS, outputs.selector_scores, labels)
-    assert try_fit("selector", 1.0, students, selector) is None  # the selector alone exceeds 1x: no threshold
-    with pytest.raises(BudgetError):
-        fit_router("selector", 1.0, students, selector)
+    with pytest.raises(NoThresholdError):  # the selector alone exceeds 1x: no threshold
+        fit_policy("selector", Ladder(students, selector), budget=1.0)
     for width in (1, 3):  # a selector trained for other students
         wrong = Scored(SELECTOR_FLOPS, torch.zeros(len(labels), width), labels)
-        with pytest.raises(ValueError, match="selector_scores must be"):
-            try_fit("selector", 1.5, students, wrong)
+        with pytest.raises(ValueError, match="selector_scores must be") as mismatch:
+            fit_policy("selector", Ladder(students, wrong), budget=1.5)
+        assert not isinstance(mismatch.value, NoThresholdError)
     flat = [Scored(0.9, outputs.logits[:, 0, 0], labels), Scored(1.8, outputs.logits[:, 1, 0], labels)]
-    with pytest.raises(ValueError, match="logits must be"):
-        try_fit("cascade", 1.5, flat, None)
+    with pytest.raises(ValueError, match="logits must be") as mismatch:
+        fit_policy("cascade", Ladder(flat), budget=1.5)
+    assert not isinstance(mismatch.value, NoThresholdError)
 
 
 def test_a_budget_below_the_cheapest_system_is_refused_naming_the_least_that_fits():
-    from utils.routing import fit_headline
-
     outputs, labels = complementary(500, 0)
     students = [Scored(gflops, outputs.logits[:, k], labels) for k, gflops in enumerate((0.9, 1.8))]
     selector = Scored(0.077, outputs.selector_scores, labels)
-    with pytest.raises(UserError) as refusal:
-        fit_headline("selector", 1.0, students, selector)
-    message = str(refusal.value)
+    with pytest.raises(NoThresholdError) as missed:
+        fit_policy("selector", Ladder(students, selector), budget=1.0)
+    message = str(budget_refusal("selector", 1.0, missed.value))
     assert "\n" not in message and message.startswith("--budget 1 is below the cheapest selector system")
     assert message.endswith("give --budget 1.09 or more")  # (0.9 + 0.077) / 0.9 = 1.0856
-    assert fit_headline("selector", 1.09, students, selector).route(outputs).gflops <= 1.09 * 0.9
-    assert fit_headline("cascade", 1.0, students, None).route(outputs).gflops == pytest.approx(0.9)
+    assert fit_policy("selector", Ladder(students, selector), budget=1.09).route(outputs).gflops <= 1.09 * 0.9
+    assert fit_policy("cascade", Ladder(students), budget=1.0).route(outputs).gflops == pytest.approx(0.9)
+
+
+def test_a_router_fitted_once_gives_the_threshold_of_each_budget_a_fit_for_it_gives():
+    (holdout, labels), (test, _) = easy_and_hard(2000, 0), easy_and_hard(2000, 1)
+    fitted = DeferralRouter(FLOPS).fit(holdout, labels)
+    for budget in (1.0, 1.1, 1.3):
+        again = DeferralRouter(FLOPS).fit(holdout, labels, budget=budget)
+        assert fitted.at(budget=budget).threshold_ == again.threshold_
+        assert torch.equal(fitted.at(budget=budget).route(test).ran, again.route(test).ran)
+    assert fitted.at(budget=1.0).threshold_ != fitted.threshold_  # a copy: the fitted router keeps its own
+    with pytest.raises(NoThresholdError):
+        fitted.at(accuracy=1.01)
 
 
 # ----------------------------------------------------------------------------- learned deferral: help and hurt
@@ -442,7 +450,7 @@ def teacher_as_last_resort(n, seed):
 def test_a_cascade_to_the_teacher_reaches_its_accuracy_for_less_than_it_costs():
     flops = (1.0, 2.0, 4.0)
     (holdout, holdout_labels), (test, labels) = teacher_as_last_resort(4000, 0), teacher_as_last_resort(4000, 1)
-    teacher = SingleStudentRouter(flops, 2).fit(holdout, holdout_labels)
+    teacher = SingleRouter(flops, order=(2,)).fit(holdout, holdout_labels)
     router = CascadeRouter(flops, order=(0, 1, 2)).fit(holdout, holdout_labels)
     curve = router.curve(holdout, holdout_labels)
     point = curve.cheapest(teacher.route(holdout).accuracy(holdout_labels))
@@ -453,7 +461,7 @@ def test_a_cascade_to_the_teacher_reaches_its_accuracy_for_less_than_it_costs():
     assert routing.gflops < 0.7 * flops[2] and routing.ran[:, 0].all()
     assert 0.1 < routing.ran[:, 2].double().mean().item() < 0.25  # the teacher on (most of) the hard fifth
     assert not (routing.ran[:, 2] & ~routing.ran[:, 1]).any()  # no stage skipped
-    first = SingleStudentRouter(flops, 0).fit(holdout, holdout_labels).route(holdout)
+    first = SingleRouter(flops, order=(0,)).fit(holdout, holdout_labels).route(holdout)
     assert curve.accuracy[0].item() == pytest.approx(first.accuracy(holdout_labels))
     assert curve.gflops[-1].item() == pytest.approx(sum(flops))  # every stage on every image at -inf
 

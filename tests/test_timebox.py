@@ -18,12 +18,14 @@ import inference
 import reproduce
 import StudentTrain
 import teacherTrain
-import utils.engine
+import utils.data
+import utils.distill
+import utils.timebox
 from tests.conftest import REPO, SHARED_ARCHIVE, write_tree
 from utils.bundle import MAX_BYTES, MAX_FILE_BYTES, MAX_FILES, bundle_sizes
 from utils.checkpoint import load_checkpoint
 from utils.cli import UserError
-from utils.engine import choose_epochs
+from utils.timebox import choose_epochs
 
 SPLIT = ["--holdout", "10", "--limit", "10", "--partial-data", "--device", "cpu"]
 
@@ -59,17 +61,17 @@ def test_students_trained_together_are_the_students_trained_alone(tree, teacher,
     each no-KD twin ends with the very weights a run of its own gives."""
     common = ["--data-dir", str(tree), *SPLIT, "--teacher", str(teacher), "--batch-size", "5", "--epochs", "2",
               "--seed", "3"]
-    load_teacher, teacher_passes = StudentTrain.load_teacher, []
+    load_teacher, teacher_passes = utils.distill.load_teacher, []
 
     def counted(*args, **kwargs):
         network = load_teacher(*args, **kwargs)
         network.model.register_forward_hook(lambda *_: teacher_passes.append(1))
         return network
 
-    monkeypatch.setattr(StudentTrain, "load_teacher", counted)
+    monkeypatch.setattr(utils.distill, "load_teacher", counted)
     StudentTrain.main([*common, "--model", "densenet121", "googlenet", "--with-nokd", "--name", "together"])
     assert len(teacher_passes) == 2 * (10 // 5)  # 2 epochs of 10 images in batches of 5, for all four members
-    monkeypatch.setattr(StudentTrain, "load_teacher", load_teacher)
+    monkeypatch.setattr(utils.distill, "load_teacher", load_teacher)
 
     for arch, extra in [("googlenet", []), ("densenet121", ["--no-kd"])]:
         StudentTrain.main([*common, "--model", arch, *extra, "--name", "alone"])
@@ -105,7 +107,7 @@ def test_epochs_are_the_most_that_fit_what_is_left_of_the_box():
 
 def test_a_time_boxed_run_chooses_its_epochs_records_them_and_epochs_repeat_it_exactly(tree, tmp_path, monkeypatch):
     """The time box measures steps, then puts everything back: the run that follows is the one --epochs gives."""
-    monkeypatch.setattr(utils.engine, "choose_epochs", lambda *args, **kwargs: 3)  # whatever the machine's speed
+    monkeypatch.setattr(utils.timebox, "choose_epochs", lambda *args, **kwargs: 3)  # whatever the machine's speed
     argv = ["--data-dir", str(tree), *SPLIT, "--arch", "googlenet", "--batch-size", "4", "--seed", "1"]
     teacherTrain.main([*argv, "--minutes", "5", "--checkpoint", "boxed/teacher.pt"])
     boxed = load_checkpoint("boxed/teacher.pt", hint="")
@@ -121,13 +123,13 @@ def test_a_time_boxed_run_chooses_its_epochs_records_them_and_epochs_repeat_it_e
 
 
 def test_an_interrupted_time_boxed_run_resumes_with_its_chosen_epochs(tree, monkeypatch):
-    monkeypatch.setattr(utils.engine, "choose_epochs", lambda *args, **kwargs: 3)
+    monkeypatch.setattr(utils.timebox, "choose_epochs", lambda *args, **kwargs: 3)
     argv = ["--data-dir", str(tree), *SPLIT, "--arch", "googlenet", "--batch-size", "4", "--minutes", "5",
             "--checkpoint", "boxed/teacher.pt"]
     with pytest.raises(SystemExit) as stop:
         teacherTrain.main([*argv, "--time-budget", "0"])
     assert stop.value.code == 75
-    monkeypatch.setattr(utils.engine, "choose_epochs", lambda *args, **kwargs: 9)  # a new plan would differ
+    monkeypatch.setattr(utils.timebox, "choose_epochs", lambda *args, **kwargs: 9)  # a new plan would differ
     teacherTrain.main([*argv, "--minutes", "1", "--resume"])  # even with another box
     final = load_checkpoint("boxed/teacher.pt", hint="")
     assert final["epochs"] == final["epochs_run"] == 3 and final["timing"]["minutes"] == 5
@@ -155,7 +157,7 @@ def boxed_pipeline(tmp_path_factory):
     partial = [] if SHARED_ARCHIVE.exists() else ["--partial-data"]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        patch.setattr(utils.engine, "choose_epochs", lambda *args, **kwargs: 1)
+        patch.setattr(utils.timebox, "choose_epochs", lambda *args, **kwargs: 1)
         reproduce.main(["--preset", "smoke", "--minutes", "3", "--data-dir", str(data), *partial])
     return root, root / "results" / "smoke" / "bundle"
 
@@ -195,7 +197,7 @@ def test_a_bundle_alone_gives_the_same_tables_without_data_or_checkpoints(boxed_
     def no_data(*args, **kwargs):
         raise AssertionError("a bundle is analysed without the data")
 
-    monkeypatch.setattr(inference, "load_cifar10", no_data)
+    monkeypatch.setattr(utils.data, "load_cifar10", no_data)
     inference.main(["--bundle", str(copy), "--out", str(tmp_path / "again")])
     before = json.loads((bundle / "results.json").read_text())
     after = json.loads((tmp_path / "again" / "results.json").read_text())

@@ -18,6 +18,7 @@ import torch.nn as nn
 import StudentTrain
 import teacherTrain
 import utils.checkpoint
+import utils.distill
 import utils.engine
 import utils.losses
 from models import build_model
@@ -29,10 +30,12 @@ from utils.checkpoint import (
     save_checkpoint,
 )
 from utils.cli import UserError, run
-from utils.data import CLASSES, DeviceLoader, Split, load_cifar10, make_splits
-from utils.engine import evaluate, evaluated_epoch, learning_rate, warmup_steps
+from utils.data import CLASSES, DeviceLoader, load_cifar10, make_splits
+from utils.engine import evaluate, learning_rate, warmup_steps
 from utils.losses import distillation_loss
 from utils.runtime import Runtime
+from utils.split import Split
+from utils.timebox import evaluated_epoch
 
 TEACHER_ARCH = "googlenet"
 STUDENT_ARCH = "densenet121"  # StudentTrain.py --model 1
@@ -135,7 +138,7 @@ def test_teacher_epoch_writes_a_complete_checkpoint_set(teacher, tree):
 
 def test_kd_student_epoch_uses_the_teacher(teacher, tree, tmp_path, monkeypatch):
     seen = {"teacher_outputs": [], "kd_calls": []}
-    load_teacher, terms = StudentTrain.load_teacher, utils.losses.kd_terms
+    load_teacher, terms = utils.distill.load_teacher, utils.losses.kd_terms
 
     def spy_load_teacher(*args, **kwargs):
         teacher = load_teacher(*args, **kwargs)
@@ -147,7 +150,7 @@ def test_kd_student_epoch_uses_the_teacher(teacher, tree, tmp_path, monkeypatch)
         seen["kd_calls"].append((name, teacher_logits.detach().clone(), {"temperature": temperature, "alpha": alpha}))
         return terms(name, student_logits, teacher_logits, targets, temperature, alpha, label_smoothing)
 
-    monkeypatch.setattr(StudentTrain, "load_teacher", spy_load_teacher)
+    monkeypatch.setattr(utils.distill, "load_teacher", spy_load_teacher)
     monkeypatch.setattr(utils.losses, "kd_terms", spy_kd_terms)
     checkpoint = tmp_path / "student.pt"
     StudentTrain.main(flags(tree, checkpoint, "--teacher", str(teacher), "--temperature", "3", "--alpha", "0.8"))
@@ -174,7 +177,7 @@ def test_kd_student_epoch_uses_the_teacher(teacher, tree, tmp_path, monkeypatch)
 
 def test_default_student_checkpoint_names():
     def checkpoints(*argv):
-        return [flags.checkpoint for flags in StudentTrain.parse_args(argv)]
+        return list(StudentTrain.runs(StudentTrain.parse_args(argv)))
 
     assert checkpoints() == ["checkpoints/student_densenet121.pt"]
     assert checkpoints("--no-kd") == ["checkpoints/student_densenet121_nokd.pt"]
@@ -183,7 +186,7 @@ def test_default_student_checkpoint_names():
     assert checkpoints("--model", "1", "2", "--with-nokd", "--name", "x") == [
         "checkpoints/x/student_densenet121.pt", "checkpoints/x/student_densenet121_nokd.pt",
         "checkpoints/x/student_googlenet.pt", "checkpoints/x/student_googlenet_nokd.pt"]
-    assert StudentTrain.parse_args(["--model", "resnet50", "--no-kd"])[0].arch == "resnet50"
+    assert StudentTrain.parse_args(["--model", "resnet50", "--no-kd"]).members[0].arch == "resnet50"
     assert checkpoints("--no-kd", "--checkpoint", "x.pt") == ["x.pt"]
 
 
@@ -512,7 +515,7 @@ def test_recipes_fill_the_flags_not_given_and_the_command_line_wins():
 
     teacher = teacherTrain.parse_args([])
     assert (teacher.epochs, teacher.cutout, teacher.padding) == (RECIPES["resnet50"]["epochs"], 12, "reflect")
-    (student,) = StudentTrain.parse_args(["--model", "2", "--epochs", "3", "--cutout", "0"])
+    (student,) = StudentTrain.parse_args(["--model", "2", "--epochs", "3", "--cutout", "0"]).members
     assert (student.epochs, student.cutout, student.lr) == (3, 0, RECIPES["googlenet"]["lr"])
     assert student.warmup_epochs == 2.0
 
@@ -542,15 +545,18 @@ def test_a_kd_student_trains_with_every_augmentation_and_logs_its_loss_terms(tea
 
 
 def test_a_copy_of_the_tree_without_git_records_the_commit_it_is_told(tmp_path, monkeypatch):
-    import utils.runs
+    import utils.provenance
 
-    if (REPO / ".git").exists():
-        assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?", utils.runs.git_commit())  # this checkout's own
-    monkeypatch.setattr(utils.runs, "REPO", tmp_path)  # a copy of the files, no .git
     monkeypatch.delenv("MSKD_GIT_COMMIT", raising=False)
-    assert utils.runs.git_commit() is None
+    if (REPO / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?", utils.provenance.git_commit())  # this checkout's own
+    monkeypatch.setattr(utils.provenance, "REPO", tmp_path)  # a copy of the files, no .git
+    monkeypatch.delenv("MSKD_GIT_COMMIT", raising=False)
+    assert utils.provenance.git_commit() is None
     monkeypatch.setenv("MSKD_GIT_COMMIT", "0123456789ab")
-    assert utils.runs.git_commit() == "0123456789ab"
+    assert utils.provenance.git_commit() == "0123456789ab"
+    monkeypatch.setattr(utils.provenance, "REPO", REPO)  # a warm machine's old .git: the commit it is told wins
+    assert utils.provenance.git_commit() == "0123456789ab"
 
 
 def test_a_network_is_evaluated_with_the_views_it_was_trained_to_use(tree, tmp_path):
@@ -565,3 +571,16 @@ def test_a_network_is_evaluated_with_the_views_it_was_trained_to_use(tree, tmp_p
     saved = load_checkpoint(checkpoint, hint=TEACHER_HINT)
     assert (logits.argmax(1) == labels).double().mean().item() == pytest.approx(saved["test_acc"])
     assert network.gflops == pytest.approx(2 * model_stats(network.model)["flops"] / 1e9)  # two views per image
+
+
+def test_each_split_goes_to_the_device_once(tree, tmp_path, monkeypatch):
+    made = []
+
+    class Counted(DeviceLoader):
+        def __init__(self, images, *args, train=False, **kwargs):
+            made.append((len(images), train))
+            super().__init__(images, *args, train=train, **kwargs)
+
+    monkeypatch.setattr(utils.engine, "DeviceLoader", Counted)
+    teacherTrain.main(teacher_flags(tree, tmp_path / "teacher.pt"))
+    assert sorted(made) == [(10, False), (10, False), (10, True)]  # hold-out, test, training: each once

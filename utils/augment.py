@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 CIFAR10_MEAN_PIXEL = (125, 123, 114)  # round(255 * utils.data.MEAN): cut-out squares normalise to ~0
-MIXERS = {"cutmix": (v2.CutMix,), "mixup": (v2.MixUp,), "both": (v2.CutMix, v2.MixUp)}
+MIXERS = {"cutmix": ("CutMix",), "mixup": ("MixUp",), "both": ("CutMix", "MixUp")}  # of torchvision's v2
 
 
 def random_translate_flip(images, generator, pad=4, padding_mode="reflect"):
@@ -71,13 +70,15 @@ def mix(images, labels, seed, kind="cutmix", alpha=1.0, num_classes=10, p=1.0):
     one synchronisation to read a seed from it. Returns the mixed images and soft targets
     ``(B, num_classes)`` that sum to 1 (one-hot ones when the batch is left unmixed).
     """
+    from torchvision.transforms import v2  # here: torchvision takes seconds to import, and only mixing needs it
+
     if kind not in MIXERS:
         raise ValueError(f"mix kind must be one of {', '.join(MIXERS)}, not {kind!r}")
     if not images.is_floating_point():
         raise TypeError(f"mix needs float images (MixUp averages pixels), not {images.dtype}")
     if isinstance(seed, torch.Generator):
         seed = int(torch.randint(2**62, (), device=seed.device, generator=seed))
-    mixer = v2.RandomChoice([m(alpha=alpha, num_classes=num_classes) for m in MIXERS[kind]])
+    mixer = v2.RandomChoice([getattr(v2, m)(alpha=alpha, num_classes=num_classes) for m in MIXERS[kind]])
     # torchvision draws all its parameters from the global CPU generator (even for CUDA
     # images), so seeding and restoring that one generator makes the transform reproducible.
     with torch.random.fork_rng(devices=[]):

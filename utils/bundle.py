@@ -12,13 +12,14 @@ pipeline's logits take a few MB.
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from utils.cli import UserError
-from utils.networks import Trained
+from utils.trained import Networks, Trained, check_out_of_fold, check_selector_students
 
 LOGITS = "logits.npz"
 METRICS = "metrics.jsonl"
@@ -66,7 +67,19 @@ def read_bundle(folder):
         for split, (split_logits, split_labels) in network_logits.items():
             if len(split_logits) != len(split_labels):
                 raise UserError(f"{folder}: the {split} logits of {record['path']} do not match the labels")
+    if "costs" in results:
+        results["costs"] = cost_ids(results["costs"])
     return results, [Trained.from_record(record, network_logits) for record, network_logits in zip(records, logits)]
+
+
+def networks_of_bundle(folder):
+    """``(results, Networks)`` of a bundle: each network's record and logits, no weights."""
+    results, networks = read_bundle(folder)
+    networks = Networks.from_layout(networks, results["layout"])
+    for selector in [networks.selector, *([networks.control] if networks.control else [])]:
+        check_selector_students(selector.checkpoint, selector.path, networks.students)
+        check_out_of_fold(selector.checkpoint, selector.path)
+    return results, networks
 
 
 def bundle_sizes(folder, besides=()):
@@ -76,3 +89,20 @@ def bundle_sizes(folder, besides=()):
     within = (len(files) <= MAX_FILES and all(size <= MAX_FILE_BYTES for _, size in files)
               and sum(size for _, size in files) <= MAX_BYTES)
     return files, within
+
+
+def cost_ids(costs):
+    """A bundle's measured costs keyed by identifiers (``utils.analyses``): bundles written before results were
+    keyed by identifiers name them by their display text (``student 1``, ``routed (cascade)``, ...)."""
+    ids = {}
+    for name, cost in costs.items():
+        routed = re.fullmatch(r"routed \((\w+)\)", name)
+        student = re.fullmatch(r"student (\d+)", name)
+        if routed:
+            name, cost = "routed", {**cost, "router": routed.group(1)}
+        elif student:
+            name = f"student{student.group(1)}"
+        elif name == "both students" or re.fullmatch(r"all \d+ students", name):
+            name = "students"
+        ids[{"selector routing": "selector", "cascade to the teacher": "to_teacher"}.get(name, name)] = cost
+    return ids

@@ -1,4 +1,8 @@
-"""What every script shares: the user-error type, validated flag types, common flags, printing."""
+"""What every script shares: the user-error type, validated flag types, common flags, printing.
+
+Nothing here imports torch: a script builds its parser and parses its flags before it imports
+anything heavy, so that ``--help`` and a bad flag answer in about a second.
+"""
 
 import argparse
 import math
@@ -8,6 +12,8 @@ import shlex
 import sys
 
 from tqdm import tqdm
+
+from utils.choices import ROUTERS
 
 LOG_SECONDS = 20  # progress lines in a log file: at most one per this many seconds
 
@@ -134,6 +140,24 @@ def add_data_args(parser):
     g.add_argument("--partial-data", action="store_true",
                    help="accept a copy with fewer images than CIFAR-10's 50,000 + 10,000 (refused otherwise)")
     return g
+
+
+def add_routing_args(parser):
+    """The experiment, its checkpoints and the routed system's policy: what inference.py and predict.py share."""
+    parser.add_argument("--name", default="", type=experiment_name,
+                        help="experiment name: read checkpoints/NAME/, write results/NAME/ (default: checkpoints/, "
+                             "results/)")
+    parser.add_argument("--students", nargs="+", default=None,
+                        help="student checkpoints, in the order the selector was trained for (default: "
+                             "checkpoints/[NAME/]student_densenet121.pt and student_googlenet.pt)")
+    parser.add_argument("--selector", default=None,
+                        help="selector checkpoint (default: checkpoints/[NAME/]selector.pt)")
+    parser.add_argument("--router", default="cascade", choices=ROUTERS,
+                        help="the routing policy of the routed system")
+    parser.add_argument("--budget", type=POSITIVE, default=1.25,
+                        help="compute budget of the routed system: at most this many times the cheapest student's "
+                             "GFLOPs per image on the hold-out split (a budget below the cheapest system is refused, "
+                             "naming the least that fits)")
 
 
 def add_device_args(parser, compile=True, seed=True):

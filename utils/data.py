@@ -27,15 +27,14 @@ from PIL import Image, UnidentifiedImageError
 
 from utils.augment import Augmentation
 from utils.cli import UserError, progress
+from utils.split import CLASSES, TEST_SIZE, TRAIN_SIZE
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BATCH_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
 FIX_HINT = "point --data-dir (or CIFAR10_DIR) at a CIFAR-10 copy, or add --download"
-TRAIN_SIZE, TEST_SIZE = 50_000, 10_000  # the official split sizes
 
 
 class DataError(UserError):
@@ -303,37 +302,6 @@ def holdout_split(labels, holdout, seed=0):
     return keep.nonzero().flatten(), held
 
 
-@dataclass(frozen=True)
-class Split:
-    """Which images each split holds: ``holdout`` training images held out (stratified, drawn with
-    ``split_seed``), and at most ``limit`` images of every split (0: all). Every stage of an
-    experiment must use the same one; a checkpoint records it as ``checkpoint["split"]``."""
-
-    holdout: int = 5000
-    split_seed: int = 0
-    limit: int = 0
-
-    @classmethod
-    def of(cls, checkpoint):
-        """The split a checkpoint was trained on."""
-        return cls(**checkpoint["split"])
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(args.holdout, args.split_seed, args.limit)
-
-    def as_dict(self):
-        return {"holdout": self.holdout, "split_seed": self.split_seed, "limit": self.limit}
-
-    def __str__(self):
-        return f"--holdout {self.holdout} --split-seed {self.split_seed} --limit {self.limit}"
-
-    def planned_sizes(self, train_size=TRAIN_SIZE, test_size=TEST_SIZE):
-        """``{"train", "holdout", "test"}`` -> number of images ``make_splits`` will give, known before decoding."""
-        sizes = {"train": train_size - self.holdout, "holdout": self.holdout, "test": test_size}
-        return {name: min(n, self.limit) if self.limit else n for name, n in sizes.items()}
-
-
 def data_record(data, split):
     """What a checkpoint records about the data it was trained on."""
     return {"classes": list(data.classes), "data_fingerprint": data.fingerprint, "split": split.as_dict()}
@@ -419,10 +387,15 @@ class DeviceLoader:
     @property
     def num_samples(self):
         """Images one epoch serves (on this rank)."""
-        return len(self) * self.batch_size if self.train else len(self._indices())
+        return len(self) * self.batch_size if self.train else self._shard_size()
+
+    def _shard_size(self):
+        """Images of this rank's shard: training shards are padded to equal sizes, evaluation shards are not."""
+        n = len(self.images)
+        return -(-n // self.world_size) if self.train else len(range(self.rank, n, self.world_size))
 
     def __len__(self):
-        n = len(self._indices())
+        n = self._shard_size()
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def __iter__(self):

@@ -9,10 +9,11 @@ evaluated once, on the best weights. SGD with Nesterov momentum, linear warm-up 
 linear decay to 0, stepped per batch; bf16 autocast and ``channels_last`` on CUDA, fp32 on the
 CPU; DistributedDataParallel under ``torchrun``.
 
-Time as an input: given a ``TimeBox`` (``--minutes``), ``plan_epochs`` times a few real steps
-and a hold-out evaluation, puts everything back as it was, and chooses the number of epochs
-that ends the stage inside its budget; the schedule is then built for that number, so a
-time-boxed run is a complete run that ``--epochs N`` repeats exactly.
+Time as an input: given a ``TimeBox`` with a budget (``--minutes``), ``calibrate`` times a few
+real steps, a hold-out evaluation and a save, puts everything back as it was, and
+``utils.timebox.plan_epochs`` chooses the number of epochs that ends the stage inside it; each
+member's schedule is then built for that number, so a time-boxed run is a complete run that
+``--epochs N`` repeats exactly.
 
 Nothing is lost: the resume state ``<stem>.last.pt`` and the best weights ``<stem>.pt`` are
 written atomically, every ``--save-every`` minutes, before any stop and at the end. SIGINT or
@@ -41,13 +42,14 @@ from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from utils.cli import UserError, progress
 from utils.data import DeviceLoader, pad_batch
 from utils.plots import plot_history
-from utils.runs import RunFiles, check_free_space, config_changes, continue_command, provenance, write_config
+from utils.provenance import provenance, write_config
+from utils.runs import RunFiles, check_free_space, config_changes, continue_command
 from utils.runtime import StopSignal, device_name, prepare_model
+from utils.timebox import Costs, TimeBox, evaluated_epoch, plan_epochs
 
 WARMUP_MAX_SHARE = 0.2  # the warm-up never takes more of a run than this, so every schedule decays to 0
 EXIT_TIME_BUDGET = 75  # exit code of a run stopped by --time-budget (EX_TEMPFAIL): run the command again
-CALIBRATION_STEPS = (3, 8)  # at most: steps run untimed (kernel selection, compilation), then timed, by plan_epochs
-SAFETY_SHARE = 0.03  # of a time box, kept back for what plan_epochs cannot measure
+CALIBRATION_STEPS = (3, 8)  # at most: steps run untimed (kernel selection, compilation), then timed, by calibrate
 
 
 def classification_metric(logits, targets):
@@ -77,34 +79,6 @@ class Member:
     metric: Callable = classification_metric
 
 
-@dataclass(frozen=True)
-class TimeBox:
-    """When a stage began (``time.time()``) and how many seconds it may take in all (None: no limit).
-
-    ``share``: for a box that is a share of the user's ``--minutes`` (one of several fits), how a refusal names
-    it and what it advises instead of a larger ``--minutes``. ``at_least_one``: a box too short for one epoch
-    trains one anyway, and says by how much it will run over, instead of refusing: for a fit that follows
-    others in the same stage, whose work a refusal would waste.
-    """
-
-    started: float
-    seconds: float | None = None
-    share: tuple | None = None  # (what the box is, the advice), e.g. ("1/6 of --minutes 0.5", "give more ...")
-    at_least_one: bool = False
-
-    @classmethod
-    def of(cls, args, started=None):
-        """The stage's box from ``--minutes`` (if the script has it), starting now or at ``started``."""
-        minutes = getattr(args, "minutes", None)
-        return cls(time.time() if started is None else started, None if minutes is None else 60 * minutes)
-
-    def elapsed(self):
-        return time.time() - self.started
-
-    def left(self):
-        return self.seconds - self.elapsed()
-
-
 # ----------------------------------------------------------------------------- steps and evaluation
 
 def warmup_steps(warmup_epochs, steps_per_epoch, total_steps):
@@ -119,12 +93,6 @@ def learning_rate(step, total_steps, warmup_steps, peak, schedule="cosine"):
         return peak * (step + 1) / warmup_steps
     progress = (step + 1 - warmup_steps) / (total_steps - warmup_steps)
     return peak * (0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress)
-
-
-def evaluated_epoch(epoch, epochs, every):
-    """Whether epoch ``epoch`` (from 0) is evaluated on the hold-out split: every ``every`` epochs, and each of
-    the last ``every`` (where the best weights of a decaying schedule are)."""
-    return (epoch + 1) % every == 0 or epoch >= epochs - every
 
 
 def make_optimizer(model, lr, momentum, weight_decay, runtime):
@@ -259,41 +227,27 @@ def _own_stream(trainee, several):
 # ----------------------------------------------------------------------------- one member in training
 
 class Trainee:
-    """A ``Member`` in training: its optimizer and schedule, EMA, random stream, metric sums,
-    history and best weights, and its files."""
+    """A ``Member`` in training for ``epochs`` epochs of ``steps_per_epoch`` steps: its optimizer and schedule,
+    EMA, random stream, metric sums, history and best weights, and its files. ``net`` is what its steps call:
+    its model as ``training_net`` prepared it (DDP, compiled). ``timing``: the time box's plan, if any."""
 
-    def __init__(self, member, runtime, steps_per_epoch):
-        self.member, self.runtime, self.args = member, runtime, member.args
-        args = member.args
-        self.model = prepare_model(member.model, runtime)
-        net = self.model
-        if runtime.world_size > 1:
-            net = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.cuda else None)
-        self.net = torch.compile(net, dynamic=False) if args.compile else net
-        self.peak_lr = args.lr * args.batch_size / 512
-        self.steps_per_epoch = steps_per_epoch
-        self.reset()
-        if args.epochs is not None:
-            self.set_epochs(args.epochs)
+    def __init__(self, member, net, runtime, steps_per_epoch, epochs, timing=None):
+        self.member, self.net, self.runtime, self.args = member, net, runtime, member.args
+        self.model = member.model
+        self.peak_lr = self.args.lr * self.args.batch_size / 512
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.total_steps = epochs * steps_per_epoch
+        self.warmup_steps = warmup_steps(self.args.warmup_epochs, steps_per_epoch, self.total_steps)
+        self.config = {**vars(self.args), "epochs": epochs}
+        self.meta = {**member.meta, "config": self.config, "epochs": epochs,
+                     "provenance": provenance(runtime.device), "timing": timing}
+        self.optimizer = make_optimizer(self.model, self.peak_lr, self.args.momentum, self.args.weight_decay, runtime)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.args.ema), use_buffers=True) \
+            if self.args.ema else None
+        self.eval_model = self.ema.module if self.ema else self.model
         self.sums, self.history, self.best_acc, self.best_state, self.best_epoch = {}, [], -1.0, None, None
         self.best_saved = True  # whether the best weights so far are those in files.best
         self.rng = None  # this member's random stream (dropout), kept apart when several train together
-
-    def reset(self):
-        """A fresh optimizer and EMA: the state before any step."""
-        args = self.args
-        self.optimizer = make_optimizer(self.model, self.peak_lr, args.momentum, args.weight_decay, self.runtime)
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) \
-            if args.ema else None
-        self.eval_model = self.ema.module if self.ema else self.model
-
-    def set_epochs(self, epochs):
-        """The run's length, and the schedule built for it."""
-        self.args.epochs = epochs
-        self.total_steps = epochs * self.steps_per_epoch
-        self.warmup_steps = warmup_steps(self.args.warmup_epochs, self.steps_per_epoch, self.total_steps)
-        self.meta = {**self.member.meta, "config": vars(self.args), "epochs": epochs,
-                     "provenance": provenance(self.runtime.device)}
 
     @property
     def files(self):
@@ -355,7 +309,7 @@ class Trainee:
                 "epoch": epoch, "step": step,
                 "sums": {k: v.detach().cpu() for k, v in self.sums.items()} if mid_epoch else {},
                 "history": self.history, "elapsed": loop.elapsed(),
-                "epoch_seconds": loop.epoch_seconds() if mid_epoch else 0.0, "complete": epoch == self.args.epochs}
+                "epoch_seconds": loop.epoch_seconds() if mid_epoch else 0.0, "complete": epoch == self.epochs}
 
     def best_checkpoint(self, **extra):
         """The checkpoint of the best weights so far: ``epoch`` is the epoch they come from."""
@@ -370,23 +324,20 @@ class Trainee:
             self.best_saved = True
         save_checkpoint(self.files.last, self.resume_state(loop, epoch, step))
 
-    def restore(self):
-        """Load the resume state into the model, optimizer, EMA and random stream; returns ``(epoch, step,
-        elapsed, epoch_seconds)``."""
+    def restore(self, state):
+        """Go on from the resume state ``state`` (``read_resume_state``): the model, optimizer, EMA and random
+        stream as they were, refused where it was started on other data or with other flags; returns ``(epoch,
+        step, elapsed, epoch_seconds)``."""
         files, meta = self.files, self.member.meta
-        state = load_checkpoint(files.last, hint="start the run without --resume", kind=meta["kind"],
-                                arch=meta["arch"])
         for key, what in (("data_fingerprint", "other CIFAR-10 pixels"), ("split", "another split")):
             if state.get(key) != meta.get(key):
                 raise UserError(f"{files.last} was started on {what} ({state.get(key)}, not {meta.get(key)}); resume "
                                 "it with the data it started on, or start afresh with --force")
-        if getattr(self.args, "minutes", None) is not None:  # a time-boxed run goes on with the epochs it chose
-            self.set_epochs(state["config"]["epochs"])
-        changed = config_changes(state.get("config", {}), vars(self.args))
+        changed = config_changes(state.get("config", {}), self.config)
         if changed:
             k = changed[0]
             raise UserError(f"{files.last} was started with --{k.replace('_', '-')} {state['config'][k]}, not "
-                            f"{getattr(self.args, k)}; resume with the same flags, or start afresh with --force")
+                            f"{self.config[k]}; resume with the same flags, or start afresh with --force")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema:
@@ -400,6 +351,13 @@ class Trainee:
             self.best_state, self.best_epoch = best["model"], best["epoch"]
             self.best_acc = -1.0 if best["holdout_acc"] is None else best["holdout_acc"]
         return state["epoch"], state.get("step", 0), state.get("elapsed", 0.0), state.get("epoch_seconds", 0.0)
+
+
+def read_resume_state(member):
+    """A member's resume state, ``<stem>.last.pt``, checked to be one of its kind and architecture."""
+    meta = member.meta
+    return load_checkpoint(member.files.last, hint="start the run without --resume", kind=meta["kind"],
+                           arch=meta["arch"])
 
 
 @dataclass
@@ -424,6 +382,15 @@ class Loop:
 
 # ----------------------------------------------------------------------------- the loop
 
+@dataclass(frozen=True)
+class Loaders:
+    """The splits on the device: ``train`` (augmented, full batches), ``holdout`` and ``test`` (None if empty)."""
+
+    train: DeviceLoader
+    holdout: DeviceLoader | None
+    test: DeviceLoader | None
+
+
 def fit(members, splits, args, runtime, teacher=None, augment=True, time_box=None):
     """Train ``members`` on ``splits["train"]``, select on ``splits["holdout"]``, test once on ``splits["test"]``.
 
@@ -431,50 +398,77 @@ def fit(members, splits, args, runtime, teacher=None, augment=True, time_box=Non
     missing or empty). ``args`` holds what the members share: epochs, batch size, augmentation, seed,
     logging, the time budget (each member's own flags are in its ``args``). ``teacher``: a frozen
     network whose logits on each batch go to every loss. ``augment=False`` turns the flags'
-    augmentation off (the selector's case). ``time_box``: when the stage began, and with
-    ``--minutes`` its budget, from which ``plan_epochs`` chooses the epochs. Returns each member's
-    final checkpoint dict. A stop before the end (a signal, ``--time-budget``) exits the process with
-    a documented code, after saving what ``--resume`` needs.
+    augmentation off (the selector's case). ``time_box``: when the stage began, and with a budget
+    (``--minutes``) the box in which ``utils.timebox.plan_epochs`` fits the epochs. Returns each
+    member's final checkpoint dict. A stop before the end (a signal, ``--time-budget``) exits the
+    process with a documented code, after saving what ``--resume`` needs.
     """
     members = list(members)
     time_box = time_box or TimeBox(time.time())
-    train_loader, holdout_loader, test_loader = _loaders(
-        splits, args, runtime, augment and Augmentation.from_args(args, members[0].meta["num_classes"]))
-    trainees = [Trainee(m, runtime, len(train_loader)) for m in members]
+    loaders = _loaders(splits, args, runtime, augment and Augmentation.from_args(args, members[0].meta["num_classes"]))
+    nets = [training_net(m, runtime) for m in members]
     if runtime.cuda:  # after the models are on the device: before CUDA's first use it is an invalid device
         torch.cuda.reset_peak_memory_stats(runtime.device)
     if runtime.is_main:  # best + last (weights, momentum, EMA) + the temporary copy of the largest
-        for t in trainees:
-            weight_bytes = sum(v.numel() * v.element_size() for v in t.model.state_dict().values())
-            check_free_space(t.files.best.parent, weight_bytes * (6 if t.ema else 4))
-    plan = None
-    if time_box.seconds is not None and not args.resume:
-        plan = plan_epochs(trainees, train_loader, holdout_loader, test_loader, args, runtime, teacher, time_box)
-    start_epoch, start_step, loop = _start(trainees, args, runtime, plan)
+        for m in members:
+            weight_bytes = sum(v.numel() * v.element_size() for v in m.model.state_dict().values())
+            check_free_space(m.files.best.parent, weight_bytes * (6 if m.args.ema else 4))
+    states = [read_resume_state(m) for m in members] if args.resume else None
+    epochs, plan = args.epochs, None
+    if states and args.minutes is not None:  # a time-boxed run goes on with the epochs it chose
+        epochs = states[0]["config"]["epochs"]
+    elif time_box.seconds is not None:
+        plan = plan_epochs(calibrate(members, nets, loaders, args, runtime, teacher), time_box, args.eval_every,
+                           args.save_every, agree=runtime.all_min, announce=runtime.is_main)
+        epochs = plan["epochs"]
+    trainees = [Trainee(m, net, runtime, len(loaders.train), epochs, plan) for m, net in zip(members, nets)]
+    start_epoch, start_step, loop = _start(trainees, args, runtime, states)
     startup_seconds = time_box.elapsed()
-
     with StopSignal() as stop:
-        for epoch in range(start_epoch, args.epochs):
+        for epoch in range(start_epoch, epochs):
             first_step = start_step if epoch == start_epoch else 0
             if epoch != start_epoch:
                 loop.epoch_started = time.time()
                 for t in trainees:
                     t.sums = {}
-            stopped_at = train_one_epoch(trainees, train_loader, epoch, first_step, args, runtime, teacher, stop)
-            if stopped_at is not None:
-                _stop(trainees, loop, args, runtime, stop.signum, epoch, stopped_at)
-            last = epoch + 1 == args.epochs
-            out_of_time = args.time_budget is not None and loop.elapsed() - loop.elapsed_before > 60 * args.time_budget
-            stopping = not last and _agreed(out_of_time or stop.signum is not None, runtime)
-            end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime,
-                         save=last or stopping or loop.save_due(args.save_every))
-            if stopping:
-                _stop(trainees, loop, args, runtime, stop.signum, epoch + 1)
-        return [_finish(t, test_loader, time_box, startup_seconds, stop) for t in trainees]
+            run_epoch(trainees, loaders, epoch, first_step, loop, args, runtime, teacher, stop)
+        return [_finish(t, loaders.test, time_box, startup_seconds, stop) for t in trainees]
+
+
+def run_epoch(trainees, loaders, epoch, first_step, loop, args, runtime, teacher, stop):
+    """One epoch of the run from ``first_step`` on, and its end (``end_of_epoch``); a stop before the run's end
+    (a signal, ``--time-budget``) saves what ``--resume`` needs and exits (``_stop``)."""
+    epochs = trainees[0].epochs
+    stopped_at = train_one_epoch(trainees, loaders.train, epoch, first_step, args, runtime, teacher, stop)
+    if stopped_at is not None:
+        _stop(trainees, loop, args, runtime, stop.signum, epoch, stopped_at)
+    last = epoch + 1 == epochs
+    out_of_time = args.time_budget is not None and loop.elapsed() - loop.elapsed_before > 60 * args.time_budget
+    stopping = not last and _agreed(out_of_time or stop.signum is not None, runtime)
+    end_of_epoch(trainees, loaders.holdout, epoch, first_step, loop, runtime,
+                 save=last or stopping or loop.save_due(args.save_every))
+    if stopping:
+        _stop(trainees, loop, args, runtime, stop.signum, epoch + 1)
+
+
+def training_net(member, runtime):
+    """What a member's steps call: its model on the device, wrapped for DistributedDataParallel under ``torchrun``
+    and compiled with ``--compile``."""
+    net = prepare_model(member.model, runtime)
+    if runtime.world_size > 1:
+        net = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.cuda else None)
+    return torch.compile(net, dynamic=False) if member.args.compile else net
 
 
 def _loaders(splits, args, runtime, augment):
-    """``(train, holdout, test)`` loaders of the splits on the device; None for an empty split."""
+    """The ``Loaders`` of the splits, each copied to the device once; an empty training split or a batch larger
+    than it is refused."""
+    if "train" not in splits or len(splits["train"][0]) == 0:
+        raise UserError("the training split is empty; lower --holdout or raise --limit")
+    if args.batch_size > len(splits["train"][0]):
+        raise UserError(f"--batch-size {args.batch_size} is larger than the training split "
+                        f"({len(splits['train'][0])} images); lower it")
+
     def loader(name, train=False):
         if name not in splits or len(splits[name][0]) == 0:
             return None
@@ -483,12 +477,7 @@ def _loaders(splits, args, runtime, augment):
                             augment=train and augment, seed=args.seed, rank=runtime.rank,
                             world_size=runtime.world_size)
 
-    if loader("train") is None:
-        raise UserError("the training split is empty; lower --holdout or raise --limit")
-    if args.batch_size > len(splits["train"][0]):
-        raise UserError(f"--batch-size {args.batch_size} is larger than the training split "
-                        f"({len(splits['train'][0])} images); lower it")
-    return loader("train", train=True), loader("holdout"), loader("test")
+    return Loaders(loader("train", train=True), loader("holdout"), loader("test"))
 
 
 def loop_step(trainees, x, y, teacher, step, runtime):
@@ -502,21 +491,40 @@ def loop_step(trainees, x, y, teacher, step, runtime):
             t.step(x, y, teacher_logits, step)
 
 
-def plan_epochs(trainees, train_loader, holdout_loader, test_loader, args, runtime, teacher, time_box):
-    """Choose the number of epochs that ends the stage inside ``time_box``, and set every member's schedule.
-
-    A few real training steps (the first untimed: kernel selection, compilation) and a hold-out
-    evaluation are timed, then the weights, BatchNorm statistics, optimizer, EMA and random state
-    are put back as they were, so the run that follows is the one ``--epochs N`` gives. The epochs
-    are the most whose steps, hold-out evaluations, saves, final test evaluation and a safety
-    share fit in what is left of the box. Returns what was measured and chosen.
-    """
-    initial = [{k: v.clone() for k, v in t.model.state_dict().items()} for t in trainees]
+def calibrate(members, nets, loaders, args, runtime, teacher):
+    """What a stage costs here, measured on its own members: a few real training steps (the first untimed:
+    kernel selection, compilation), a hold-out evaluation and a save of each member. The weights, BatchNorm
+    statistics and random state are then put back as they were, so that the run that follows is the one
+    ``--epochs N`` gives."""
+    initial = [{k: v.clone() for k, v in m.model.state_dict().items()} for m in members]
     rng = _rng_states(runtime)
+    trainees = [Trainee(m, net, runtime, len(loaders.train), epochs=1) for m, net in zip(members, nets)]
     for t in trainees:
-        t.set_epochs(1)  # a schedule to step with; the rates do not change the timing
         t.start_epoch()
-    untimed, timed = (min(n, max(2, len(train_loader))) for n in CALIBRATION_STEPS)  # no more than a short epoch
+    step_seconds = _step_seconds(trainees, loaders.train, teacher, runtime)
+    eval_seconds = save_seconds = 0.0
+    for t in trainees:
+        start = time.perf_counter()
+        if loaders.holdout is not None:
+            evaluate(t.eval_model, loaders.holdout, runtime, args.tta, t.member.metric)
+            clean_state_dict(t.eval_model)  # what a better hold-out score costs besides
+        eval_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        torch.save(t.resume_state(Loop(), 0, 0), io.BytesIO())
+        save_seconds += time.perf_counter() - start
+    for m, state in zip(members, initial):
+        m.model.load_state_dict(state)
+    _set_rng(runtime, rng)
+    test_seconds = eval_seconds * len(loaders.test.images) / len(loaders.holdout.images) \
+        if loaders.test is not None and loaders.holdout is not None else 0.0
+    return Costs(step_seconds, step_seconds * len(loaders.train), eval_seconds, save_seconds, test_seconds,
+                 loaders.train.batch_size * runtime.world_size)
+
+
+def _step_seconds(trainees, train_loader, teacher, runtime):
+    """Seconds per step of every member together, over a few steps timed after a few untimed ones (no more
+    than a short epoch of each)."""
+    untimed, timed = (min(n, max(2, len(train_loader))) for n in CALIBRATION_STEPS)
 
     def batches():
         for epoch in range(untimed + timed):
@@ -531,103 +539,54 @@ def plan_epochs(trainees, train_loader, holdout_loader, test_loader, args, runti
     for i, (x, y) in zip(range(timed), stream):
         loop_step(trainees, x, y, teacher, i, runtime)
     runtime.synchronize()
-    step_seconds = (time.perf_counter() - start) / timed
-    eval_seconds = save_seconds = 0.0
-    for t in trainees:
-        start = time.perf_counter()
-        if holdout_loader is not None:
-            evaluate(t.eval_model, holdout_loader, runtime, args.tta, t.member.metric)
-            clean_state_dict(t.eval_model)  # what a better hold-out score costs besides
-        eval_seconds += time.perf_counter() - start
-        start = time.perf_counter()
-        torch.save(t.resume_state(Loop(), 0, 0), io.BytesIO())
-        save_seconds += time.perf_counter() - start
-    for t, state in zip(trainees, initial):
-        t.model.load_state_dict(state)
-        t.reset()
-        t.sums = {}
-    _set_rng(runtime, rng)
-
-    test_seconds = eval_seconds * (len(test_loader.images) / len(holdout_loader.images)
-                                   if test_loader is not None and holdout_loader is not None else 0)
-    epoch_seconds = step_seconds * len(train_loader)
-    left = time_box.left() - SAFETY_SHARE * time_box.seconds - test_seconds - 2 * save_seconds
-    epochs = choose_epochs(left, epoch_seconds, eval_seconds, save_seconds, args.eval_every, args.save_every)
-    epochs = runtime.all_min(epochs)  # under torchrun every process must run the same epochs
-    if epochs == 0:
-        needed = time_box.elapsed() + epoch_seconds + eval_seconds + test_seconds + 3 * save_seconds
-        needed /= 1 - SAFETY_SHARE
-        what, advice = time_box.share or (f"--minutes {time_box.seconds / 60:g}",
-                                          f"give --minutes {math.ceil(needed / 60 * 100) / 100:g} or more")
-        if not time_box.at_least_one:
-            raise UserError(f"{what} is too short: one epoch takes about {epoch_seconds:.3g} s here, and this "
-                            f"stage needs at least {needed / 60:.2f} minutes for one; {advice}")
-        epochs, left = 1, needed - time_box.elapsed()
-        if runtime.is_main:
-            print(f"note: {what} is too short for one epoch; training one, about "
-                  f"{needed - time_box.seconds:.3g} s over it")
-    for t in trainees:
-        t.set_epochs(epochs)
-    images = train_loader.batch_size * runtime.world_size
-    return {"minutes": time_box.seconds / 60, "epochs": epochs, "step_seconds": step_seconds,
-            "images_per_s": images / step_seconds, "holdout_eval_seconds": eval_seconds,
-            "planned_seconds": time_box.elapsed() + left}
+    return (time.perf_counter() - start) / timed
 
 
-def choose_epochs(seconds, epoch_seconds, eval_seconds, save_seconds, eval_every, save_every):
-    """The most epochs whose steps, hold-out evaluations (``evaluated_epoch``) and saves (every ``save_every``
-    minutes, or every epoch with 0) take at most ``seconds``."""
-    epochs = 0
-    while True:
-        n = epochs + 1
-        evals = sum(evaluated_epoch(e, n, eval_every) for e in range(n))
-        saves = 1 + n * epoch_seconds / (60 * save_every) if save_every else n
-        if n * epoch_seconds + evals * eval_seconds + saves * save_seconds > seconds:
-            return epochs
-        epochs = n
-
-
-def _start(trainees, args, runtime, plan):
-    """Restore every member on ``--resume`` (they must stand at the same step) or seed each member's random
-    stream, print where the run starts, write each member's config and metrics log; returns
+def _start(trainees, args, runtime, states):
+    """Restore every member from its resume state on ``--resume`` (they must stand at the same step) or seed each
+    member's random stream, print where the run starts, write each member's config and metrics log; returns
     ``(epoch, step, Loop)``."""
     epoch = step = 0
     loop = Loop()
-    if args.resume:
-        positions = {t.files.last: t.restore() for t in trainees}
+    if states:
+        positions = {t.files.last: t.restore(state) for t, state in zip(trainees, states)}
         (epoch, step, elapsed, epoch_seconds), *others = positions.values()
         if any(p[:2] != (epoch, step) for p in others):
             where = ", ".join(f"{path} at epoch {p[0]}, step {p[1]}" for path, p in positions.items())
             raise UserError(f"these runs stopped at different points ({where}); resume each on its own")
-        args.epochs = trainees[0].args.epochs
         loop = Loop(elapsed_before=elapsed)
         loop.epoch_started -= epoch_seconds
     else:  # every member draws what it would draw in a run of its own, from --seed
         for t in trainees:
             t.rng = _seeded_rng(runtime, args.seed)
-            t.meta["timing"] = plan
     if len(trainees) == 1:  # one member: its stream is the process's
         _set_rng(runtime, trainees[0].rng)
         trainees[0].rng = None
     if runtime.is_main:
-        print(f"device: {device_name(runtime.device)}" + (f" x {runtime.world_size} processes"
-                                                          if runtime.world_size > 1 else ""))
-        if plan:
-            print(f"time box of {plan['minutes']:g} min: {plan['images_per_s']:.0f} images/s measured, "
-                  f"{plan['epochs']} epochs planned to end after {plan['planned_seconds'] / 60:.2f} min")
+        _announce(trainees, args, runtime, epoch, step)
         for t in trainees:
-            print(("" if len(trainees) == 1 else f"{t.files.best}: ")
-                  + f"peak learning rate {t.peak_lr:g} (--lr {t.args.lr:g} x batch {args.batch_size} / 512), "
-                  f"{t.steps_per_epoch} steps per epoch, {t.warmup_steps} warm-up steps")
-        resuming = ", ".join(str(t.files.last) for t in trainees)
-        if args.resume and epoch < args.epochs:
-            print(f"resuming {resuming} at epoch {epoch + 1}/{args.epochs}, step {step}")
-        elif args.resume:
-            print(f"resuming {resuming}: every epoch is done, the test evaluation follows")
-        for t in trainees:
-            write_config(t.files.config, t.args, runtime.device, t.member.meta["kind"], timing=t.meta["timing"])
+            write_config(t.files.config, t.config, runtime.device, t.member.meta["kind"], timing=t.meta["timing"])
             t.files.log.write_text("".join(json.dumps(record) + "\n" for record in t.history))
     return epoch, step, loop
+
+
+def _announce(trainees, args, runtime, epoch, step):
+    """Where the run starts: the device, the time box's plan, each member's schedule, the point it resumes at."""
+    epochs, plan = trainees[0].epochs, trainees[0].meta["timing"]
+    print(f"device: {device_name(runtime.device)}" + (f" x {runtime.world_size} processes"
+                                                      if runtime.world_size > 1 else ""))
+    if plan and not args.resume:
+        print(f"time box of {plan['minutes']:g} min: {plan['images_per_s']:.0f} images/s measured, "
+              f"{plan['epochs']} epochs planned to end after {plan['planned_seconds'] / 60:.2f} min")
+    for t in trainees:
+        print(("" if len(trainees) == 1 else f"{t.files.best}: ")
+              + f"peak learning rate {t.peak_lr:g} (--lr {t.args.lr:g} x batch {args.batch_size} / 512), "
+              f"{t.steps_per_epoch} steps per epoch, {t.warmup_steps} warm-up steps")
+    resuming = ", ".join(str(t.files.last) for t in trainees)
+    if args.resume and epoch < epochs:
+        print(f"resuming {resuming} at epoch {epoch + 1}/{epochs}, step {step}")
+    elif args.resume:
+        print(f"resuming {resuming}: every epoch is done, the test evaluation follows")
 
 
 def train_one_epoch(trainees, loader, epoch, first_step, args, runtime, teacher, stop):
@@ -637,8 +596,8 @@ def train_one_epoch(trainees, loader, epoch, first_step, args, runtime, teacher,
     for t in trainees:
         t.start_epoch()
     steps = len(loader)
-    with progress(loader.num_samples, f"epoch {epoch + 1}/{args.epochs}", initial=first_step * loader.batch_size,
-                  disable=not runtime.is_main) as bar:
+    with progress(loader.num_samples, f"epoch {epoch + 1}/{trainees[0].epochs}",
+                  initial=first_step * loader.batch_size, disable=not runtime.is_main) as bar:
         for i, (x, y) in enumerate(loader.batches(first_step), first_step):
             loop_step(trainees, x, y, teacher, epoch * steps + i, runtime)
             bar.update(len(y))
@@ -666,7 +625,7 @@ def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime, sav
         args = t.args
         t.check_finite(epoch, first_step, t.steps_per_epoch - 1)
         record = t.epoch_record(epoch, loop.epoch_seconds())
-        if holdout_loader is not None and evaluated_epoch(epoch, args.epochs, args.eval_every):
+        if holdout_loader is not None and evaluated_epoch(epoch, t.epochs, args.eval_every):
             scores = evaluate(t.eval_model, holdout_loader, runtime, args.tta, t.member.metric)
             if not math.isfinite(scores["loss"]):
                 raise t.diverged("hold-out loss", epoch, t.steps_per_epoch - 1)
@@ -680,7 +639,7 @@ def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime, sav
         if not runtime.is_main:
             continue
         prefix = f"{t.files.best.stem}: " if len(trainees) > 1 else ""
-        print(f"{prefix}epoch {epoch + 1}/{args.epochs}  " + "  ".join(
+        print(f"{prefix}epoch {epoch + 1}/{t.epochs}  " + "  ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch"))
         with open(t.files.log, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -699,8 +658,8 @@ def _stop(trainees, loop, args, runtime, signum, epoch, step=0):
         if step:
             for t in trainees:
                 t.save(loop, epoch, step)
-        where = f"at epoch {epoch + 1}/{args.epochs}, step {step}/{steps}" if step else \
-            f"after epoch {epoch}/{args.epochs}"
+        epochs = trainees[0].epochs
+        where = f"at epoch {epoch + 1}/{epochs}, step {step}/{steps}" if step else f"after epoch {epoch}/{epochs}"
         why = signal.Signals(signum).name if signum else f"time budget of {args.time_budget:g} min spent"
         print(f"\n{why}: stopped {where}; saved {', '.join(str(t.files.last) for t in trainees)}\n"
               f"continue with: {continue_command(args.command)}")

@@ -21,8 +21,7 @@ def mse_term(student_logits, teacher_logits, temperature=None):
     return F.mse_loss(student_logits, teacher_logits)
 
 
-SOFT_TERMS = {"kl": kl_term, "mse": mse_term}
-KD_LOSSES = tuple(SOFT_TERMS)
+SOFT_TERMS = {"kl": kl_term, "mse": mse_term}  # by their names in utils.choices.KD_LOSSES
 
 
 def kd_terms(name, student_logits, teacher_logits, targets, temperature=4.0, alpha=0.9, label_smoothing=0.0):
@@ -32,7 +31,6 @@ def kd_terms(name, student_logits, teacher_logits, targets, temperature=4.0, alp
     soft = SOFT_TERMS[name](student_logits.float(), teacher_logits.float(), temperature)
     ce = F.cross_entropy(student_logits.float(), targets, label_smoothing=label_smoothing)
     return {"loss": alpha * soft + (1 - alpha) * ce, "kd": soft, "ce": ce}
-
 
 
 def classification_loss(label_smoothing=0.0):

@@ -4,8 +4,7 @@
 student's knowledge distillation (the teacher), by the selector's labelling (the students), by
 ``evaluate.py``, ``inference.py`` and ``predict.py``. Called on a normalised batch it gives its
 logits averaged over the test-time views it was trained to use (``--tta``); its GFLOPs count them.
-``Trained`` is what is known of it without the weights — its checkpoint's record, its cost and
-its logits — which is what a results bundle keeps, and all that routing and the tables need.
+It is a ``utils.trained.Trained`` with weights.
 
 ``<stem>.logits.pt`` beside the checkpoint holds its logits on the hold-out and test splits, tied
 to the checkpoint's weights (their fingerprint), the data's fingerprint and the split; when any of
@@ -28,15 +27,14 @@ from pathlib import Path
 import torch
 
 from models import model_stats
-from utils.augment import TTA_VIEWS, predict
+from utils.augment import predict
 from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from utils.cli import UserError
-from utils.data import Split, make_splits
+from utils.data import make_splits
 from utils.runtime import batched_logits, prepare_model
+from utils.trained import Trained
 
 FORMAT = "mskd-logits/1"
-# What a checkpoint holds besides its record: the weights and the state of an unfinished run.
-NOT_RECORDED = ("model", "optimizer", "ema", "rng", "cuda_rng", "sums", "history", "holdout_logits")
 
 
 def logits_path(checkpoint_path):
@@ -50,55 +48,6 @@ def user_logits_path(checkpoint_path, weights_sha256):
     key = hashlib.sha256(f"{path}\n{weights_sha256}".encode()).hexdigest()[:16]
     folder = Path(os.environ.get("MSKD_LOGITS_CACHE", Path.home() / ".cache" / "mskd-logits"))
     return folder / f"{path.name.removesuffix('.pt')}-{key}.logits.pt"
-
-
-class Trained:
-    """A trained network as its checkpoint's record (no weights), its parameters and FLOPs per plain forward
-    pass, and its logits ``{"holdout", "test"} -> (logits (N, K), labels (N,))`` once known.
-
-    ``role`` names it in tables (``"Student 1"``).
-    """
-
-    def __init__(self, role, path, checkpoint, params=None, flops=None, logits=None):
-        self.role, self.path, self.checkpoint, self.logits = role, str(path), checkpoint, logits
-        self._params, self._flops = params, flops
-        self.tta = checkpoint.get("config", {}).get("tta", "none")
-        self.split = Split.of(checkpoint) if "split" in checkpoint else None
-
-    @property
-    def stats(self):
-        return {"params": self._params, "flops": self._flops}
-
-    @property
-    def gflops(self):
-        """GFLOPs per 32x32 image, test-time views included."""
-        return self.stats["flops"] / 1e9 * TTA_VIEWS[self.tta]
-
-    @property
-    def arch(self):
-        return self.checkpoint["arch"]
-
-    @property
-    def progress(self):
-        """``"3/40"``: the epochs its run had done when the checkpoint was saved, of those it was to run."""
-        return f"{self.checkpoint.get('epochs_run', self.checkpoint['epoch'])}/{self.checkpoint['epochs']}"
-
-    @property
-    def label(self):
-        """``Student 1 densenet121 (KD)``, ``Teacher resnet50 [unfinished: 3/40 epochs]``, ``Selector``."""
-        kd = {True: " (KD)", False: " without KD"}.get(self.checkpoint.get("kd"), "")
-        done = "" if self.checkpoint.get("complete") else f" [unfinished: {self.progress} epochs]"
-        arch = "" if self.checkpoint["kind"] == "selector" else f" {self.arch}"
-        return f"{self.role}{arch}{kd}{done}"
-
-    def record(self):
-        """What a results bundle keeps of it (JSON): everything but the weights and its logits."""
-        return {"role": self.role, "path": self.path, "params": self.stats["params"], "flops": self.stats["flops"],
-                "checkpoint": {k: v for k, v in self.checkpoint.items() if k not in NOT_RECORDED}}
-
-    @classmethod
-    def from_record(cls, record, logits):
-        return cls(record["role"], record["path"], record["checkpoint"], record["params"], record["flops"], logits)
 
 
 class Network(Trained):
@@ -133,6 +82,7 @@ class Network(Trained):
         An empty hold-out split gives empty tensors.
         """
         checkpoint = self.checkpoint
+        self.__dict__.pop("temperature", None)  # fitted on the logits about to be loaded
         fingerprint = checkpoint["data_fingerprint"] if callable(data) else data.fingerprint
         key = {"format": FORMAT, "weights_sha256": checkpoint["weights_sha256"], "data_fingerprint": fingerprint,
                "split": self.split.as_dict()}

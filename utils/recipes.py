@@ -37,22 +37,24 @@ RECIPES = {
     "densenet121": {**COMMON, "epochs": 40},
     "googlenet": {**COMMON, "epochs": 40},
     "googlenet32": {**COMMON, "epochs": 40},
-    # The selector trains on images the students were judged on: no augmentation, no smoothing.
-    "selector": {**COMMON, "epochs": 30, "lr": 0.1, "label_smoothing": 0.0, "translate": 0, "cutout": 0},
+    # The selector trains on images the students were judged on: no augmentation, no label smoothing (no flags).
+    "selector": {key: COMMON[key] for key in ("batch_size", "schedule", "weight_decay", "ema", "tta")}
+    | {"lr": 0.1, "epochs": 30},
 }
 
 
 def apply_recipe(args, arch):
     """Fill every training flag left at ``None`` with ``arch``'s recipe; returns ``args``."""
+    flags = vars(args)
     for key, value in RECIPES[arch].items():
-        if getattr(args, key, value) is None:
-            setattr(args, key, value)
+        if key in flags and flags[key] is None:
+            flags[key] = value
     return args
 
 
 def recipe_values(key, archs=tuple(RECIPES)):
-    """``{arch: the recipe's value of key, as text}``."""
-    return {arch: _text(RECIPES[arch][key]) for arch in archs}
+    """``{arch: the recipe's value of key, as text}``; ``—`` where the network has no such flag."""
+    return {arch: _text(RECIPES[arch].get(key, "—")) for arch in archs}
 
 
 def _text(value):

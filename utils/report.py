@@ -1,17 +1,19 @@
 """The results of ``inference.py`` as files: ``results.md``, ``results.json`` and the plots.
 
 Everything here reads the results dict that ``inference.py`` builds (and ``results.json`` holds),
-so a table or plot can be made again from the JSON alone.
+so a table or plot can be made again from the JSON alone. Results are keyed by identifiers
+(``utils.analyses``); what a table or plot shows for each comes from ``results["labels"]`` alone.
 """
 
 import json
 import math
 from pathlib import Path
 
-from utils.data import CLASSES
+from utils.analyses import cost_labels
+from utils.split import CLASSES
 from utils.plots import plot_accuracy_vs_flops, plot_confusion, plot_grouped_bars
 
-ORIGINAL = {"teacher": "81%", "student 1": "74.19%", "student 2": "73.21%", "routed": "79.67%"}
+ORIGINAL = {"teacher": "81%", "student1": "74.19%", "student2": "73.21%", "routed": "79.67%"}  # by system id
 PLOTS = ("accuracy_vs_gflops.png", "per_class_gain.png", "routed_confusion.png", "routing_share.png")
 
 
@@ -45,14 +47,6 @@ def write_json(path, value):
     Path(path).write_text(json.dumps(finite_or_none(value), indent=2, allow_nan=False) + "\n")
 
 
-def original_of(name):
-    for key, role in (("Teacher", "teacher"), ("Student 1", "student 1"), ("Student 2", "student 2"),
-                      ("Routed", "routed")):
-        if name.startswith(key) and "without KD" not in name:
-            return ORIGINAL[role]
-    return "—"
-
-
 def _pct(x):
     return f"{100 * x:.2f}%"
 
@@ -70,10 +64,11 @@ def provenance_row(p):
 
 def against_teacher(r):
     """In plain words: does the routed system reach the teacher's accuracy, and at what share of its cost?"""
-    routed, teacher = r["routed"]["name"], r["teacher"]
-    c = r["comparisons"][f"{routed} vs {teacher}"]
-    gflops = r["gflops"][routed] / r["gflops"][teacher]
-    measured = r["costs"].get(f"routed ({r['routed']['router']})")  # absent: a bundle re-analysed with another policy
+    c = r["comparisons"]["routed vs teacher"]
+    gflops = r["gflops"]["routed"] / r["gflops"]["teacher"]
+    measured = r["costs"].get("routed")
+    if measured and measured["router"] != r["routed"]["router"]:  # a bundle re-analysed with another policy
+        measured = None
     speed = (f"{measured['images_per_s'] / r['costs']['teacher']['images_per_s']:.2f}x its measured images/s"
              if measured else "images/s not measured (the run that wrote the bundle timed another routed system)")
     if c["low"] > 0:
@@ -90,9 +85,9 @@ def against_teacher(r):
 
 def dearer_than_teacher(r):
     """The systems of the results table that cost more GFLOPs per image than the teacher, said plainly."""
-    teacher = r["gflops"][r["teacher"]]
-    dearer = [f"{name} ({r['gflops'][name] / teacher:.2f}x)" for name in r["gflops"]
-              if name != r["teacher"] and r["gflops"][name] > teacher * (1 + 1e-9)]
+    teacher, names = r["gflops"]["teacher"], r["labels"]["systems"]
+    dearer = [f"{names[k]} ({r['gflops'][k] / teacher:.2f}x)" for k in r["gflops"]
+              if k != "teacher" and r["gflops"][k] > teacher * (1 + 1e-9)]
     if not dearer:
         return [f"No system here costs more GFLOPs per image than the teacher ({teacher:.3f})."]
     return [f"**Costs more than the teacher** ({teacher:.3f} GFLOPs per image): " + "; ".join(dearer) + "."]
@@ -111,8 +106,9 @@ def cost_lines(r):
                 "above."]
     teacher = r["costs"]["teacher"]
     cpu = r["device"].startswith("CPU")
-    dearer = [f"{name} ({_more_than_teacher(c, teacher).strip('*')})" for name, c in r["costs"].items()
-              if name != "teacher" and _more_than_teacher(c, teacher) != "no"]
+    names = cost_labels(r["costs"], len(r["labels"]["students"]), r["costs"].get("routed", {}).get("router"))
+    dearer = [f"{names[k]} ({_more_than_teacher(c, teacher).strip('*')})" for k, c in r["costs"].items()
+              if k != "teacher" and _more_than_teacher(c, teacher) != "no"]
     return [
         f"Images/s: the median [and range] of timed passes over the test set after an untimed one (which sees every "
         f"batch shape), batch {r['batch_size']}, on {r['device']}"
@@ -122,10 +118,10 @@ def cost_lines(r):
         "| System | Parameters | GFLOPs / image | x the teacher's | Images/s [range] | x the teacher's "
         "| Costs more than the teacher |",
         "|---|---|---|---|---|---|---|",
-        *[f"| {name} | {c['params'] / 1e6:.2f} M | {c['gflops']:.3f} | {c['gflops'] / teacher['gflops']:.2f} "
+        *[f"| {names[k]} | {c['params'] / 1e6:.2f} M | {c['gflops']:.3f} | {c['gflops'] / teacher['gflops']:.2f} "
           f"| {c['images_per_s']:.0f} {_range(c)} | {c['images_per_s'] / teacher['images_per_s']:.2f} "
-          f"| {_more_than_teacher(c, teacher) if name != 'teacher' else '—'} |"
-          for name, c in r["costs"].items()], "",
+          f"| {_more_than_teacher(c, teacher) if k != 'teacher' else '—'} |"
+          for k, c in r["costs"].items()], "",
         ("**Costs more than the teacher**, in GFLOPs per image or in measured images/s: " + "; ".join(dearer) + "."
          if dearer else "Every system here costs less than the teacher, in GFLOPs per image and in measured "
                         "images/s."), "",
@@ -138,7 +134,8 @@ def reach_lines(r):
     if not reach:
         return []
     rows = []
-    for name, c in reach["systems"].items():
+    for policy, c in reach["systems"].items():
+        name = r["labels"]["policies"][policy]
         if c is None:
             rows.append(f"| {name} | no threshold reaches it on the hold-out split | — | — | — |")
             continue
@@ -173,12 +170,12 @@ def cross_fit_lines(r):
     """Each selector's out-of-fold scores: per fold, the threshold fitted on that fold alone and the routed
     accuracy there of the one fitted on all of them; and their spread."""
     lines = []
-    for role, c in r.get("cross_fit", {}).items():
+    for k, c in r.get("cross_fit", {}).items():
         if c is None:
             continue
         t, a = c["threshold_spread"], c["routed_accuracy_spread"]
         lines += [
-            f"## {role}: out-of-fold scores", "",
+            f"## {r['labels']['roles'][k]}: out-of-fold scores", "",
             f"Each hold-out image's score comes from one of {len(c['folds'])} selectors, each trained on the other "
             "folds of the hold-out split, its epoch chosen on part of its own training images; the routing "
             "threshold (the predicted gain in accuracy per extra GFLOP that moves an image to a dearer student) is "
@@ -207,8 +204,9 @@ def random_lines(r):
             "least as accurate as the selector, the selector counted among them.", "",
             "| Selector | Its accuracy | Random: mean | Standard deviation | Middle 95% of draws | p |",
             "|---|---|---|---|---|---|",
-            *[f"| {name} | {_pct(d['system'])} | {_pct(d['mean'])} | {_number(d['std'] and 100 * d['std'], '{:.2f}')}"
-              f" points | {_pct(d['low'])} to {_pct(d['high'])} | {d['p_value']:.3g} |" for name, d in draws.items()],
+            *[f"| {r['labels']['systems'][k]} | {_pct(d['system'])} | {_pct(d['mean'])} "
+              f"| {_number(d['std'] and 100 * d['std'], '{:.2f}')} points | {_pct(d['low'])} to {_pct(d['high'])} "
+              f"| {d['p_value']:.3g} |" for k, d in draws.items()],
             ""]
 
 
@@ -223,10 +221,11 @@ def training_lines(r):
              "GPU memory.", "",
              "| Network | Epochs | Weights of epoch | Time box (min) | Training images/s | Start-up (s) | Wall (s) "
              "| Peak GPU memory (MiB) |", "|---|---|---|---|---|---|---|---|"]
-    for name, t in r["training"].items():
+    for network, t in r["training"].items():
         cells = [_number(t.get(k), f) for k, f in (("minutes", "{:g}"), ("train_images_per_s", "{:.0f}"),
                                                      ("startup_seconds", "{:.1f}"), ("wall_seconds", "{:.1f}"),
                                                      ("peak_memory_mib", "{:.0f}"))]
+        name = r["labels"]["networks"][network]
         lines.append(f"| {name} | {t['epochs']} | {t['best_epoch']} | " + " | ".join(cells) + " |")
     pipeline = r.get("pipeline")
     if pipeline:
@@ -242,9 +241,8 @@ def _number(value, fmt):
     return "—" if value is None else fmt.format(value)
 
 
-def write_markdown(results, path):
-    r = results
-    routed, budgets = r["routed"], r["budget_multiples"]
+def notes_lines(r):
+    """The title, what was measured where, and the notes on what the numbers are (and are not)."""
     notes = []
     if r["split"]["limit"]:
         notes.append(f"**A quick run on a subset** (`--limit {r['split']['limit']}` images per split): these numbers "
@@ -256,57 +254,84 @@ def write_markdown(results, path):
         notes.append("**Unfinished checkpoints** (marked in the rows): " + ", ".join(f"`{p}`" for p in r["unfinished"]))
     if r.get("reanalysis"):
         notes.append(f"Tables and plots {r['reanalysis']}; costs and images/s are the bundle's own measurements.")
+    return ["# Results", "",
+            f"CIFAR-10 test set, {r['test_images']} images ({r['data']}). Device: {r['device']}; torch {r['torch']}. "
+            f"Written by `{r['command']}`.", "",
+            *[f"- {n}" for n in notes], ""]
+
+
+def systems_lines(r):
+    """Every system's test accuracy and GFLOPs beside the original's reported numbers, and the routed row's cost."""
+    routed, names = r["routed"], r["labels"]["systems"]
+    return ["| Model | Original (reported by the original repository) | Ours (measured) | GFLOPs / image |",
+            "|---|---|---|---|",
+            *[f"| {names[k]} | {ORIGINAL.get(k, '—')} | {_pct(acc)} | {r['gflops'][k]:.3f} |"
+              for k, acc in r["accuracy"].items()], "",
+            f"The routed row is the `{routed['router']}` policy with its threshold fitted on the hold-out split for "
+            f"at most {routed['budget_gflops']:.3f} GFLOPs per image; on the test split it costs "
+            f"{routed['test_gflops']:.3f}" + (" — **over its budget**" if routed["over_budget"] else "")
+            + "; it ran the students on " + ", ".join(f"{100 * s:.1f}%" for s in routed["share"])
+            + " of the test images.", "",
+            *dearer_than_teacher(r), ""]
+
+
+def budget_lines(r):
+    """Each policy at each fixed budget: its test accuracy and test GFLOPs."""
+    budgets = r["budget_multiples"]
+    return ["## Routing policies at fixed compute budgets", "",
+            "Test accuracy and test GFLOPs per image of each policy with its threshold fitted on the hold-out split "
+            "for a budget of k times the cheapest student's GFLOPs (the column's head gives it in GFLOPs); — where "
+            "no threshold fits. The thresholds meet their budget on the hold-out split; a cell marked **over** costs "
+            "more than its budget on the test split.", "",
+            "| Policy | " + " | ".join(f"{b:g}x (≤ {_budget_gflops(r, b):.3f})" for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+            *[f"| {r['labels']['policies'][policy]} | " + " | ".join(_budget_cell(cells.get(f"{b:g}")) for b in budgets)
+              + " |" for policy, cells in r["budgets"].items()], "",
+            "Curves over every threshold: `accuracy_vs_gflops.png`.", ""]
+
+
+def comparison_lines(r):
+    """Paired differences on the same test images, and each network's calibration."""
+    names = r["labels"]
+    return ["## Comparisons on the same test images", "",
+            "Difference in accuracy (points), its 95% paired bootstrap interval, and McNemar's test (p-value; images "
+            "only the first / only the second gets right).", "",
+            "| Comparison | Difference [95% interval] | McNemar p | Only first right | Only second right |",
+            "|---|---|---|---|---|",
+            *[f"| {names['comparisons'][k]} | {_points(c)} | {_number(c['p_value'], '{:.3g}')} "
+              f"| {_number(c['only_a_right'], '{}')} | {_number(c['only_b_right'], '{}')} |"
+              for k, c in r["comparisons"].items()], "",
+            "Against random routing, the second system is the mean over its draws, image by image (no McNemar test).",
+            "",
+            "## Calibration", "",
+            "| Network | Accuracy | NLL | ECE (15 bins) |", "|---|---|---|---|",
+            *[f"| {names['networks'][k]} | {_pct(c['accuracy'])} | {c['nll']:.3f} | {c['ece']:.4f} |"
+              for k, c in r["calibration"].items()],
+            ""]
+
+
+def class_lines(r):
+    """Per class: the share of its images each student ran on in the routed system, and each system's accuracy."""
+    students, names = r["labels"]["students"], r["labels"]["systems"]
+    return ["## Routed system: share of each class's images each student ran on", "",
+            "| Class | " + " | ".join(students) + " |", "|---|" + "---|" * len(students),
+            *[f"| {c} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + " |"
+              for c, shares in zip(CLASSES, r["routing_share_per_class"])], "",
+            "## Per-class accuracy (%)", "",
+            "| System | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES),
+            *[f"| {names[k]} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + " |"
+              for k, accs in r["per_class"].items()],
+            ""]
+
+
+def write_markdown(results, path):
+    r = results
     lines = [
-        "# Results", "",
-        f"CIFAR-10 test set, {r['test_images']} images ({r['data']}). Device: {r['device']}; torch {r['torch']}. "
-        f"Written by `{r['command']}`.", "",
-        *[f"- {n}" for n in notes], "",
-        "| Model | Original (reported by the original repository) | Ours (measured) | GFLOPs / image |",
-        "|---|---|---|---|",
-        *[f"| {name} | {original_of(name)} | {_pct(acc)} | {r['gflops'][name]:.3f} |"
-          for name, acc in r["accuracy"].items()], "",
-        f"The routed row is the `{routed['router']}` policy with its threshold fitted on the hold-out split for at "
-        f"most {routed['budget_gflops']:.3f} GFLOPs per image; on the test split it costs "
-        f"{routed['test_gflops']:.3f}" + (" — **over its budget**" if routed["over_budget"] else "")
-        + "; it ran the students on " + ", ".join(f"{100 * s:.1f}%" for s in routed["share"])
-        + " of the test images.", "",
-        *dearer_than_teacher(r), "",
-        "## Routing policies at fixed compute budgets", "",
-        "Test accuracy and test GFLOPs per image of each policy with its threshold fitted on the hold-out split "
-        "for a budget of k times the cheapest student's GFLOPs (the column's head gives it in GFLOPs); — where no "
-        "threshold fits. The thresholds meet their budget on the hold-out split; a cell marked **over** costs more "
-        "than its budget on the test split.", "",
-        "| Policy | " + " | ".join(f"{b:g}x (≤ {_budget_gflops(r, b):.3f})" for b in budgets) + " |",
-        "|---|" + "---|" * len(budgets),
-        *[f"| {name} | " + " | ".join(_budget_cell(cells.get(f"{b:g}")) for b in budgets) + " |"
-          for name, cells in r["budgets"].items()], "",
-        "Curves over every threshold: `accuracy_vs_gflops.png`.", "",
-        *cross_fit_lines(r), *random_lines(r),
-        "## Comparisons on the same test images", "",
-        "Difference in accuracy (points), its 95% paired bootstrap interval, and McNemar's test (p-value; images "
-        "only the first / only the second gets right).", "",
-        "| Comparison | Difference [95% interval] | McNemar p | Only first right | Only second right |",
-        "|---|---|---|---|---|",
-        *[f"| {name} | {_points(c)} | {_number(c['p_value'], '{:.3g}')} | {_number(c['only_a_right'], '{}')} "
-          f"| {_number(c['only_b_right'], '{}')} |" for name, c in r["comparisons"].items()], "",
-        "Against random routing, the second system is the mean over its draws, image by image (no McNemar test).",
-        "",
-        "## Calibration", "",
-        "| Network | Accuracy | NLL | ECE (15 bins) |", "|---|---|---|---|",
-        *[f"| {name} | {_pct(c['accuracy'])} | {c['nll']:.3f} | {c['ece']:.4f} |"
-          for name, c in r["calibration"].items()],
-        "",
+        *notes_lines(r), *systems_lines(r), *budget_lines(r), *cross_fit_lines(r), *random_lines(r),
+        *comparison_lines(r),
         "## Cost and speed", "",
         *cost_lines(r), "",
-        *reach_lines(r),
-        "## Routed system: share of each class's images each student ran on", "",
-        "| Class | " + " | ".join(r["students"]) + " |", "|---|" + "---|" * len(r["students"]),
-        *[f"| {c} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + " |"
-          for c, shares in zip(CLASSES, r["routing_share_per_class"])], "",
-        "## Per-class accuracy (%)", "",
-        "| System | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES),
-        *[f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + " |" for name, accs in r["per_class"].items()],
-        "",
+        *reach_lines(r), *class_lines(r),
         "## Training", "",
         *training_lines(r), "",
         "## Where these numbers come from", "",
@@ -319,19 +344,20 @@ def write_markdown(results, path):
 
 
 def write_plots(results, out):
-    curves = {name: tuple(curve) for name, curve in results["curves"].items()}
-    points = {name: (results["gflops"][name], acc) for name, acc in results["accuracy"].items()}
+    names = results["labels"]["systems"]
+    curves = {results["labels"]["policies"][policy]: tuple(curve) for policy, curve in results["curves"].items()}
+    points = {names[k]: (results["gflops"][k], acc) for k, acc in results["accuracy"].items()}
     plot_accuracy_vs_flops(curves, points, out / "accuracy_vs_gflops.png",
                            "Test accuracy against compute (thresholds fitted on hold-out; curves: every threshold)")
-    students = [name for name in results["accuracy"] if name.startswith("Student") and "without KD" not in name]
-    best = max(students, key=lambda name: results["accuracy"][name])
-    gains = {name: [100 * (a - b) for a, b in zip(accs, results["per_class"][best])]
-             for name, accs in results["per_class"].items() if name != best and not name.startswith("Oracle")}
+    students = [f"student{k}" for k in range(1, len(results["labels"]["students"]) + 1)]
+    best = max(students, key=lambda k: results["accuracy"][k])
+    gains = {names[k]: [100 * (a - b) for a, b in zip(accs, results["per_class"][best])]
+             for k, accs in results["per_class"].items() if k not in (best, "oracle")}
     plot_grouped_bars(gains, CLASSES, out / "per_class_gain.png",
-                      f"Per-class test accuracy against the best single student ({best})",
+                      f"Per-class test accuracy against the best single student ({names[best]})",
                       "accuracy minus the best student's (points)")
     plot_confusion(results["confusion_routed"], CLASSES, out / "routed_confusion.png",
-                   f"{results['routed']['name']}: confusion matrix (test set)")
+                   f"{names['routed']}: confusion matrix (test set)")
     plot_grouped_bars({name: [s[k] for s in results["routing_share_per_class"]]
-                       for k, name in enumerate(results["students"])},
+                       for k, name in enumerate(results["labels"]["students"])},
                       CLASSES, out / "routing_share.png", "Share of each class's images each student ran on", "share")

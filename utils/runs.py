@@ -2,7 +2,7 @@
 
 A training run writes, beside its checkpoint ``<stem>.pt``: ``<stem>.last.pt`` (resume
 state), ``<stem>.metrics.jsonl``, ``<stem>.curves.png`` and ``<stem>.config.json`` (flags,
-versions, git commit, device). ``--name NAME`` puts every stage of an experiment in
+versions, git commit, device: ``utils.provenance``). ``--name NAME`` puts every stage of an experiment in
 ``checkpoints/NAME/``. Before any data is decoded, ``prepare_run`` makes sure the folder can be
 written, locks the run's output against a second run (``<stem>.lock``), and refuses to replace an
 existing run unless ``--resume`` or ``--force`` says what to do.
@@ -10,26 +10,18 @@ existing run unless ``--resume`` or ``--force`` says what to do.
 
 import contextlib
 import contextvars
-import json
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-import torchvision
 
 from utils import lock
 from utils.cli import UserError
 from utils.recipes import STUDENTS
-from utils.runtime import device_name
 
 CHECKPOINT_ROOT = Path("checkpoints")
 RESULTS_ROOT = Path("results")
-REPO = Path(__file__).resolve().parents[1]
 # Flags that may differ between a run and its --resume (or a stage and its rerun) without changing the result.
 # --minutes too: a time-boxed run records the epochs it chose, and a rerun or resume keeps them.
 RUN_CONTROL_FLAGS = frozenset({"resume", "force", "time_budget", "minutes", "save_every", "log_every", "compile",
@@ -162,6 +154,8 @@ def check_free_space(folder, needed_bytes):
 
 
 def _is_complete(path):
+    import torch  # here, not above: the training scripts' flags are checked before torch is imported
+
     try:
         return bool(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("complete"))
     except Exception:  # unreadable: not a complete run, whatever it is
@@ -216,33 +210,3 @@ def check_existing_run(files, args):
         what = "a complete run" if _is_complete(files.best) else "an unfinished run"
         raise UserError(f"{run}.* already holds {what}; add --resume to continue it, --force to replace it, "
                         "or write elsewhere with --name or --checkpoint")
-
-
-def git_commit():
-    """The repository's commit, with ``-dirty`` if tracked files changed. Outside a git checkout (a copy of the
-    tree, as a cluster job may run it) the commit that ``MSKD_GIT_COMMIT`` names, else None."""
-    outside = os.environ.get("MSKD_GIT_COMMIT") or None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, timeout=10)
-        if commit.returncode != 0:
-            return outside
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return outside
-
-
-def provenance(device):
-    """What produced a result: versions, code and hardware."""
-    return {"python": platform.python_version(), "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "git_commit": git_commit(), "device": device_name(device)}
-
-
-def write_config(path, args, device, script, **extra):
-    """``<stem>.config.json``: the command, every flag, versions, git commit and device, and ``extra``."""
-    config = {"script": script, "command": getattr(args, "command", None), "flags": vars(args),
-              **provenance(device), **extra}
-    Path(path).write_text(json.dumps(config, indent=2, default=str) + "\n")
-    return config

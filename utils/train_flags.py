@@ -6,8 +6,7 @@ Flags whose default is the network's recipe (``utils/recipes.py``) are declared 
 
 import os
 
-from models import model_args
-from utils.augment import MIXERS, TTA_VIEWS
+from utils.choices import MIXERS, PADDINGS, SCHEDULES, TTA
 from utils.cli import (
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
@@ -17,11 +16,9 @@ from utils.cli import (
     UNIT_INTERVAL,
     experiment_name,
 )
-from utils.data import TRAIN_SIZE, Split
 from utils.recipes import RECIPES, WARMUP_EPOCHS, apply_recipe, recipe_values
 from utils.runs import default_checkpoint
-
-SCHEDULES = ("cosine", "linear")
+from utils.split import TRAIN_SIZE, Split
 
 
 def add_split_args(parser):
@@ -62,13 +59,26 @@ def _recipe(key, archs):
     return "(default, by network: " + ", ".join(f"{arch} {value}" for arch, value in values.items()) + ")"
 
 
-def add_training_args(parser, stem, archs=tuple(RECIPES)):
+def add_training_args(parser, stem, archs=tuple(RECIPES), classifier=True):
     """The flags of every training script; ``stem`` names its default checkpoint, ``checkpoints/[NAME/]<stem>.pt``;
-    ``archs``: the networks the script may train, whose recipes ``--help`` shows."""
+    ``archs``: the networks the script may train, whose recipes ``--help`` shows. ``classifier=False`` (the
+    selector, whose targets come from images the students were judged on) leaves out augmentation and label
+    smoothing."""
     def recipe(key):
         return _recipe(key, archs)
 
-    g = parser.add_argument_group("training (defaults: the network's recipe, utils/recipes.py)")
+    _add_schedule_args(parser.add_argument_group("training (defaults: the network's recipe, utils/recipes.py)"),
+                       recipe, classifier)
+    g = parser.add_argument_group("augmentation and evaluation, on the device (defaults: the network's recipe)")
+    if classifier:
+        _add_augmentation_args(g, recipe)
+    g.add_argument("--tta", choices=TTA,
+                   help="evaluation views averaged: none, flip (2 forward passes), flip-shift (flip and two "
+                        f"1-pixel diagonal shifts: 6) {recipe('tta')}")
+    _add_output_args(parser.add_argument_group("progress and output"), stem)
+
+
+def _add_schedule_args(g, recipe, classifier):
     g.add_argument("--epochs", type=POSITIVE_INT, help=f"passes over the training split {recipe('epochs')}")
     g.add_argument("--minutes", type=POSITIVE, default=None,
                    help="a time box instead of --epochs: the whole stage, start-up and final evaluation included, "
@@ -86,16 +96,19 @@ def add_training_args(parser, stem, archs=tuple(RECIPES)):
     g.add_argument("--momentum", type=UNIT_INTERVAL, default=0.9, help="Nesterov momentum of SGD")
     g.add_argument("--weight-decay", type=NON_NEGATIVE,
                    help=f"L2 weight decay, not applied to biases and BatchNorm {recipe('weight_decay')}")
-    g.add_argument("--label-smoothing", type=UNIT_INTERVAL,
-                   help=f"label smoothing of cross-entropy {recipe('label_smoothing')}")
+    if classifier:
+        g.add_argument("--label-smoothing", type=UNIT_INTERVAL,
+                       help=f"label smoothing of cross-entropy {recipe('label_smoothing')}")
     g.add_argument("--ema", type=UNIT_INTERVAL,
                    help="decay of an exponential moving average of the weights, evaluated and saved instead "
                         f"of the raw weights; 0: off, try 0.999 {recipe('ema')}")
-    g = parser.add_argument_group("augmentation, on the device (defaults: the network's recipe)")
+
+
+def _add_augmentation_args(g, recipe):
     g.add_argument("--translate", type=NON_NEGATIVE_INT,
                    help=f"random translation by up to this many pixels, with a random horizontal flip "
                         f"{recipe('translate')}")
-    g.add_argument("--padding", choices=("reflect", "zeros"),
+    g.add_argument("--padding", choices=PADDINGS,
                    help=f"what a translated image shows at its border; zeros: the classic CIFAR crop "
                         f"{recipe('padding')}")
     g.add_argument("--cutout", type=NON_NEGATIVE_INT,
@@ -106,10 +119,9 @@ def add_training_args(parser, stem, archs=tuple(RECIPES)):
     g.add_argument("--mix-alpha", type=POSITIVE,
                    help=f"the mixing weight is drawn from Beta(alpha, alpha) {recipe('mix_alpha')}")
     g.add_argument("--mix-prob", type=PROBABILITY, help=f"share of batches that are mixed {recipe('mix_prob')}")
-    g.add_argument("--tta", choices=tuple(TTA_VIEWS),
-                   help="evaluation views averaged: none, flip (2 forward passes), flip-shift (flip and two "
-                        f"1-pixel diagonal shifts: 6) {recipe('tta')}")
-    g = parser.add_argument_group("progress and output")
+
+
+def _add_output_args(g, stem):
     g.add_argument("--eval-every", type=POSITIVE_INT, default=5,
                    help="evaluate on the hold-out split every k epochs, and at each of the last k")
     g.add_argument("--save-every", type=NON_NEGATIVE, default=2.0,
@@ -141,10 +153,14 @@ def finish_training_args(parser, args, arch, stem=None, train_images=None):
     (for a script with the split flags, it is computed here).
     """
     if hasattr(args, "pretrained"):
-        try:
-            args.model_args = model_args(arch, args.pretrained, args.freeze_backbone)
-        except ValueError as e:
-            parser.error(str(e))
+        args.model_args = {}
+        if args.pretrained or args.freeze_backbone:
+            from models.pretrained import model_args  # torchvision's weights: only for the ImageNet mode
+
+            try:
+                args.model_args = model_args(arch, args.pretrained, args.freeze_backbone)
+            except ValueError as e:
+                parser.error(str(e))
     if stem is not None and args.checkpoint is None:
         args.checkpoint = default_checkpoint(args.name, stem)
     if hasattr(args, "holdout"):

@@ -1,21 +1,23 @@
 """Routing policies on precomputed network outputs: fitted on the hold-out split, applied to the test split.
 
-A router is a small estimator: ``fit(outputs, labels, budget)`` learns its temperatures, weights
-and threshold from hold-out outputs, ``route(outputs)`` decides for each image which networks run
-and what the system predicts, and the resulting ``Routing`` gives accuracy, routing shares and
-expected GFLOPs per image. Nothing here runs a network: ``StudentOutputs`` holds the logits of
-every network a router chooses among (the students, and the teacher where it is a cascade's last
-resort) on every image, and the selector's scores, so a policy and its whole accuracy-versus-
-compute curve cost milliseconds. ``build_router(name)`` makes the policies of ``ROUTERS``; the
-baselines (one student, the ensemble, random routing, the oracle) share the same interface.
+A policy is a small estimator: ``fit(outputs, labels, budget=None, accuracy=None)`` learns its
+temperatures, weights and threshold from hold-out outputs, ``route(outputs)`` decides for each
+image which networks run and what the system predicts, and the resulting ``Routing`` gives
+accuracy, routing shares and expected GFLOPs per image. Nothing here runs a network:
+``StudentOutputs`` holds the logits of every network a policy chooses among (the students, and the
+teacher where it is a cascade's last resort) on every image, and the selector's scores, so a
+policy and its whole accuracy-versus-compute curve cost milliseconds. ``build_router(name)`` makes
+any policy of ``POLICIES``: the threshold policies of ``utils.choices.ROUTERS`` and the baselines
+(one network, the ensemble, random routing); the oracle is ``oracle_routing``.
 
-The policies of ``ROUTERS`` are threshold routers: each image climbs a ladder of options, cheapest
-first, while its score exceeds one threshold. The cascade runs the next network while the answer
-so far is unsure, learned deferral while running it is predicted to gain, the selector moves an
-image to a dearer student while its predicted gain per extra GFLOP is large enough. Any number of
-networks (two or more) is one ladder.
+The threshold policies climb a ladder of options, cheapest first, while an image's score exceeds
+one threshold. The cascade runs the next network while the answer so far is unsure, learned
+deferral while running it is predicted to gain, the selector moves an image to a dearer student
+while its predicted gain per extra GFLOP is large enough. Any number of networks (two or more) is
+one ladder.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -26,13 +28,17 @@ UNCERTAINTY_MEASURES = ("maxprob", "margin", "entropy")
 RANDOM_DRAWS = 200  # draws of random routing behind its mean and spread
 
 
-class BudgetError(ValueError):
-    """No threshold of a router costs at most its budget on the hold-out split; ``cheapest_gflops`` is what the
-    cheapest one costs there."""
+class NoThresholdError(ValueError):
+    """No threshold of a router meets its budget (or reaches its accuracy) on the hold-out split.
 
-    def __init__(self, message, cheapest_gflops):
+    ``cheapest_gflops`` is what its cheapest threshold costs there, ``ratio`` that as a multiple of
+    the cheapest network's GFLOPs, and ``least_budget`` the smallest budget in hundredths that fits.
+    """
+
+    def __init__(self, message, cheapest_gflops, ratio):
         super().__init__(message)
-        self.cheapest_gflops = cheapest_gflops
+        self.cheapest_gflops, self.ratio = cheapest_gflops, ratio
+        self.least_budget = math.ceil(round(100 * ratio, 6)) / 100
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class StudentOutputs:
 
     logits: torch.Tensor
     selector_scores: torch.Tensor | None = None
+    temperatures: torch.Tensor | None = None  # (S,): each network's own, fitted once on its hold-out logits
 
     def __post_init__(self):
         if self.logits.dim() != 3:
@@ -218,22 +225,39 @@ def uncertainty(probs, measure="maxprob"):
     raise ValueError(f"unknown uncertainty measure {measure!r}; choose from {', '.join(UNCERTAINTY_MEASURES)}")
 
 
-def fit_softmax_regression(features, targets, classes, l2=1e-3, max_iter=200):
+def fit_softmax_regression(features, targets, classes, l2=1e-3, max_iter=50):
     """``(weight (D, classes), bias (classes,))`` of an L2-regularised multinomial logistic regression of the
-    class indices ``targets`` on ``features`` ``(N, D)``, by full-batch L-BFGS (deterministic)."""
+    class indices ``targets`` on ``features`` ``(N, D)``: Newton's method with a backtracking line search on the
+    convex loss, to machine precision (deterministic, and no optimizer object: no ``torch._dynamo`` import).
+
+    The bias is not penalised; softmax ignores a constant added to every class's bias, so the Hessian is
+    singular along it, and each step is the least-squares solution (the one without that component).
+    """
     x, y = features.double(), targets.long()
-    params = torch.zeros(x.shape[1] + 1, classes, dtype=torch.float64, device=x.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([params], max_iter=max_iter, line_search_fn="strong_wolfe")
+    n, d = x.shape
+    x = torch.cat([x, x.new_ones(n, 1)], 1)
+    penalty = torch.cat([torch.full((d, 1), l2, dtype=x.dtype, device=x.device), x.new_zeros(1, 1)])
+    one_hot = F.one_hot(y, classes).double()
+    eye = torch.eye(classes, dtype=x.dtype, device=x.device)
 
-    def loss():
-        optimizer.zero_grad()
-        value = F.cross_entropy(x @ params[:-1] + params[-1], y) + l2 * params[:-1].square().sum()
-        value.backward()
-        return value
+    def loss(w):
+        return F.cross_entropy(x @ w, y) + (penalty * w.square()).sum()
 
-    with torch.enable_grad():
-        optimizer.step(loss)
-    return params.detach()[:-1], params.detach()[-1]
+    w = x.new_zeros(d + 1, classes)
+    for _ in range(max_iter):
+        p = (x @ w).softmax(1)
+        grad = x.T @ (p - one_hot) / n + 2 * penalty * w
+        if grad.abs().max() < 1e-12:
+            break
+        curvature = p[:, :, None] * (eye - p[:, None, :])  # (N, classes, classes): d softmax / d logits
+        hessian = torch.einsum("ni,nkl,nj->ikjl", x, curvature, x).reshape((d + 1) * classes, -1) / n
+        hessian += torch.diag((2 * penalty).expand(d + 1, classes).reshape(-1))
+        step = torch.linalg.lstsq(hessian, grad.reshape(-1, 1)).solution.reshape(d + 1, classes)
+        size, current = 1.0, loss(w)
+        while loss(w - size * step) > current and size > 1e-10:
+            size /= 2
+        w = w - size * step
+    return w[:-1], w[-1]
 
 
 class Router:
@@ -258,10 +282,16 @@ class Router:
         """GFLOPs paid on every image before any network runs: the selector's, where the router reads it."""
         return self.router_flops if self.uses_selector else 0.0
 
-    def fit(self, outputs, labels, budget=None):
-        """Learn from hold-out ``outputs`` and ``labels``; ``budget`` matters only to threshold routers."""
+    def fit(self, outputs, labels, budget=None, accuracy=None):
+        """Learn from hold-out ``outputs`` and ``labels``: each network's temperature (the outputs' own where they
+        carry them); ``budget`` and ``accuracy`` matter only to threshold routers."""
         self.check(outputs)
-        self.temperature_ = fit_temperature(outputs.logits, labels)
+        self.temperature_ = outputs.temperatures if outputs.temperatures is not None else \
+            fit_temperature(outputs.logits, labels)
+        return self
+
+    def at(self, budget=None, accuracy=None):
+        """The fitted router for ``budget`` or ``accuracy``: itself, unless a threshold router says otherwise."""
         return self
 
     def route(self, outputs):
@@ -293,12 +323,10 @@ class Router:
         return ran
 
 
-class SingleStudentRouter(Router):
-    """One student on every image."""
+class SingleRouter(Router):
+    """The first network of ``order`` on every image."""
 
-    def __init__(self, flops, student=0):
-        super().__init__(flops, order=(student,))
-        self.name = f"student {student + 1}"
+    name = "single"
 
     def route(self, outputs):
         return self.routing(self.only(outputs, self.order[0]), self.probs(outputs)[:, self.order[0]])
@@ -324,8 +352,8 @@ class RandomRouter(Router):
 
     name = "random"
 
-    def __init__(self, flops, shares, seed=0, router_flops=0.0):
-        super().__init__(flops, router_flops)
+    def __init__(self, flops, shares, seed=0, router_flops=0.0, order=None):
+        super().__init__(flops, router_flops, order)
         if len(shares) != len(self.flops) or abs(sum(shares) - 1) > 1e-6 or min(shares) < 0:
             raise ValueError(f"shares must be {len(self.flops)} non-negative numbers summing to 1, not {shares}")
         self.shares = tuple(float(s) for s in shares)
@@ -373,25 +401,36 @@ class ThresholdRouter(Router):
     system's probabilities) and where each image climbs (``climbs``: per image and rung, the score
     compared with the threshold, non-increasing up the ladder; learned in ``fit_score`` if needed).
     ``fit`` takes the threshold with the best hold-out accuracy among those whose hold-out cost is
-    within ``budget`` times the cheapest network's GFLOPs (ties: the cheaper); with no budget, the
-    best hold-out accuracy. Every threshold is one of the hold-out climbs, in their dtype, so
-    ``route`` on the hold-out outputs gives exactly the point of ``curve`` it was chosen from.
+    within ``budget`` times the cheapest network's GFLOPs (ties: the cheaper); with ``accuracy``, the
+    cheapest threshold at least that accurate on the hold-out split (ties: the more accurate); with
+    neither, the best hold-out accuracy. Every threshold is one of the hold-out climbs, in their
+    dtype, so ``route`` on the hold-out outputs gives exactly the point of ``curve`` it was chosen
+    from. No threshold that fits is a ``NoThresholdError``.
     """
 
-    def fit(self, outputs, labels, budget=None):
+    def fit(self, outputs, labels, budget=None, accuracy=None):
         super().fit(outputs, labels)
         self.fit_score(outputs, labels)
-        curve = self.curve(outputs, labels)
+        self.curve_ = self.curve(outputs, labels)
+        self.threshold_ = self.at(budget, accuracy).threshold_
+        return self
+
+    def at(self, budget=None, accuracy=None):
+        """A copy of the fitted router whose threshold is the one ``fit`` would choose for ``budget`` or
+        ``accuracy``, taken from its hold-out curve without fitting again."""
         cheapest = min(self.flops[k] for k in self.order)
         max_gflops = None if budget is None else budget * cheapest
-        best = curve.best(max_gflops)
-        if best is None:
-            least = curve.gflops.min().item()
-            raise BudgetError(f"no {self.name} threshold costs at most {max_gflops:.3f} GFLOPs per image on the "
-                              f"hold-out split (a budget of {budget:g}x the cheapest network's {cheapest:.3f}); the "
-                              f"cheapest costs {least:.3f}", least)
-        self.threshold_ = curve.thresholds[best].item()
-        return self
+        point = self.curve_.best(max_gflops) if accuracy is None else self.curve_.cheapest(accuracy)
+        if point is None:
+            least = self.curve_.gflops.min().item()
+            wanted = f"costs at most {max_gflops:.3f} GFLOPs per image on the hold-out split (a budget of " \
+                     f"{budget:g}x the cheapest network's {cheapest:.3f})" if accuracy is None else \
+                f"is at least {accuracy:.4f} accurate on the hold-out split"
+            raise NoThresholdError(f"no {self.name} threshold {wanted}; the cheapest costs {least:.3f}", least,
+                                   least / cheapest)
+        router = copy.copy(self)
+        router.threshold_ = self.curve_.thresholds[point].item()
+        return router
 
     def fit_score(self, outputs, labels):
         """Learn what ``climbs`` needs from hold-out outputs (nothing, unless a subclass says otherwise)."""
@@ -547,36 +586,12 @@ class SelectorRouter(ThresholdRouter):
         return self.ladder(outputs)[1]
 
 
-ROUTERS = {router.name: router for router in (CascadeRouter, DeferralRouter, SelectorRouter)}
+POLICIES = {router.name: router for router in (SingleRouter, EnsembleRouter, RandomRouter, CascadeRouter,
+                                                DeferralRouter, SelectorRouter)}
 
 
 def build_router(name, **kwargs):
-    """The router registered as ``name`` in ``ROUTERS``, e.g. ``build_router("cascade", flops=[1.8, 2.9])``."""
-    if name not in ROUTERS:
-        raise ValueError(f"unknown router {name!r}; choose from {', '.join(ROUTERS)}")
-    return ROUTERS[name](**kwargs)
-
-
-def selector_targets(logits, labels):
-    """The selector's training targets ``(N, S)``: 1 where student k is right, else 0.
-
-    Why not "the student with the lowest cross-entropy"? Both students are right on most images,
-    and there the label separates two right answers by which one happens to be more confident:
-    noise for the image, and a systematic vote for whichever student is sharper. A classifier
-    trained on it predicts that majority student everywhere, which is what the first GPU run's
-    selector learned. "Is student k right" keeps the signal: the images where the students
-    disagree (``students_disagree``) are the only ones whose routing matters.
-    """
-    return (logits.argmax(-1) == labels[:, None]).float()
-
-
-def students_disagree(logits, labels):
-    """``(N,)`` bool: some student is right and some is wrong (for two students: exactly one is right)."""
-    right = logits.argmax(-1) == labels[:, None]
-    return right.any(1) & ~right.all(1)
-
-
-def shuffled_labels(labels, seed=0):
-    """The labels permuted across images: the class frequencies kept, every image-label link broken."""
-    return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
-
+    """The policy registered as ``name`` in ``POLICIES``, e.g. ``build_router("cascade", flops=[1.8, 2.9])``."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown router {name!r}; choose from {', '.join(POLICIES)}")
+    return POLICIES[name](**kwargs)

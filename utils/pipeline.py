@@ -1,0 +1,187 @@
+"""The pipeline of reproduce.py: which stages are complete, current, partial or stale; each stage run in turn
+(within its share of a time box); then inference into the results bundle, and a summary over seeds.
+
+A stage is a training script (its module), the checkpoints it writes and its flags; nothing here imports a
+script: ``reproduce.py`` hands its stages in.
+"""
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from utils.bundle import METRICS, bundle_sizes
+from utils.checkpoint import load_checkpoint
+from utils.cli import UserError
+from utils.report import write_results
+from utils.runs import RESULTS_ROOT, RunFiles, config_changes, continued_by
+from utils.timebox import weighted_minutes
+
+
+def _peek(path):
+    return load_checkpoint(path, hint="python reproduce.py --force")
+
+
+def checkpoint_state(path, expected, fingerprint, time_boxed=False):
+    """``(state, why)`` of one checkpoint against the flags ``expected`` of the run that should write it:
+    'complete', 'partial' (resumable), 'stale' (trained otherwise) or 'missing'. ``time_boxed``: the run is to
+    choose its epochs in a time box, so a time-boxed checkpoint's own choice stands."""
+    files = RunFiles.of(path)
+    if not files.best.exists() and not files.last.exists():
+        return "missing", ""
+    checkpoint = _peek(files.last if files.last.exists() else files.best)
+    changed = config_changes(checkpoint["config"], vars(expected))
+    if time_boxed and checkpoint["config"].get("minutes") is not None:
+        changed = [k for k in changed if k != "epochs"]  # each time box chose its own
+    inputs = [("teacher", checkpoint["teacher"])] if checkpoint.get("teacher") else []
+    inputs += [(f"student {k}", s) for k, s in enumerate(checkpoint.get("students", []), 1)]
+    moved = [what for what, record in inputs
+             if not Path(record["path"]).exists()
+             or _peek(record["path"])["weights_sha256"] != record["weights_sha256"]]
+    if checkpoint.get("data_fingerprint") != fingerprint:
+        return "stale", "trained on other data"
+    if moved:
+        return "stale", f"its {' and '.join(moved)} changed since"
+    if changed:
+        return "stale", "trained with other flags: " + ", ".join(f"--{k.replace('_', '-')}" for k in changed)
+    complete = files.best.exists() and _peek(files.best).get("complete")
+    return ("complete", "") if complete else ("partial", "")
+
+
+def stage_state(stage, fingerprint, time_boxed=False):
+    """``(state, why)`` of a stage: that of its checkpoints when they agree; a mix of complete and missing
+    ones is 'stale' too (its loop cannot train some of them alone). ``time_boxed``: it is to run with --minutes."""
+    try:
+        expected = stage.module.runs(stage.module.parse_args(stage.argv))
+    except UserError as e:  # what the stage reads (the selector's students) is not there
+        if any(RunFiles.of(path).last.exists() or Path(path).exists() for path in stage.paths):
+            return "stale", str(e)
+        return "missing", ""
+    states = {path: checkpoint_state(path, expected[str(path)], fingerprint, time_boxed) for path in stage.paths}
+    stale = [(path, why) for path, (state, why) in states.items() if state == "stale"]
+    if stale:
+        path, why = stale[0]
+        return "stale", why if len(stage.paths) == 1 else f"{path} {why}"
+    kinds = {state for state, _ in states.values()}
+    if len(kinds) > 1:
+        return "stale", ", ".join(f"{path} {state}" for path, (state, _) in states.items())
+    return kinds.pop(), ""
+
+
+def run_pipeline(args, name, plan, common, shares, inference_main, fingerprint, started=None):
+    """Train every stage of ``plan`` that needs it, then run inference (``inference_main``, with the flags
+    ``common``) into the results bundle; returns the stage wall times. ``shares``: each stage's share of a time
+    box (``--minutes``) when it starts, of the time left among the stages still to run.
+
+    A stage stopped early (a signal, --time-budget) ends the process with its exit code, after the wall times.
+    """
+    started = started or time.time()
+    deadline = started + 60 * args.minutes if args.minutes else None
+
+    def state_of(stage):
+        state, why = ("missing", "") if args.force else stage_state(stage, fingerprint, bool(deadline))
+        if state == "stale":
+            raise UserError(f"the {stage.title} stage of experiment '{name}' is stale ({why}); nothing was deleted: "
+                            "retrain every stage with --force, or write this run elsewhere with --name")
+        return state
+
+    states = {stage.title: state_of(stage) for stage in plan}  # a stale stage stops the pipeline before any work
+    to_run = [stage.title for stage in plan if states[stage.title] != "complete"]
+    if deadline:
+        print(f"time box of {args.minutes:g} min, shared when each stage starts: " + ", ".join(
+            f"{t} {100 * shares[t]:.0f}%" for t in [*to_run, "inference"]))
+    wall = {}
+    for stage in plan:
+        state = state_of(stage) if wall else states[stage.title]  # what the stages before it trained may change it
+        if state == "complete":
+            print(f"== {stage.title}: {', '.join(map(str, stage.paths))} complete, skipped (--force retrains it)")
+            continue
+        flags = {"partial": ["--resume"]}.get(state, ["--force"] if args.force or _leftovers(stage) else [])
+        if deadline:
+            flags += ["--minutes", f"{weighted_minutes(deadline, shares, stage.title, [*to_run, 'inference']):.4f}"]
+        to_run.remove(stage.title)
+        wall[stage.title] = run_stage(stage, state, flags, args.command, wall)
+    out = RESULTS_ROOT / name / "bundle"
+    start = time.time()
+    inference_main([*common, "--out", str(out)])
+    wall["inference"] = time.time() - start
+    finish_bundle(out, plan, wall, args, time.time() - started)
+    print_wall(wall)
+    return wall
+
+
+def run_stage(stage, state, flags, command, wall):
+    """Run one stage's script with ``flags``; returns its wall time. A stop before its end prints the wall times
+    so far (``wall``) and the command that goes on (``command``), then ends the process."""
+    print(f"== {stage.title} -> {', '.join(map(str, stage.paths))}" + (" (resuming)" if state == "partial" else ""))
+    start = time.time()
+    try:
+        with continued_by(command):
+            stage.module.main([*stage.argv, *flags])
+    except SystemExit:
+        wall[stage.title] = time.time() - start
+        print(f"{stage.title} stopped before its end; run the same command again to go on")
+        print_wall(wall)
+        raise
+    return time.time() - start
+
+
+def _leftovers(stage):
+    """Whether a missing stage left files that a fresh run must replace (an unresumable start)."""
+    return any(path.exists() for p in stage.paths for path in RunFiles.of(p))
+
+
+def finish_bundle(out, plan, wall, args, total_seconds):
+    """Add to the bundle every stage's training log (``metrics.jsonl``) and the pipeline's wall times."""
+    with open(out / METRICS, "w") as f:
+        for stage in plan:
+            for path in stage.paths:
+                log = RunFiles.of(path).log
+                for line in log.read_text().splitlines() if log.exists() else []:
+                    f.write(json.dumps({"run": str(path), **json.loads(line)}) + "\n")
+    results = json.loads((out / "results.json").read_text())
+    results["pipeline"] = {"command": args.command, "minutes": args.minutes, "stages": wall,
+                           "total_seconds": total_seconds}
+    write_results(results, out)
+    files, within = bundle_sizes(out)
+    if not within:
+        print(f"warning: the bundle {out} is larger than a bundle kept in git may be: "
+              + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in files))
+
+
+def print_wall(wall):
+    """Each stage's wall time, and their total."""
+    print("\nwall time per stage (this invocation):")
+    for name, seconds in wall.items():
+        print(f"  {name:<36} {seconds / 60:7.2f} min")
+    print(f"  {'total':<36} {sum(wall.values()) / 60:7.2f} min")
+
+
+def summarise(name, seeds):
+    """``results/NAME/seeds.md`` and ``.json``: each system's test accuracy and each KD gain, their mean and
+    standard deviation over the seeds (keyed by identifier, with the label each is shown by)."""
+    runs = {seed: json.loads((RESULTS_ROOT / name / f"seed{seed}" / "bundle" / "results.json").read_text())
+            for seed in seeds}
+    rows = {}
+    for results in runs.values():
+        names = results.get("labels", {}).get("systems", {})
+        for k, acc in results["accuracy"].items():
+            rows.setdefault(k, {"label": names.get(k, k), "values": []})["values"].append(100 * acc)
+        for arch, gain in results.get("kd_gain", {}).items():
+            rows.setdefault(f"kd_gain:{arch}", {"label": f"KD gain: {arch}", "values": []})["values"].append(
+                100 * gain["difference"])
+    summary = {k: {"label": row["label"], "mean": statistics.mean(row["values"]),
+                   "std": statistics.stdev(row["values"]) if len(row["values"]) > 1 else 0.0, "values": row["values"]}
+               for k, row in rows.items()}
+    out = RESULTS_ROOT / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seeds.json").write_text(json.dumps({"seeds": seeds, "rows": summary}, indent=2) + "\n")
+    lines = [f"# Results over seeds {', '.join(map(str, seeds))}", "",
+             "Test accuracy in %, mean ± sample standard deviation over the seeds (one full pipeline per seed).", "",
+             "| Row | Mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|" + "---|" * len(seeds),
+             *[f"| {s['label']} | {s['mean']:.2f} ± {s['std']:.2f} | " + " | ".join(f"{v:.2f}" for v in s["values"])
+               + " |" for s in summary.values()], ""]
+    (out / "seeds.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {out / 'seeds.md'} and {out / 'seeds.json'}")
