@@ -87,8 +87,8 @@ def main(argv=None):
     import torch  # after the flags: --help and a refused flag need no torch
 
     from models import build_model
-    from utils.data import CLASSES, load_cifar10, make_splits
-    from utils.distill import load_teacher, student_member
+    from utils.data import CLASSES, check_source, load_cifar10, make_splits
+    from utils.distill import check_teacher_data, load_teacher, student_member
     from utils.engine import TimeBox, fit
     from utils.runs import prepare_run
     from utils.runtime import setup_runtime, teardown_runtime
@@ -96,7 +96,9 @@ def main(argv=None):
 
     loop = args.members[0]  # what the loop shares: data, device, seed, epochs, batches
     runtime = setup_runtime(loop)
+    teacher = load_teacher(loop, runtime) if not all(flags.no_kd for flags in args.members) else None
     files = [prepare_run(flags, runtime.is_main) for flags in args.members]
+    check_source(loop.data_dir, loop.download)
     if runtime.is_main:
         print_config(loop, "StudentTrain.py")
         for other in args.members[1:]:
@@ -108,7 +110,8 @@ def main(argv=None):
         models.append(build_model(flags.arch, len(CLASSES), **flags.model_args))
     data = load_cifar10(loop.data_dir, loop.download, verbose=runtime.is_main, allow_partial=loop.partial_data)
     split = Split.from_args(loop)
-    teacher = load_teacher(loop, data, runtime) if not all(flags.no_kd for flags in args.members) else None
+    if teacher is not None:
+        check_teacher_data(teacher, data, runtime)
     members = [student_member(flags, model, run_files, teacher, data, split)
                for flags, model, run_files in zip(args.members, models, files)]
     fit(members, make_splits(data, split), loop, runtime, teacher=teacher, time_box=TimeBox.of(loop.minutes, started))

@@ -30,6 +30,7 @@ from pathlib import Path
 from utils.cli import (
     NON_NEGATIVE_INT,
     POSITIVE_INT,
+    UserError,
     add_data_args,
     add_device_args,
     add_routing_args,
@@ -38,7 +39,14 @@ from utils.cli import (
     print_config,
     run,
 )
-from utils.runs import RESULTS_ROOT, check_output_folder, continue_command, default_checkpoint, default_students
+from utils.runs import (
+    RESULTS_ROOT,
+    check_output_folder,
+    continue_command,
+    default_checkpoint,
+    default_students,
+    write_folder_atomically,
+)
 
 
 def build_parser():
@@ -48,9 +56,10 @@ def build_parser():
     parser.add_argument("--bundle", default=None, metavar="DIR",
                         help="analyse a results bundle (a folder with results.json and logits.npz) instead of "
                              "checkpoints: no data, no network is run; the costs are the bundle's")
-    parser.add_argument("--out", default=None, help="folder for results.md, results.json, the plots and "
-                                                    "logits.npz (default: results/[NAME/], or with --bundle "
-                                                    "results/<the bundle folder's name>)")
+    parser.add_argument("--out", default=None,
+                        help="folder for results.md, results.json, the plots and logits.npz (default: results/[NAME/], "
+                             "or with --bundle results/reanalysed/<the bundle folder's name>); never the bundle read")
+    parser.add_argument("--force", action="store_true", help="replace the results already in --out")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=1024, help="images per forward pass")
     parser.add_argument("--timed-passes", type=NON_NEGATIVE_INT, default=3,
                         help="timed passes over the test split for each system's images/s, after an untimed one "
@@ -66,13 +75,26 @@ def parse_args(argv=None):
     args.teacher = args.teacher or default_checkpoint(args.name, "teacher")
     args.students = args.students or default_students(args.name)
     args.selector = args.selector or default_checkpoint(args.name, "selector")
-    args.out = args.out or str(RESULTS_ROOT / (Path(args.bundle).resolve().name if args.bundle else args.name))
+    args.out = args.out or str(RESULTS_ROOT / ("reanalysed" / Path(Path(args.bundle).resolve().name) if args.bundle
+                                               else args.name))
     return args
+
+
+def check_out(args):
+    """Refuse an --out that is (or is inside) the bundle read, or that already holds results without --force; and
+    one that cannot be written."""
+    out = Path(args.out).resolve()
+    if args.bundle and (out == Path(args.bundle).resolve() or Path(args.bundle).resolve() in out.parents):
+        raise UserError(f"--out {args.out} is the bundle being re-analysed, and a re-analysis never writes into the "
+                        "bundle it reads; choose another --out")
+    if not args.force and any((out / name).exists() for name in ("results.json", "results.md", "logits.npz")):
+        raise UserError(f"{args.out} already holds results; add --force to replace them, or choose another --out")
+    check_output_folder(args.out, "--out")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    check_output_folder(args.out, "--out")
+    check_out(args)
     if args.bundle:
         return analyse_bundle(args)
     import torch  # after the flags: --help and a refused flag need no torch
@@ -87,7 +109,8 @@ def main(argv=None):
     runtime = setup_runtime(args, varying_shapes=True)
     print_config(args, "inference.py")
     data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)
-    with stoppable("evaluating the networks (the logits computed so far are kept)", continue_command(args.command)):
+    with stoppable("evaluating the networks (the logits computed so far are kept)",
+                   continue_command(args.command, saved=False)):
         networks = load_networks(args, runtime, data)
         results, systems = analyse(networks, args.router, args.budget)
         images, labels = make_splits(data, split)["test"]
@@ -115,12 +138,16 @@ def analyse_bundle(args):
 
 
 def write(results, networks, out):
-    """The results bundle in ``out``: results.md, results.json, the plots and every network's logits."""
+    """The results bundle in ``out``, all of it or none: results.md, results.json, the plots and every network's
+    logits."""
     from utils.bundle import LOGITS, write_logits
     from utils.report import write_report
 
-    write_report(results, out)
-    write_logits(networks, out / LOGITS)
+    def write_bundle(folder):
+        write_report(results, folder)
+        write_logits(networks, folder / LOGITS)
+
+    write_folder_atomically(out, write_bundle)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {LOGITS} and the plots in {out}/")
 

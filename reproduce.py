@@ -2,8 +2,9 @@
 
 The students (and, with --with-nokd, their no-KD twins) train together in one loop on the same
 batches. The selector is trained twice: as itself, and on shuffled labels as a control
-(selector_shuffled.pt). The results bundle (utils/bundle.py) goes to results/NAME/bundle/:
-results.md, results.json, the plots, logits.npz and metrics.jsonl.
+(selector_shuffled.pt). The results bundle (utils/bundle.py) goes to a folder of its own, --out or
+results/[NAME/]run-<date>-<time>/ (never one that holds anything): results.md, results.json, the plots,
+logits.npz and metrics.jsonl.
 
 A stage whose checkpoints are complete and up to date is skipped; an interrupted one resumes. A
 stale one (trained from another teacher, other students, other data or other flags, another
@@ -18,8 +19,9 @@ Presets:
   smoke  CPU, a small stratified subset, one epoch per stage: the pipeline end to end in about a
          minute, for trying the repository and for CI (experiment name "smoke")
   full   the GPU recipe: each network's recipe (utils/recipes.py)
-With --seeds S1 S2 ..., the pipeline runs once per seed (experiment NAME/seed<S>) and a table of
-each row's mean and standard deviation over the seeds is written to results/NAME/seeds.md.
+With --seeds S1 S2 ..., the pipeline runs once per seed (experiment NAME/seed<S>, its bundle in
+<out>/seed<S>/) and a table of each row's mean and standard deviation over the seeds is written to
+<out>/seeds.md.
 Exit codes: 0 done; 2 a refusal (one line saying why); 75 a training stage stopped by
 --time-budget; 130/143 stopped by SIGINT/SIGTERM. Run the same command again to go on.
 """
@@ -35,9 +37,10 @@ import trainSelector
 from utils.choices import KD_LOSSES
 from utils.cli import (
     NON_NEGATIVE,
-    NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
+    SEED,
+    UserError,
     default_data_dir,
     experiment_name,
     make_parser,
@@ -46,7 +49,8 @@ from utils.cli import (
     run,
 )
 from utils.recipes import STUDENTS
-from utils.runs import student_stem
+from utils.runs import RESULTS_ROOT, student_stem
+from utils.split import Split, check_folds, stratified_counts
 
 PRESETS = {
     "smoke": {"name": "smoke", "device": "cpu", "epochs": 1, "split": ["--limit", "20", "--holdout", "100"],
@@ -59,6 +63,7 @@ PRESETS = {
 # The selector stages train --folds + 1 selectors each (utils/routing.py, cross-fitting).
 SHARES = {"teacher": 0.38, "students": 0.40, "selector": 0.07, "selector, shuffled-label control": 0.05,
           "inference": 0.10}
+STEPS = ("teacher", "students", "selectors")  # what --retrain-from names: the stages in order, both selectors one
 SHARES_WITH_NOKD = {**SHARES, "teacher": 0.28, "students": 0.52, "selector": 0.06,
                     "selector, shuffled-label control": 0.04}
 
@@ -69,6 +74,7 @@ class Stage:
     module: object  # the script whose main() trains it
     paths: list  # the checkpoints it writes
     argv: list
+    step: str = ""  # what --retrain-from calls it and the stages after it
 
 
 def build_parser():
@@ -78,8 +84,8 @@ def build_parser():
                         help="experiment name: checkpoints/NAME/ and results/NAME/ (default: the preset's, "
                              "'smoke' or none)")
     seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of every training stage")
-    seeds.add_argument("--seeds", type=NON_NEGATIVE_INT, nargs="+",
+    seeds.add_argument("--seed", type=SEED, default=0, help="seed of every training stage")
+    seeds.add_argument("--seeds", type=SEED, nargs="+",
                        help="run the pipeline once per seed (experiments NAME/seed<S>) and summarise them")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=POSITIVE_INT, default=None,
@@ -92,8 +98,15 @@ def build_parser():
     parser.add_argument("--kd-loss", default="kl", choices=KD_LOSSES, help="KD loss of the students")
     parser.add_argument("--with-nokd", action="store_true",
                         help="also train both students without KD, in the students' loop, for the KD-gain rows")
-    parser.add_argument("--force", action="store_true",
-                        help="retrain every stage, replacing what is there, even complete and current checkpoints")
+    parser.add_argument("--out", default=None,
+                        help="folder of the results bundle (with --seeds: of each seed's bundle and the summary), "
+                             "refused if it holds anything (default: results/[NAME/]run-<date>-<time>/)")
+    retrain = parser.add_mutually_exclusive_group()
+    retrain.add_argument("--force", action="store_true",
+                         help="retrain every stage, replacing what is there, even complete and current checkpoints")
+    retrain.add_argument("--retrain-from", choices=STEPS, default=None,
+                         help="retrain this stage and every stage after it (which depend on it), keeping the ones "
+                              "before")
     parser.add_argument("--time-budget", type=NON_NEGATIVE, default=None,
                         help="minutes after which a training stage saves and stops; rerun the same command to go on")
     parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
@@ -129,6 +142,10 @@ def stage_epochs(args):
         for title, k in roles.items():
             checkpoint = networks[k].checkpoint
             folds = checkpoint.get("cross_fit", {}).get("epochs")
+            for epochs in [checkpoint["epochs"], *(folds or [])]:
+                if not isinstance(epochs, int) or epochs < 1:
+                    raise UserError(f"--epochs-from {args.epochs_from}: its {title} stage ran {epochs!r} epochs, not "
+                                    "a positive whole number; the bundle is damaged")
             flags[title] = ["--epochs", str(checkpoint["epochs"]),
                             *(["--folds", str(len(folds)), "--fold-epochs", *map(str, folds)] if folds else [])]
         return flags
@@ -152,40 +169,78 @@ def stages(args, name, seed):
     kinds = [True, False] if args.with_nokd else [True]
     students = [folder / f"{student_stem(arch, kd)}.pt" for arch in STUDENTS.values() for kd in kinds]
     return [
-        Stage("teacher", teacherTrain, [folder / "teacher.pt"], train("teacher", *preset["split"])),
+        Stage("teacher", teacherTrain, [folder / "teacher.pt"], train("teacher", *preset["split"]), "teacher"),
         Stage("students", StudentTrain, students,
               train("students", *preset["split"], "--model", *STUDENTS, "--kd-loss", args.kd_loss,
-                    *(["--with-nokd"] if args.with_nokd else []))),
-        Stage("selector", trainSelector, [folder / "selector.pt"], train("selector", *preset["selector"])),
+                    *(["--with-nokd"] if args.with_nokd else [])), "students"),
+        Stage("selector", trainSelector, [folder / "selector.pt"], train("selector", *preset["selector"]),
+              "selectors"),
         Stage("selector, shuffled-label control", trainSelector, [folder / "selector_shuffled.pt"],
-              train("selector, shuffled-label control", *preset["selector"], "--shuffle-labels")),
+              train("selector, shuffled-label control", *preset["selector"], "--shuffle-labels"), "selectors"),
     ], common
 
 
-def run_pipeline(args, name, seed, fingerprint, started=None):
-    """One pipeline (``utils.pipeline.run_pipeline``) of the experiment ``name`` with ``seed``."""
+def run_pipeline(args, name, seed, fingerprint, out, started=None):
+    """One pipeline (``utils.pipeline.run_pipeline``) of the experiment ``name`` with ``seed``, its bundle in
+    ``out``."""
     from utils.pipeline import run_pipeline
 
     plan, common = stages(args, name, seed)
     shares = SHARES_WITH_NOKD if args.with_nokd else SHARES
-    return run_pipeline(args, name, plan, common, shares, inference.main, fingerprint, started)
+    return run_pipeline(args, name, plan, common, shares, inference.main, fingerprint, out, started)
+
+
+def output_folder(args):
+    """Where this command writes: --out, or a new ``results/[NAME/]run-<date>-<time>/``; refused if it holds
+    anything (a bundle is never replaced)."""
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"--out {out} already holds something; a bundle is written into a new folder: choose "
+                            "another --out")
+        return out
+    stamp = time.strftime("run-%Y%m%d-%H%M%S")
+    out, k = RESULTS_ROOT / args.name / stamp, 1
+    while out.exists():  # two runs in one second
+        out, k = RESULTS_ROOT / args.name / f"{stamp}-{k + 1}", k + 1
+    return out
+
+
+def check_plan(args):
+    """Every refusal that the stages' flags alone decide, before anything trains: each stage's flags parse, and the
+    selectors' folds fit the hold-out split the students will have."""
+    plan, _ = stages(args, args.name, args.seed)
+    teacher, students, *selectors = plan
+    split = Split.from_args(teacherTrain.parse_args(teacher.argv))
+    StudentTrain.parse_args(students.argv)
+    for stage in selectors:
+        flags = trainSelector.build_parser().parse_args(stage.argv)
+        try:
+            if not args.partial_data:
+                check_folds(stratified_counts(split.planned_sizes()["holdout" if split.holdout else "train"]),
+                            flags.folds)
+        except UserError as e:
+            raise UserError(f"the {stage.title} stage would be refused once the students have trained (its flags "
+                            f"come from --preset and --epochs-from): {e}") from None
 
 
 def main(argv=None):
     started = time.time()
     args = parse_args(argv)
+    out = output_folder(args)
+    check_plan(args)
     print_config(args, "reproduce.py")
     from utils.data import load_cifar10  # after the flags: --help and a refused flag need no torch
     from utils.pipeline import summarise
 
     fingerprint = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data).fingerprint
     if not args.seeds:
-        run_pipeline(args, args.name, args.seed, fingerprint, started)
+        run_pipeline(args, args.name, args.seed, fingerprint, out, started)
         return
     for seed in args.seeds:
         print(f"\n######## seed {seed}")
-        run_pipeline(args, str(Path(args.name) / f"seed{seed}"), seed, fingerprint)
-    summarise(args.name, args.seeds)
+        run_pipeline(args, str(Path(args.name) / f"seed{seed}"), seed, fingerprint, out / f"seed{seed}")
+    summarise(out, {seed: out / f"seed{seed}" for seed in args.seeds})
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def main(argv=None):
     started = time.time()
     args = parse_args(argv)
     from models import build_model  # after the flags: --help and a refused flag need no torch
-    from utils.data import CLASSES, data_record, load_cifar10, make_splits
+    from utils.data import CLASSES, check_source, data_record, load_cifar10, make_splits
     from utils.engine import Member, TimeBox, fit
     from utils.losses import classification_loss
     from utils.runs import prepare_run
@@ -48,6 +48,7 @@ def main(argv=None):
 
     runtime = setup_runtime(args)
     files = prepare_run(args, runtime.is_main)
+    check_source(args.data_dir, args.download)
     if runtime.is_main:
         print_config(args, "teacherTrain.py")
     model = build_model(args.arch, len(CLASSES), **args.model_args)  # before decoding: ImageNet weights may be missing

@@ -116,7 +116,7 @@ def main(argv=None):
     import torch  # after the flags: --help and a refused flag need no torch
 
     from utils import selector
-    from utils.data import CLASSES, load_cifar10, make_splits, stratified_folds
+    from utils.data import CLASSES, check_source, load_cifar10, make_splits, stratified_folds
     from utils.experiment import load_students
     from utils.trained import student_record
     from utils.runtime import setup_runtime, teardown_runtime
@@ -125,6 +125,7 @@ def main(argv=None):
 
     runtime = setup_runtime(args)
     runs = selector.prepare_runs(args)
+    check_source(args.data_dir, args.download)
     print_config(args, "trainSelector.py")
     students = load_students(args.students, runtime, args.name)
     data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)

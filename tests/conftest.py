@@ -49,6 +49,15 @@ def shared_archive():
     return SHARED_ARCHIVE
 
 
+@pytest.fixture(autouse=True)
+def no_unsaved_run_outlives_its_test():
+    """A run that a test let fail outside ``utils.cli.run`` is not undone by a later test's failure."""
+    yield
+    import utils.runs
+
+    utils.runs._UNSAVED.clear()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Small batches on a 2-core machine run much faster without intra-op threads."""

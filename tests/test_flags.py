@@ -64,6 +64,7 @@ NUMBER_CASES = [  # (type, values inside its range and at its closed edges, valu
     ("PROBABILITY", ["0", "0.5", "1"], ["-0.001", "1.001", "nan"]),
     ("FRACTION", ["0.001", "0.999"], ["0", "1", "-0.5", "nan"]),
     ("UNIT_INTERVAL", ["0", "0.999"], ["1", "-0.001", "inf"]),
+    ("SEED", ["0", "12345"], ["-1", "1.5", str(2**63), str(2**70)]),
 ]
 
 

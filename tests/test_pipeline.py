@@ -37,7 +37,7 @@ def smoke_run(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        reproduce.main(["--preset", "smoke", "--data-dir", str(data)])
+        reproduce.main(["--preset", "smoke", "--data-dir", str(data), "--out", "results/smoke/bundle"])
     finally:
         os.chdir(cwd)
     return root, data
@@ -161,7 +161,10 @@ def test_each_system_is_timed_as_often_as_asked_and_said_as_it_is(smoke_run, tmp
 def test_second_run_skips_complete_stages(smoke_run, capsys, monkeypatch):
     root, data = smoke_run
     monkeypatch.chdir(root)
+    import utils.pipeline
+
     monkeypatch.setattr(inference, "main", lambda argv: None)
+    monkeypatch.setattr(utils.pipeline, "finish_bundle", lambda *args: None)
     reproduce.main(["--preset", "smoke", "--data-dir", str(data)])
     out = capsys.readouterr().out
     assert out.count("complete, skipped") == 4  # teacher, students, selector, its control
@@ -695,3 +698,31 @@ def test_a_cascade_to_the_teacher_runs_each_network_only_where_the_ones_before_a
     assert (a.seen, b.seen, teacher.seen) == (6, 4, 2)
     assert routing.ran.sum(1).tolist() == [1, 1, 2, 2, 3, 3]
     assert routing.prediction.tolist()[:2] == [1, 1] and routing.prediction.tolist()[4:] == [3, 3]
+
+
+def test_inference_stopped_by_a_signal_prints_a_command_that_continues_it(smoke_run, monkeypatch, capsys):
+    import shlex
+    import signal
+
+    import utils.networks
+
+    root, data = smoke_run
+    monkeypatch.chdir(root)
+    for cache in (root / "checkpoints" / "smoke").glob("student_*.logits.pt"):  # to be computed: the work to stop
+        cache.unlink()
+    real = utils.networks.batched_logits
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    argv = ["--name", "smoke", "--device", "cpu", "--data-dir", str(data), "--timed-passes", "0", "--out", "again"]
+    monkeypatch.setattr(utils.networks, "batched_logits", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        inference.main(argv)
+    assert stop.value.code == 128 + signal.SIGTERM
+    command = capsys.readouterr().out.rsplit("continue with: ", 1)[1].strip()
+    assert command == shlex.join(["python", "inference.py", *argv])  # no --resume: inference.py has none
+    monkeypatch.setattr(utils.networks, "batched_logits", real)
+    inference.main(shlex.split(command)[2:])
+    assert (root / "again" / "results.md").exists()

@@ -27,6 +27,7 @@ from utils.data import load_cifar10
 from utils.runs import default_checkpoint
 
 NAME = "exp"
+BUNDLE = Path("results") / NAME / "bundle"  # where run_pipeline writes its results in these tests
 
 
 def tiny(tree, *extra):
@@ -148,7 +149,7 @@ def fake_bundle(folder, epochs, fold_epochs=None):
     folder.mkdir(parents=True)
     roles = ["teacher", "students", "students", "selector", "control"]
     networks = [{"role": role, "path": f"{role}.pt", "params": 1, "flops": 1,
-                 "checkpoint": {"kind": role, "arch": "googlenet", "epochs": epochs[role], "epoch": 1,
+                 "checkpoint": {"kind": role, "arch": "googlenet", "num_classes": 10, "epochs": epochs[role], "epoch": 1,
                                 "split": {"holdout": 2, "split_seed": 0, "limit": 2},
                                 **({"cross_fit": {"epochs": fold_epochs[role]}} if role in (fold_epochs or {})
                                    else {})}} for role in roles]
@@ -190,12 +191,12 @@ def copy_of(trained, tmp_path, monkeypatch):
 
 def teacher_stage(tree, *extra, name=NAME):
     return reproduce.Stage("teacher", teacherTrain, [Path(f"checkpoints/{name}/teacher.pt")],
-                           teacher_argv(tree, *extra, name=name))
+                           teacher_argv(tree, *extra, name=name), "teacher")
 
 
 def student_stage(tree, *extra, name=NAME):
     return reproduce.Stage("student", StudentTrain, [Path(f"checkpoints/{name}/student_googlenet.pt")],
-                           student_argv(tree, *extra, name=name))
+                           student_argv(tree, *extra, name=name), "students")
 
 
 def test_stages_trained_as_asked_are_complete(trained, monkeypatch):
@@ -270,25 +271,71 @@ def test_a_stale_stage_stops_the_pipeline_and_deletes_nothing_without_force(copy
     calls = plan_of(monkeypatch, teacher_stage(tree, "--seed", "1"), student_stage(tree))
 
     with pytest.raises(UserError) as e:
-        reproduce.run_pipeline(pipeline_args(), NAME, 0, fingerprint)
+        reproduce.run_pipeline(pipeline_args(), NAME, 0, fingerprint, BUNDLE)
     assert str(e.value) == (f"the student stage of experiment '{NAME}' is stale (its teacher changed since); nothing "
-                            "was deleted: retrain every stage with --force, or write this run elsewhere with --name")
+                            "was deleted: retrain it and the stages after it with --retrain-from students, or write "
+                            "this run elsewhere with --name")
     assert open(TEACHER, "rb").read() == teacher_bytes and open(STUDENT, "rb").read() == student_bytes
     assert calls == []
 
-    wall = reproduce.run_pipeline(pipeline_args("--force"), NAME, 0, fingerprint)
+    wall = reproduce.run_pipeline(pipeline_args("--force"), NAME, 0, fingerprint, BUNDLE)
     student = load_checkpoint(STUDENT, hint="")
     assert student["weights_sha256"] != old_student and student["teacher"]["weights_sha256"] == sha(TEACHER)
     assert pipeline.stage_state(student_stage(tree), fingerprint) == ("complete", "")
     assert set(wall) == {"teacher", "student", "inference"}
-    assert calls == [["--name", NAME, "--out", os.path.join("results", NAME, "bundle")]]
+    assert calls == [["--name", NAME, "--out", str(BUNDLE)]]
+
+
+def test_a_stale_stage_is_retrained_with_the_stages_after_it_and_none_before(copy_of, monkeypatch):
+    tree, fingerprint = copy_of
+    teacherTrain.main(teacher_argv(tree, "--seed", "1", "--force"))  # the student's teacher changes
+    teacher_bytes, old_student = open(TEACHER, "rb").read(), sha(STUDENT)
+    plan_of(monkeypatch, teacher_stage(tree, "--seed", "1"), student_stage(tree))
+    reproduce.run_pipeline(pipeline_args("--retrain-from", "students"), NAME, 0, fingerprint, BUNDLE)
+    assert open(TEACHER, "rb").read() == teacher_bytes  # the complete earlier stage, untouched
+    assert sha(STUDENT) != old_student and load_checkpoint(STUDENT, hint="")["teacher"]["weights_sha256"] == \
+        sha(TEACHER)
+
+
+def first_save_only(path):
+    """``path``'s run as a kill between its first save of best weights and of its resume state leaves it."""
+    save_checkpoint(path, {**load_checkpoint(path, hint=""), "complete": False})
+    os.remove(path.replace(".pt", ".last.pt"))
+
+
+def test_a_stage_killed_between_its_first_two_saves_starts_again_when_the_command_is_run_again(copy_of,
+                                                                                               monkeypatch):
+    tree, fingerprint = copy_of
+    first_save_only(TEACHER)
+    for path in Path("checkpoints", NAME).glob("student_googlenet.*"):  # the pipeline had not reached them
+        path.unlink()
+    assert pipeline.stage_state(teacher_stage(tree), fingerprint) == ("missing", "")
+    calls = plan_of(monkeypatch, teacher_stage(tree), student_stage(tree))
+    reproduce.run_pipeline(pipeline_args(), NAME, 0, fingerprint, BUNDLE)
+    assert load_checkpoint(TEACHER, hint="")["complete"] and load_checkpoint(STUDENT, hint="")["complete"]
+    assert len(calls) == 1
+
+
+def test_a_stage_of_several_runs_none_complete_and_one_unresumable_starts_again(copy_of):
+    tree, fingerprint = copy_of
+    twin = STUDENT.replace(".pt", "_nokd.pt")
+    student = load_checkpoint(STUDENT, hint="")
+    for path, kd in ((STUDENT, True), (twin, False)):
+        record = {**student, "complete": False, "kd": kd, "config": {**student["config"], "no_kd": not kd,
+                                                                      "checkpoint": path}}
+        save_checkpoint(path, record)
+        save_checkpoint(path.replace(".pt", ".last.pt"), record)
+    os.remove(twin.replace(".pt", ".last.pt"))  # the twin was killed between its first two saves
+    both = reproduce.Stage("students", StudentTrain, [Path(STUDENT), Path(twin)], student_argv(tree, "--with-nokd"),
+                           "students")
+    assert pipeline.stage_state(both, fingerprint) == ("missing", "")
 
 
 def test_another_seed_on_an_existing_experiment_is_refused(copy_of, monkeypatch):
     tree, fingerprint = copy_of
     plan_of(monkeypatch, teacher_stage(tree, "--seed", "5"), student_stage(tree, "--seed", "5"))
     with pytest.raises(UserError, match="the teacher stage .* is stale \\(trained with other flags: --seed\\)"):
-        reproduce.run_pipeline(pipeline_args(), NAME, 5, fingerprint)
+        reproduce.run_pipeline(pipeline_args(), NAME, 5, fingerprint, BUNDLE)
 
 
 def test_a_pipeline_stopped_by_its_time_budget_exits_75_and_goes_on_when_run_again(trained, tmp_path, monkeypatch,
@@ -302,7 +349,7 @@ def test_a_pipeline_stopped_by_its_time_budget_exits_75_and_goes_on_when_run_aga
     args = pipeline_args()
 
     with pytest.raises(SystemExit) as stop:
-        reproduce.run_pipeline(args, "cut", 0, fingerprint)
+        reproduce.run_pipeline(args, "cut", 0, fingerprint, BUNDLE)
     assert stop.value.code == 75
     out = capsys.readouterr().out
     assert "teacher stopped before its end; run the same command again to go on" in out
@@ -311,7 +358,7 @@ def test_a_pipeline_stopped_by_its_time_budget_exits_75_and_goes_on_when_run_aga
     assert pipeline.stage_state(teacher_stage(tree, "--epochs", "2", name="cut"), fingerprint) == ("partial", "")
     first_epoch = load_checkpoint(teacher.replace(".pt", ".last.pt"), hint="")["history"]
 
-    assert reproduce.run_pipeline(args, "cut", 0, fingerprint) is not None
+    assert reproduce.run_pipeline(args, "cut", 0, fingerprint, BUNDLE) is not None
 
     out = capsys.readouterr().out
     assert f"== teacher -> {teacher} (resuming)" in out and f"== student -> {student}\n" in out
@@ -348,7 +395,6 @@ def test_a_selector_of_a_changed_student_is_stale(trained, tmp_path):
 
 def fake_results(folder, accuracy, kd_gain):
     """A bundle's results.json: ``accuracy`` by label (the label is the identifier here), ``kd_gain`` by arch."""
-    folder = folder / "bundle"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(
         {"accuracy": accuracy, "labels": {"systems": {k: k for k in accuracy}},
@@ -361,7 +407,7 @@ def test_summary_is_mean_and_sample_std_per_row(tmp_path, monkeypatch):
     fake_results(out / "seed0", {"Teacher": 0.90, "Student googlenet": 0.80}, {"googlenet": 0.02})
     fake_results(out / "seed1", {"Teacher": 0.92, "Student googlenet": 0.83}, {"googlenet": 0.04})
 
-    pipeline.summarise(NAME, [0, 1])
+    pipeline.summarise(out, {0: out / "seed0", 1: out / "seed1"})
 
     summary = json.loads((out / "seeds.json").read_text())
     assert summary["seeds"] == [0, 1]
@@ -389,12 +435,12 @@ def seeds_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calls, stop_at = [], []
 
-    def fake_pipeline(args, name, seed, fingerprint, started=None):
+    def fake_pipeline(args, name, seed, fingerprint, out, started=None):
         plan, _ = reproduce.stages(args, name, seed)
-        calls.append((name, seed, {value(stage.argv, "--seed") for stage in plan}, fingerprint))
+        calls.append((name, seed, {value(stage.argv, "--seed") for stage in plan}, fingerprint, str(out)))
         if seed in stop_at:
             raise SystemExit(143)  # a stage stopped by SIGTERM
-        fake_results(tmp_path / "results" / name, {"Teacher": 0.5 + seed / 100}, {})
+        fake_results(out, {"Teacher": 0.5 + seed / 100}, {})
         return {}
 
     monkeypatch.setattr(reproduce, "run_pipeline", fake_pipeline)
@@ -405,11 +451,13 @@ def test_seeds_run_one_pipeline_per_seed_then_summarise(seeds_run, tmp_path):
     tree, calls, _ = seeds_run
     reproduce.main(["--preset", "smoke", "--seeds", "0", "1", "--data-dir", str(tree), "--partial-data"])
     fingerprint = load_cifar10(tree, allow_partial=True, verbose=False).fingerprint
-    assert calls == [(os.path.join("smoke", "seed0"), 0, {"0"}, fingerprint),
-                     (os.path.join("smoke", "seed1"), 1, {"1"}, fingerprint)]
-    summary = json.loads((tmp_path / "results" / "smoke" / "seeds.json").read_text())
+    (out,) = (tmp_path / "results" / "smoke").glob("run-*")  # a folder of its own
+    out = out.relative_to(tmp_path)
+    assert calls == [(os.path.join("smoke", "seed0"), 0, {"0"}, fingerprint, str(out / "seed0")),
+                     (os.path.join("smoke", "seed1"), 1, {"1"}, fingerprint, str(out / "seed1"))]
+    summary = json.loads((out / "seeds.json").read_text())
     assert summary["rows"]["Teacher"]["values"] == pytest.approx([50.0, 51.0])
-    assert "| Teacher | 50.50 ± 0.71 | 50.00 | 51.00 |" in (tmp_path / "results" / "smoke" / "seeds.md").read_text()
+    assert "| Teacher | 50.50 ± 0.71 | 50.00 | 51.00 |" in (out / "seeds.md").read_text()
 
 
 def test_seeds_stop_at_a_stopped_pipeline_without_a_summary(seeds_run, tmp_path):
@@ -417,8 +465,8 @@ def test_seeds_stop_at_a_stopped_pipeline_without_a_summary(seeds_run, tmp_path)
     stop_at.append(0)
     with pytest.raises(SystemExit) as stop:
         reproduce.main(["--preset", "smoke", "--seeds", "0", "1", "--data-dir", str(tree), "--partial-data"])
-    assert stop.value.code == 143 and [seed for _, seed, _, _ in calls] == [0]
-    assert not (tmp_path / "results" / "smoke" / "seeds.md").exists()
+    assert stop.value.code == 143 and [seed for _, seed, *_ in calls] == [0]
+    assert not list((tmp_path / "results").rglob("seeds.md"))
 
 
 def test_seed_and_seeds_together_are_one_error_line(capsys):

@@ -158,7 +158,8 @@ def boxed_pipeline(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.setattr(utils.timebox, "choose_epochs", lambda *args, **kwargs: 1)
-        reproduce.main(["--preset", "smoke", "--minutes", "3", "--data-dir", str(data), *partial])
+        reproduce.main(["--preset", "smoke", "--minutes", "3", "--data-dir", str(data), *partial, "--out",
+                        "results/smoke/bundle"])
     return root, root / "results" / "smoke" / "bundle"
 
 

@@ -13,12 +13,14 @@ pipeline's logits take a few MB.
 
 import json
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from utils.cli import UserError
+from utils.runs import write_atomically
 from utils.trained import Networks, Trained, check_out_of_fold, check_selector_students
 
 LOGITS = "logits.npz"
@@ -38,38 +40,109 @@ def write_logits(networks, path):
                 raise UserError(f"{net.path} was evaluated on other {split} images than {networks[0].path}; "
                                 "every network of a bundle must share the split")
             arrays[f"{split}_{k}"] = logits.float().numpy()
-    np.savez_compressed(path, **arrays)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    write_atomically(path, write)
 
 
 def read_bundle(folder):
-    """``(results, [Trained])`` of a bundle folder, each network with its logits; refused in one line when the
-    folder is not a bundle or its logits do not fit its results."""
+    """``(results, [Trained])`` of a bundle folder, each network with its logits; refused in one line, naming the file
+    and what is wrong, when the folder is not a bundle, a file is damaged or its numbers do not fit (missing keys,
+    labels outside the classes, logits of another shape, integer or non-finite logits)."""
     folder = Path(folder)
     results_path, logits_path = folder / "results.json", folder / LOGITS
     if not results_path.is_file() or not logits_path.is_file():
         raise UserError(f"{folder} is not a results bundle (it needs results.json and {LOGITS}, as "
                         "reproduce.py or inference.py write them)")
-    try:
-        results = json.loads(results_path.read_text())
-        records = results["networks"]
-        with np.load(logits_path, allow_pickle=False) as arrays:
-            labels = {split: torch.from_numpy(arrays[f"{split}_labels"]) for split in ("holdout", "test")}
-            logits = [{split: (torch.from_numpy(arrays[f"{split}_{k}"]), labels[split]) for split in labels}
-                      for k in range(len(records))]
-    except KeyError as e:
-        raise UserError(f"{folder}: {LOGITS} or results.json lacks {e}; the bundle is incomplete or comes from "
-                        "another run: write it again with inference.py from that run's checkpoints") from None
-    except (ValueError, OSError) as e:
-        raise UserError(f"{folder}: cannot read the bundle ({e})") from None
+    results = _results(results_path)
+    records = results["networks"]
+    arrays = _arrays(logits_path)
+    classes = records[results["layout"]["teacher"]]["checkpoint"]["num_classes"]
+    labels = {split: _labels(arrays, split, classes, logits_path) for split in ("holdout", "test")}
     if len(labels["test"]) != results["test_images"] or results["split"] != records[0]["checkpoint"]["split"]:
         raise UserError(f"{folder}: {LOGITS} does not hold the split results.json describes (another run's?)")
-    for k, (record, network_logits) in enumerate(zip(records, logits)):
-        for split, (split_logits, split_labels) in network_logits.items():
-            if len(split_logits) != len(split_labels):
-                raise UserError(f"{folder}: the {split} logits of {record['path']} do not match the labels")
+    logits = [{split: (_logits(arrays, split, k, record, len(labels[split]), logits_path), labels[split])
+               for split in labels} for k, record in enumerate(records)]
     if "costs" in results:
         results["costs"] = cost_ids(results["costs"])
     return results, [Trained.from_record(record, network_logits) for record, network_logits in zip(records, logits)]
+
+
+RECORD = {"role": str, "path": str, "flops": (int, float), "checkpoint": dict}
+CHECKPOINT = {"kind": str, "arch": str, "num_classes": int, "split": dict, "epoch": int, "epochs": int}
+LAYOUT = {"teacher": int, "students": list, "twins": list, "selector": int}
+
+
+def _results(path):
+    """``results.json`` as a dict holding what a re-analysis reads, of the types it reads."""
+    try:
+        results = json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path} is not readable JSON ({e}); write the bundle again with inference.py") from None
+
+    def require(value, keys, where):
+        for key, kind in keys.items():
+            if not isinstance(value, dict) or not isinstance(value.get(key), kind) or isinstance(value.get(key), bool):
+                raise UserError(f"{path}: {where} lacks {key!r} (or it is not a {getattr(kind, '__name__', kind)}); "
+                                "the bundle is incomplete or comes from another version: write it again with "
+                                "inference.py")
+
+    require(results, {"networks": list, "layout": dict, "test_images": int, "split": dict}, "the bundle")
+    for k, record in enumerate(results["networks"]):
+        require(record, RECORD, f"network {k}")
+        require(record["checkpoint"], CHECKPOINT, f"the checkpoint record of network {k}")
+    require(results["layout"], LAYOUT, "the layout of the networks")
+    roles = [results["layout"][role] for role in ("teacher", "selector")] + results["layout"]["students"] + \
+        results["layout"]["twins"] + ([results["layout"]["control"]] if results["layout"].get("control") else [])
+    if not results["networks"] or not all(isinstance(k, int) and 0 <= k < len(results["networks"]) for k in roles):
+        raise UserError(f"{path}: its layout names networks it does not hold; write the bundle again with "
+                        "inference.py")
+    return results
+
+
+def _arrays(path):
+    """Every array of ``logits.npz``, read."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return {name: arrays[name] for name in arrays.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is truncated or damaged ({type(e).__name__}); write the bundle again with "
+                        "inference.py") from None
+
+
+def _array(arrays, name, path):
+    if name not in arrays:
+        raise UserError(f"{path} lacks {name!r}; the bundle is incomplete or comes from another run: write it again "
+                        "with inference.py from that run's checkpoints")
+    return arrays[name]
+
+
+def _labels(arrays, split, classes, path):
+    labels = _array(arrays, f"{split}_labels", path)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: {split}_labels is not a list of class indices ({labels.dtype}, shape "
+                        f"{labels.shape})")
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise UserError(f"{path}: {split}_labels holds labels outside the {classes} classes "
+                        f"({labels.min()} to {labels.max()})")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def _logits(arrays, split, k, record, images, path):
+    """Network ``k``'s logits on a split: float, one row per image, one column per output, finite."""
+    logits = _array(arrays, f"{split}_{k}", path)
+    outputs = record["checkpoint"]["num_classes"]
+    name = f"the {split} logits of {record['path']} ({split}_{k})"
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise UserError(f"{path}: {name} are {logits.dtype}, not floating-point numbers")
+    if logits.shape != (images, outputs):
+        raise UserError(f"{path}: {name} have shape {logits.shape}, not {images} images x {outputs} outputs")
+    if not np.isfinite(logits).all():
+        raise UserError(f"{path}: {name} hold NaN or Inf")
+    return torch.from_numpy(logits.astype(np.float32, copy=False))
 
 
 def networks_of_bundle(folder):

@@ -85,6 +85,11 @@ def load_checkpoint(path, hint, kind=None, arch=None):
         raise CheckpointError(f"{path} holds a {checkpoint.get('arch')}, not a {arch}; run `{hint}`")
     if "model" in checkpoint and weights_fingerprint(checkpoint["model"]) != checkpoint.get("weights_sha256"):
         raise CheckpointError(f"{path} is corrupt (its weights do not match their fingerprint); run `{hint}` again")
+    bad = next((k for k, v in checkpoint.get("model", {}).items()
+                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"{path} holds non-finite weights (NaN or Inf in {bad}): nothing it predicts could be "
+                              f"trusted; run `{hint}` again")
     return checkpoint
 
 
@@ -98,8 +103,12 @@ def looks_saved_by_torch(path):
 def model_from_checkpoint(checkpoint, path, hint):
     """Rebuild the network a checkpoint describes (``arch``, ``num_classes`` and the
     ``model_args`` of ``build_model``, if any) and load its weights; never downloads."""
-    model = build_model(checkpoint["arch"], checkpoint["num_classes"], **checkpoint.get("model_args", {}),
-                        load_weights=False)
+    try:
+        model = build_model(checkpoint["arch"], checkpoint["num_classes"], **checkpoint.get("model_args", {}),
+                            load_weights=False)
+    except (ValueError, TypeError, KeyError) as e:  # an unknown architecture, model_args it does not take
+        raise CheckpointError(f"{path} describes a network this code cannot build ({e}); run `{hint}` again with "
+                              "this version") from None
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:

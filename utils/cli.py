@@ -22,16 +22,36 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
 
+_ON_FAILURE = []  # what ``run`` undoes when a command fails (``utils.runs.undo_unsaved``)
+
+
+def on_failure(undo):
+    """Have ``run`` call ``undo()`` when the command it runs is refused or fails."""
+    _ON_FAILURE.append(undo)
+
+
 def run(main):
-    """Call ``main()``; report a ``UserError`` or Ctrl-C as one line and a non-zero exit code."""
+    """Call ``main()``; report a ``UserError`` or Ctrl-C as one line and a non-zero exit code, after undoing what the
+    failed command started (``on_failure``)."""
     try:
         main()
     except UserError as e:
+        _undo()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        _undo()
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    except BaseException as e:
+        if not isinstance(e, SystemExit) or e.code not in (0, None):
+            _undo()
+        raise
+
+
+def _undo():
+    for undo in _ON_FAILURE:
+        undo()
 
 
 # ----------------------------------------------------------------------------- flag types
@@ -77,6 +97,7 @@ NON_NEGATIVE = Number(float, 0)
 PROBABILITY = Number(float, 0, 1)
 FRACTION = Number(float, 0, 1, low_open=True, high_open=True)
 UNIT_INTERVAL = Number(float, 0, 1, high_open=True)  # [0, 1): momentum, EMA decay, label smoothing
+SEED = Number(int, 0, 2**63 - 1)  # what torch's generators take
 
 
 def experiment_name(text):
@@ -127,7 +148,7 @@ def parse(parser, argv=None):
 # ----------------------------------------------------------------------------- common flags
 
 def default_data_dir():
-    return os.environ.get("CIFAR10_DIR", "data")
+    return os.environ.get("CIFAR10_DIR") or "data"  # set but empty: the default
 
 
 def add_data_args(parser):
@@ -167,7 +188,7 @@ def add_device_args(parser, compile=True, seed=True):
     if compile:
         g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
     if seed:
-        g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0,
+        g.add_argument("--seed", type=SEED, default=0,
                        help="seed for initialisation, shuffling and augmentation")
     return g
 

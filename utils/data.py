@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from utils.augment import Augmentation
 from utils.cli import UserError, progress
+from utils.images import to_rgb
 from utils.split import CLASSES, TEST_SIZE, TRAIN_SIZE
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -35,6 +36,7 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BATCH_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
 FIX_HINT = "point --data-dir (or CIFAR10_DIR) at a CIFAR-10 copy, or add --download"
+CACHE_KEYS = {"train_images", "train_labels", "test_images", "test_labels", "fingerprint"}
 
 
 class DataError(UserError):
@@ -52,7 +54,7 @@ class Cifar10:
 
 
 def default_cache_dir():
-    return Path(os.environ.get("CIFAR10_CACHE", Path.home() / ".cache" / "mskd-cifar10"))
+    return Path(os.environ.get("CIFAR10_CACHE") or Path.home() / ".cache" / "mskd-cifar10")  # empty: unset
 
 
 def load_cifar10(data_dir, download=False, cache_dir=None, verbose=True, allow_partial=False):
@@ -67,8 +69,7 @@ def load_cifar10(data_dir, download=False, cache_dir=None, verbose=True, allow_p
         _download(data_dir)
         source = _find_source(data_dir)
     if source is None:
-        raise DataError(f"no CIFAR-10 found at {data_dir} (looked for cifar-10-batches-py/, train/ and test/ "
-                        f"image folders, or a .tar.gz/.tar/.zip archive); {FIX_HINT}")
+        check_source(data_dir)  # refuses: there is nothing there
     kind, path = source
     cache = Path(cache_dir or default_cache_dir()) / f"cifar10-{_source_key(kind, path)}.npz"
     arrays = _read_cache(cache)
@@ -90,6 +91,14 @@ def load_cifar10(data_dir, download=False, cache_dir=None, verbose=True, allow_p
         test_labels=torch.from_numpy(arrays["test_labels"]).long(),
         fingerprint=str(arrays["fingerprint"]),
     )
+
+
+def check_source(data_dir, download=False):
+    """Refuse, before anything is written, a ``data_dir`` that holds no CIFAR-10 and is not to be downloaded."""
+    data_dir = Path(data_dir).expanduser()
+    if not download and _find_source(data_dir) is None:
+        raise DataError(f"no CIFAR-10 found at {data_dir} (looked for cifar-10-batches-py/, train/ and test/ "
+                        f"image folders, or a .tar.gz/.tar/.zip archive); {FIX_HINT}")
 
 
 def _find_source(path):
@@ -123,11 +132,14 @@ def _download(root):
 
 
 def _source_key(kind, path):
-    h = hashlib.sha256(f"{kind}:{path.resolve()}".encode())
+    """The decode cache's key: the source's kind and the name and content of each of its files (not their sizes and
+    times: a copy with other pixels of the same size and time is another source)."""
+    h = hashlib.sha256(kind.encode())
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{f.relative_to(path) if f != path else ''}\n".encode())
+        with open(f, "rb") as stream:
+            h.update(hashlib.file_digest(stream, "sha256").digest())
     return h.hexdigest()[:16]
 
 
@@ -143,10 +155,13 @@ def _read_cache(cache):
         return None
     try:
         with np.load(cache, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile):
-        print(f"warning: ignoring unreadable cache {cache}; decoding again")
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        arrays = {}
+    if not CACHE_KEYS <= arrays.keys():
+        print(f"warning: ignoring unreadable or incomplete cache {cache}; decoding again")
         return None
+    return arrays
 
 
 def _write_cache(cache, arrays):
@@ -201,6 +216,7 @@ def _tree_members(kind, path):
 def _read_tree(kind, path, verbose):
     images = {"train": {c: [] for c in CLASSES}, "test": {c: [] for c in CLASSES}}
     found = []  # (split, class, file name, encoded bytes, where)
+    seen = {}  # (split, class, file name) -> its name in the tree
     try:
         for name, read in _tree_members(kind, path):
             parts = name.split("/")
@@ -211,6 +227,10 @@ def _read_tree(kind, path, verbose):
             split, cls, file = parts[-3:]
             if cls not in images[split]:
                 raise DataError(f"{path}: unexpected class folder {split}/{cls}; CIFAR-10 has {', '.join(CLASSES)}")
+            if (split, cls, file) in seen:
+                raise DataError(f"{path} holds {split}/{cls}/{file} twice ({seen[split, cls, file]} and {name}): two "
+                                "copies of the tree; point --data-dir at one copy")
+            seen[split, cls, file] = name
             found.append((split, cls, file, read(), f"{path}:{name}"))
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
         raise DataError(f"{path} is damaged or not a valid archive ({type(e).__name__}: {e}); "
@@ -253,7 +273,7 @@ def _decode_chunk(encoded):
 
 def _decode(data, where):
     try:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
+        image = to_rgb(Image.open(io.BytesIO(data)))
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"damaged image {where} ({e})") from None
     if image.size != (32, 32):
@@ -379,7 +399,7 @@ class DeviceLoader:
         n = len(self.images)
         if not self.train:
             return torch.arange(self.rank, n, self.world_size)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**63))
         if self.world_size > 1:
             order = torch.cat([order, order[:(-n) % self.world_size]])  # equal shards: every rank, same steps
         return order[self.rank::self.world_size]
@@ -412,6 +432,6 @@ class DeviceLoader:
             if not self.augment:
                 yield normalize(x, channels_last), y
                 continue
-            seed = ((self.seed * 100_003 + self.epoch) * 100_003 + batch) * 64 + self.rank
+            seed = (((self.seed * 100_003 + self.epoch) * 100_003 + batch) * 64 + self.rank) % 2**63
             x = self.augment.images(x, generator.manual_seed(seed))
             yield self.augment.mix_batch(normalize(x, channels_last), y, seed)

@@ -12,18 +12,22 @@ from utils.networks import Network
 from utils.split import Split
 
 
-def load_teacher(args, data, runtime):
+def load_teacher(args, runtime):
     """The frozen teacher, refused if it was trained on another split (it would have seen the students'
-    hold-out images)."""
+    hold-out images): before anything of the students' runs is written."""
     teacher = Network(args.teacher, "teacher", named("python teacherTrain.py", args.name), runtime)
     if teacher.split != Split.from_args(args):
         raise UserError(f"{args.teacher} was trained with {teacher.split}, not {Split.from_args(args)}; use the same "
                         "split, or the teacher has seen the students' hold-out images")
-    if teacher.checkpoint["data_fingerprint"] != data.fingerprint and runtime.is_main:
-        print(f"warning: {args.teacher} was trained on other CIFAR-10 pixels (another copy or format)")
     if args.compile:
         teacher.model = torch.compile(teacher.model, dynamic=False)
     return teacher
+
+
+def check_teacher_data(teacher, data, runtime):
+    """Say so when the teacher was trained on other pixels than the students' (another copy or format)."""
+    if teacher.checkpoint["data_fingerprint"] != data.fingerprint and runtime.is_main:
+        print(f"warning: {teacher.path} was trained on other CIFAR-10 pixels (another copy or format)")
 
 
 def student_member(flags, model, files, teacher, data, split):

@@ -43,7 +43,7 @@ from utils.cli import UserError, progress
 from utils.data import DeviceLoader, pad_batch
 from utils.plots import plot_history
 from utils.provenance import provenance, write_config
-from utils.runs import RunFiles, check_free_space, config_changes, continue_command
+from utils.runs import RunFiles, check_free_space, config_changes, continue_command, run_saved
 from utils.runtime import StopSignal, device_name, prepare_model
 from utils.timebox import Costs, TimeBox, evaluated_epoch, plan_epochs
 
@@ -318,11 +318,13 @@ class Trainee:
                 **extra}
 
     def save(self, loop, epoch, step=0):
-        """Write the resume state, and the best weights if they changed since they were last written."""
+        """Write the resume state, and the best weights if they changed since they were last written; the run
+        this one replaces (``--force``) is then deleted."""
         if not self.best_saved:
             save_checkpoint(self.files.best, self.best_checkpoint())
             self.best_saved = True
         save_checkpoint(self.files.last, self.resume_state(loop, epoch, step))
+        run_saved(self.files)
 
     def restore(self, state):
         """Go on from the resume state ``state`` (``read_resume_state``): the model, optimizer, EMA and random
@@ -683,6 +685,7 @@ def _finish(trainee, test_loader, time_box, startup_seconds, stop):
     final = t.best_checkpoint(test_acc=scores["acc"], complete=True, timing=timing)
     if runtime.is_main:
         save_checkpoint(t.files.best, final)
+        run_saved(t.files)
         plot_history(t.history, t.files.plot, title=run_title(t.member.meta, t.files.best),
                      loss_name=t.member.meta.get("loss", "loss"))
         shown = {k: "n/a" if final[k] is None else f"{final[k]:.4f}" for k in ("holdout_acc", "test_acc")}

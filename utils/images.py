@@ -1,6 +1,7 @@
 """Users' own image files as the networks take them: 8-bit RGB, upright, 32x32."""
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ def read_image(path):
     Only the header is read before the size is checked against ``MAX_PIXELS``, and Pillow's own
     guard against decompression bombs is an error here, not a warning.
     """
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO or a device would be read forever
+        raise UserError(f"{path} is not a regular file (a folder, a pipe or a device); give image files")
     too_large = UserError(f"{path} is larger than {MAX_PIXELS // 10**6} megapixels, the limit of predict.py; "
                           "shrink it first")
     try:

@@ -46,7 +46,7 @@ def user_logits_path(checkpoint_path, weights_sha256):
     """Where the logits of a checkpoint in a read-only folder are cached: the per-user folder."""
     path = Path(checkpoint_path).resolve()
     key = hashlib.sha256(f"{path}\n{weights_sha256}".encode()).hexdigest()[:16]
-    folder = Path(os.environ.get("MSKD_LOGITS_CACHE", Path.home() / ".cache" / "mskd-logits"))
+    folder = Path(os.environ.get("MSKD_LOGITS_CACHE") or Path.home() / ".cache" / "mskd-logits")
     return folder / f"{path.name.removesuffix('.pt')}-{key}.logits.pt"
 
 

@@ -5,7 +5,9 @@ A stage is a training script (its module), the checkpoints it writes and its fla
 script: ``reproduce.py`` hands its stages in.
 """
 
+import contextlib
 import json
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -13,9 +15,17 @@ from pathlib import Path
 from utils.bundle import METRICS, bundle_sizes
 from utils.checkpoint import load_checkpoint
 from utils.cli import UserError
-from utils.report import write_results
-from utils.runs import RESULTS_ROOT, RunFiles, config_changes, continued_by
-from utils.timebox import weighted_minutes
+from utils.report import write_json, write_results
+from utils.runs import RunFiles, config_changes, continued_by, write_atomically
+from utils.timebox import pipeline_share, weighted_minutes
+
+
+def continue_pipeline_command(command):
+    """The command that continues a pipeline stopped in a stage: its own, without what retrains stages again."""
+    words = shlex.split(command)
+    kept = [w for k, w in enumerate(words) if w != "--force" and w != "--retrain-from"
+            and (k == 0 or words[k - 1] != "--retrain-from")]
+    return shlex.join(kept)
 
 
 def _peek(path):
@@ -44,13 +54,15 @@ def checkpoint_state(path, expected, fingerprint, time_boxed=False):
         return "stale", f"its {' and '.join(moved)} changed since"
     if changed:
         return "stale", "trained with other flags: " + ", ".join(f"--{k.replace('_', '-')}" for k in changed)
-    complete = files.best.exists() and _peek(files.best).get("complete")
-    return ("complete", "") if complete else ("partial", "")
+    if files.best.exists() and _peek(files.best).get("complete"):
+        return "complete", ""
+    return ("partial", "") if files.last.exists() else ("missing", "")  # no resume state: it starts again
 
 
 def stage_state(stage, fingerprint, time_boxed=False):
-    """``(state, why)`` of a stage: that of its checkpoints when they agree; a mix of complete and missing
-    ones is 'stale' too (its loop cannot train some of them alone). ``time_boxed``: it is to run with --minutes."""
+    """``(state, why)`` of a stage: that of its checkpoints when they agree; a mix with none complete is
+    'missing' (it starts again), a mix of complete and other ones 'stale' (its loop cannot train some of them
+    alone). ``time_boxed``: it is to run with --minutes."""
     try:
         expected = stage.module.runs(stage.module.parse_args(stage.argv))
     except UserError as e:  # what the stage reads (the selector's students) is not there
@@ -63,14 +75,14 @@ def stage_state(stage, fingerprint, time_boxed=False):
         path, why = stale[0]
         return "stale", why if len(stage.paths) == 1 else f"{path} {why}"
     kinds = {state for state, _ in states.values()}
-    if len(kinds) > 1:
+    if len(kinds) > 1 and "complete" in kinds:
         return "stale", ", ".join(f"{path} {state}" for path, (state, _) in states.items())
-    return kinds.pop(), ""
+    return ("missing" if len(kinds) > 1 else kinds.pop()), ""
 
 
-def run_pipeline(args, name, plan, common, shares, inference_main, fingerprint, started=None):
+def run_pipeline(args, name, plan, common, shares, inference_main, fingerprint, out, started=None):
     """Train every stage of ``plan`` that needs it, then run inference (``inference_main``, with the flags
-    ``common``) into the results bundle; returns the stage wall times. ``shares``: each stage's share of a time
+    ``common``) into the results bundle ``out``; returns the stage wall times. ``shares``: each stage's share of a time
     box (``--minutes``) when it starts, of the time left among the stages still to run.
 
     A stage stopped early (a signal, --time-budget) ends the process with its exit code, after the wall times.
@@ -78,11 +90,16 @@ def run_pipeline(args, name, plan, common, shares, inference_main, fingerprint, 
     started = started or time.time()
     deadline = started + 60 * args.minutes if args.minutes else None
 
+    first = next((k for k, stage in enumerate(plan) if stage.step == args.retrain_from),
+                 0 if args.force else len(plan))
+    retrained = {stage.title for stage in plan[first:]}
+
     def state_of(stage):
-        state, why = ("missing", "") if args.force else stage_state(stage, fingerprint, bool(deadline))
+        state, why = ("missing", "") if stage.title in retrained else stage_state(stage, fingerprint, bool(deadline))
         if state == "stale":
             raise UserError(f"the {stage.title} stage of experiment '{name}' is stale ({why}); nothing was deleted: "
-                            "retrain every stage with --force, or write this run elsewhere with --name")
+                            f"retrain it and the stages after it with --retrain-from {stage.step}, or write this run "
+                            "elsewhere with --name")
         return state
 
     states = {stage.title: state_of(stage) for stage in plan}  # a stale stage stops the pipeline before any work
@@ -96,12 +113,16 @@ def run_pipeline(args, name, plan, common, shares, inference_main, fingerprint, 
         if state == "complete":
             print(f"== {stage.title}: {', '.join(map(str, stage.paths))} complete, skipped (--force retrains it)")
             continue
-        flags = {"partial": ["--resume"]}.get(state, ["--force"] if args.force or _leftovers(stage) else [])
+        flags = {"partial": ["--resume"]}.get(state, ["--force"] if stage.title in retrained or _leftovers(stage)
+                                               else [])
+        share = None
         if deadline:
-            flags += ["--minutes", f"{weighted_minutes(deadline, shares, stage.title, [*to_run, 'inference']):.4f}"]
+            minutes = weighted_minutes(deadline, shares, stage.title, [*to_run, "inference"])
+            flags += ["--minutes", f"{minutes:.4f}"]
+            share = (f"the {stage.title} stage's share of --minutes {args.minutes:g} ({minutes:.3g} min)",
+                     minutes / args.minutes, "python reproduce.py")
         to_run.remove(stage.title)
-        wall[stage.title] = run_stage(stage, state, flags, args.command, wall)
-    out = RESULTS_ROOT / name / "bundle"
+        wall[stage.title] = run_stage(stage, state, flags, continue_pipeline_command(args.command), wall, share)
     start = time.time()
     inference_main([*common, "--out", str(out)])
     wall["inference"] = time.time() - start
@@ -110,13 +131,14 @@ def run_pipeline(args, name, plan, common, shares, inference_main, fingerprint, 
     return wall
 
 
-def run_stage(stage, state, flags, command, wall):
+def run_stage(stage, state, flags, command, wall, share=None):
     """Run one stage's script with ``flags``; returns its wall time. A stop before its end prints the wall times
-    so far (``wall``) and the command that goes on (``command``), then ends the process."""
+    so far (``wall``) and the command that goes on (``command``), then ends the process. ``share``: the stage's
+    part of the pipeline's time box, for ``utils.timebox.pipeline_share``."""
     print(f"== {stage.title} -> {', '.join(map(str, stage.paths))}" + (" (resuming)" if state == "partial" else ""))
     start = time.time()
     try:
-        with continued_by(command):
+        with continued_by(command), pipeline_share(*share) if share else contextlib.nullcontext():
             stage.module.main([*stage.argv, *flags])
     except SystemExit:
         wall[stage.title] = time.time() - start
@@ -133,12 +155,9 @@ def _leftovers(stage):
 
 def finish_bundle(out, plan, wall, args, total_seconds):
     """Add to the bundle every stage's training log (``metrics.jsonl``) and the pipeline's wall times."""
-    with open(out / METRICS, "w") as f:
-        for stage in plan:
-            for path in stage.paths:
-                log = RunFiles.of(path).log
-                for line in log.read_text().splitlines() if log.exists() else []:
-                    f.write(json.dumps({"run": str(path), **json.loads(line)}) + "\n")
+    lines = [json.dumps({"run": str(path), **json.loads(line)}) + "\n" for stage in plan for path in stage.paths
+             for line in (RunFiles.of(path).log.read_text().splitlines() if RunFiles.of(path).log.exists() else [])]
+    write_atomically(out / METRICS, lambda tmp: tmp.write_text("".join(lines)))
     results = json.loads((out / "results.json").read_text())
     results["pipeline"] = {"command": args.command, "minutes": args.minutes, "stages": wall,
                            "total_seconds": total_seconds}
@@ -147,6 +166,7 @@ def finish_bundle(out, plan, wall, args, total_seconds):
     if not within:
         print(f"warning: the bundle {out} is larger than a bundle kept in git may be: "
               + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in files))
+    print(f"the results bundle of this run: {out}/")
 
 
 def print_wall(wall):
@@ -157,11 +177,10 @@ def print_wall(wall):
     print(f"  {'total':<36} {sum(wall.values()) / 60:7.2f} min")
 
 
-def summarise(name, seeds):
-    """``results/NAME/seeds.md`` and ``.json``: each system's test accuracy and each KD gain, their mean and
-    standard deviation over the seeds (keyed by identifier, with the label each is shown by)."""
-    runs = {seed: json.loads((RESULTS_ROOT / name / f"seed{seed}" / "bundle" / "results.json").read_text())
-            for seed in seeds}
+def summarise(out, bundles):
+    """``out/seeds.md`` and ``.json``: each system's test accuracy and each KD gain, their mean and standard
+    deviation over the seeds' bundles (``{seed: folder}``), keyed by identifier, with the label each is shown by."""
+    runs = {seed: json.loads((folder / "results.json").read_text()) for seed, folder in bundles.items()}
     rows = {}
     for results in runs.values():
         names = results.get("labels", {}).get("systems", {})
@@ -173,15 +192,15 @@ def summarise(name, seeds):
     summary = {k: {"label": row["label"], "mean": statistics.mean(row["values"]),
                    "std": statistics.stdev(row["values"]) if len(row["values"]) > 1 else 0.0, "values": row["values"]}
                for k, row in rows.items()}
-    out = RESULTS_ROOT / name
+    seeds = list(bundles)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "seeds.json").write_text(json.dumps({"seeds": seeds, "rows": summary}, indent=2) + "\n")
+    write_json(out / "seeds.json", {"seeds": seeds, "rows": summary})
     lines = [f"# Results over seeds {', '.join(map(str, seeds))}", "",
              "Test accuracy in %, mean ± sample standard deviation over the seeds (one full pipeline per seed).", "",
              "| Row | Mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|---|---|" + "---|" * len(seeds),
              *[f"| {s['label']} | {s['mean']:.2f} ± {s['std']:.2f} | " + " | ".join(f"{v:.2f}" for v in s["values"])
                + " |" for s in summary.values()], ""]
-    (out / "seeds.md").write_text("\n".join(lines))
+    write_atomically(out / "seeds.md", lambda tmp: tmp.write_text("\n".join(lines)))
     print("\n".join(lines))
     print(f"wrote {out / 'seeds.md'} and {out / 'seeds.json'}")

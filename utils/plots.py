@@ -10,6 +10,8 @@ from itertools import cycle
 
 import numpy as np
 
+from utils.runs import write_atomically
+
 LINE_STYLES = ("-", "--", "-.", ":")
 MARKERS = "osD^v<>px*"
 
@@ -36,8 +38,10 @@ def line_styles():
 
 
 def _save(fig, path):
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    finally:
+        _pyplot().close(fig)
 
 
 def history_figure(history, title, loss_name="loss"):

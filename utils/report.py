@@ -7,11 +7,11 @@ so a table or plot can be made again from the JSON alone. Results are keyed by i
 
 import json
 import math
-from pathlib import Path
 
 from utils.analyses import cost_labels
-from utils.split import CLASSES
 from utils.plots import plot_accuracy_vs_flops, plot_confusion, plot_grouped_bars
+from utils.runs import write_atomically
+from utils.split import CLASSES
 
 ORIGINAL = {"teacher": "81%", "student1": "74.19%", "student2": "73.21%", "routed": "79.67%"}  # by system id
 PLOTS = ("accuracy_vs_gflops.png", "per_class_gain.png", "routed_confusion.png", "routing_share.png")
@@ -43,8 +43,9 @@ def finite_or_none(value):
 
 def write_json(path, value):
     """Strict JSON, which every reader accepts: a non-finite float (a threshold of +inf, an undefined
-    ratio) is written as null, never as ``Infinity`` or ``NaN``."""
-    Path(path).write_text(json.dumps(finite_or_none(value), indent=2, allow_nan=False) + "\n")
+    ratio) is written as null, never as ``Infinity`` or ``NaN``; written atomically."""
+    text = json.dumps(finite_or_none(value), indent=2, allow_nan=False) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def _pct(x):
@@ -340,7 +341,7 @@ def write_markdown(results, path):
         *[provenance_row(p) for p in r["provenance"]], "",
         "Plots: " + ", ".join(f"`{p}`" for p in PLOTS) + ".", "",
     ]
-    path.write_text("\n".join(lines))
+    write_atomically(path, lambda tmp: tmp.write_text("\n".join(lines)))
 
 
 def write_plots(results, out):

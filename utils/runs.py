@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils import lock
-from utils.cli import UserError
+from utils.cli import UserError, on_failure
 from utils.recipes import STUDENTS
 
 CHECKPOINT_ROOT = Path("checkpoints")
@@ -71,10 +71,10 @@ def continued_by(command):
         _OUTER_COMMAND.reset(token)
 
 
-def continue_command(command):
-    """The command that continues a stopped run started by ``command``: the run's own with ``--resume``, or the
-    pipeline's that runs it (``continued_by``)."""
-    return _OUTER_COMMAND.get() or resume_command(command)
+def continue_command(command, saved=True):
+    """The command that continues work stopped in ``command``: the pipeline's that runs it (``continued_by``), or its
+    own: with ``--resume`` where the work ``saved`` what a resume needs, as it is where it saved nothing."""
+    return _OUTER_COMMAND.get() or (resume_command(command) if saved else command)
 
 
 @dataclass(frozen=True)
@@ -162,38 +162,103 @@ def _is_complete(path):
         return False
 
 
-def prepare_run(args, is_main=True):
+def replaced_folder(files):
+    """``.<stem>.replaced/`` beside a run: where the run that ``--force`` replaces waits until the new one saves."""
+    return files.best.with_name(f".{files.best.name.removesuffix('.pt')}.replaced")
+
+
+@dataclass
+class _Unsaved:
+    """A run of this process that has not saved yet: its files, the folder its predecessor waits in, the folders
+    it created, and the run it is a part of (a selector's fold run: its saving counts as that run's)."""
+
+    files: RunFiles
+    aside: Path | None
+    created: list
+    part_of: RunFiles | None = None
+    fresh: bool = True  # a new run (not a resumed one): a failure before its first save leaves none of its files
+
+
+_UNSAVED = {}  # absolute checkpoint path -> _Unsaved
+
+
+def prepare_run(args, is_main=True, extra=(), part_of=None):
     """The run's files, after checking that they may be written; call before decoding data.
 
     The main process locks the run's output (``RunFiles.lock``) until the run ends: a second run on
     the same files is refused. Without ``--resume`` or ``--force`` an existing run is never replaced.
-    With ``--force`` the old run's files are removed first, so that nothing of it mixes with the new
-    one. A refusal leaves no folder or lock behind.
+    With ``--force`` the old run's files (and its ``extra`` paths, such as a selector's fold runs) are
+    moved aside, so that nothing of it mixes with the new one, and deleted only once the new run has
+    saved (``run_saved``); a run that fails or is refused before that is undone (``undo_unsaved``):
+    its own files removed, the old run put back, no folder or lock left behind. A forced run killed
+    before its first save is undone by the next ``prepare_run`` on its files. ``part_of``: the files of the
+    run this one is a part of, whose predecessor is deleted once this one saves.
     """
     files = RunFiles.of(args.checkpoint)
-    created = []
-    if is_main:  # other processes of a torchrun job neither write nor lock
-        created = make_output_folder(files.best.parent, "--checkpoint or --name")
-        try:
-            lock.acquire(files.lock)
-        except UserError:
-            _remove_empty(created)
-            raise
+    if not is_main:  # other processes of a torchrun job neither write nor lock
+        check_existing_run(files, args)
+        return files
+    created = make_output_folder(files.best.parent, "--checkpoint or --name")
     try:
+        lock.acquire(files.lock)
+        _put_back(files, extra)
         check_existing_run(files, args)
     except UserError:
-        if is_main:
-            lock.release(files.lock)
-            _remove_empty(created)
+        lock.release(files.lock)
+        _remove_empty(created)
         raise
-    if is_main:
-        if not args.resume:
-            for path in files:
-                path.unlink(missing_ok=True)
-        for path in (files.best, files.last):  # temporary files that a killed save left behind
-            for stale in path.parent.glob(f".{path.name}.*.tmp"):
-                stale.unlink(missing_ok=True)
+    aside = None
+    if not args.resume and any(path.exists() for path in [*files, *map(Path, extra)]):
+        aside = replaced_folder(files)
+        aside.mkdir()
+        for path in [*files, *map(Path, extra)]:
+            if path.exists():
+                os.replace(path, aside / path.name)
+    for path in (files.best, files.last):  # temporary files that a killed save left behind
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    _UNSAVED[files.best.absolute()] = _Unsaved(files, aside, created, part_of, fresh=not args.resume)
     return files
+
+
+def run_saved(files):
+    """The run of ``files`` has saved: the run it replaced is deleted, and a failure no longer undoes it (nor the
+    run it is a part of)."""
+    unsaved = _UNSAVED.pop(Path(files.best).absolute(), None)
+    if unsaved is None:
+        return
+    if unsaved.aside and unsaved.aside.exists():
+        shutil.rmtree(unsaved.aside)
+    if unsaved.part_of is not None:
+        run_saved(unsaved.part_of)
+
+
+def undo_unsaved():
+    """Every run of this process that has not saved yet (a refusal, an error): its files removed, the run it
+    replaced put back, the folders it created removed, its lock released."""
+    for unsaved in list(_UNSAVED.values()):
+        for path in unsaved.files if unsaved.fresh else ():
+            path.unlink(missing_ok=True)
+        _put_back(unsaved.files)
+        lock.release(unsaved.files.lock)
+        _remove_empty(unsaved.created)
+    _UNSAVED.clear()
+
+
+def _put_back(files, extra=()):
+    """Put a replaced run back where it was (from ``replaced_folder``), replacing what stands there now."""
+    aside = replaced_folder(files)
+    if not aside.is_dir():
+        return
+    for moved in aside.iterdir():
+        target = files.best.with_name(moved.name)
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(moved, target)
+    aside.rmdir()
+
+
+on_failure(undo_unsaved)
 
 
 def check_existing_run(files, args):
@@ -210,3 +275,39 @@ def check_existing_run(files, args):
         what = "a complete run" if _is_complete(files.best) else "an unfinished run"
         raise UserError(f"{run}.* already holds {what}; add --resume to continue it, --force to replace it, "
                         "or write elsewhere with --name or --checkpoint")
+
+
+def write_atomically(path, write):
+    """``write(temporary path)`` beside ``path``, then rename it to ``path``: a failure (a full disk) leaves the old
+    file or none, and is one line saying which."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        kept = "the previous file is kept" if path.exists() else "nothing was written"
+        raise UserError(f"could not write {path} ({e.strerror or e}); {kept}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_folder_atomically(folder, write):
+    """``write(temporary folder)`` beside ``folder``, then put it in ``folder``'s place (the old one, if any, deleted
+    only after): a failure leaves the old folder or none, and is one line saying which."""
+    folder = Path(folder)
+    tmp, old = (folder.with_name(f".{folder.name}.{os.getpid()}.{kind}") for kind in ("tmp", "old"))
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except OSError as e:
+        kept = "the previous ones are kept" if folder.exists() else "nothing was written"
+        raise UserError(f"could not write the results in {folder} ({e.strerror or e}); {kept}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

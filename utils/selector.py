@@ -11,7 +11,6 @@ resumed or started as it stands (``prepare_runs``).
 """
 
 import copy
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +122,8 @@ def label(students, images, labels, args, runtime):
     target_labels = shuffled_labels(labels, args.seed) if args.shuffle_labels else labels
     examples, example_labels = selector_examples(images, target_labels, args.views, args.seed,
                                                  *students_augmentation(students))
-    with stoppable("labelling the selector's examples (nothing of it is saved)", continue_command(args.command)):
+    with stoppable("labelling the selector's examples (nothing of it is saved)",
+                   continue_command(args.command, saved=False)):
         logits = student_logits(students, examples, runtime)
     return Labelled(images, labels, logits[:len(images)], examples, torch.arange(len(images)).repeat(args.views + 1),
                     selector_targets(logits, example_labels), students_disagree(logits, example_labels))
@@ -159,15 +159,13 @@ def prepare_runs(args):
     locked (``prepare_run``) before any data is decoded.
 
     The shipped selector follows --resume and --force as any run does, except that --resume of a stage
-    stopped among its folds starts it afresh. --force removes the fold runs; otherwise each is reused,
-    resumed or started as it stands.
+    stopped among its folds starts it afresh. --force sets the fold runs aside with it (until the first new
+    selector saves); otherwise each is reused, resumed or started as it stands.
     """
     shipped = copy.copy(args)
     shipped.resume = args.resume and RunFiles.of(args.checkpoint).last.exists()
-    shipped_files = prepare_run(shipped)
     folder = folds_folder(args.checkpoint)
-    if args.force and folder.exists():
-        shutil.rmtree(folder)
+    shipped_files = prepare_run(shipped, extra=[folder] if args.force else [])
     runs = []
     for k in range(1, args.folds + 1):
         fold = copy.copy(args)
@@ -176,7 +174,7 @@ def prepare_runs(args):
         files = RunFiles.of(fold.checkpoint)
         state = run_state(files)
         fold.resume = state == "partial"
-        runs.append(Run(fold, files if state == "complete" else prepare_run(fold), state))
+        runs.append(Run(fold, files if state == "complete" else prepare_run(fold, part_of=shipped_files), state))
     return [*runs, Run(shipped, shipped_files, "partial" if shipped.resume else "missing")]
 
 

@@ -8,6 +8,8 @@ is a complete run that ``--epochs N`` repeats. ``share`` is a box's part of a la
 selector's of its stage (``trainSelector.py``), each stage's of the pipeline (``reproduce.py``).
 """
 
+import contextlib
+import contextvars
 import math
 import time
 from dataclasses import dataclass
@@ -94,6 +96,33 @@ def choose_epochs(seconds, epoch_seconds, eval_seconds, save_seconds, eval_every
     return low
 
 
+_PIPELINE_SHARE = contextvars.ContextVar("pipeline_share", default=None)
+
+
+@contextlib.contextmanager
+def pipeline_share(what, fraction, command):
+    """Within it, a stage's time box is ``fraction`` of a pipeline's ``--minutes`` (``what`` names it): a box too short
+    for one epoch is refused naming the ``--minutes`` of the pipeline's ``command`` that fits."""
+    token = _PIPELINE_SHARE.set((what, fraction, command))
+    try:
+        yield
+    finally:
+        _PIPELINE_SHARE.reset(token)
+
+
+def _refusal_names(time_box, needed):
+    """``(what the box is, the advice)`` of a refusal: the box's own words, a pipeline's, or ``--minutes``'s."""
+    if time_box.share:
+        return time_box.share
+    pipeline = _PIPELINE_SHARE.get()
+    if pipeline:
+        what, fraction, command = pipeline
+        suggested = math.ceil(SUGGESTION_MARGIN * needed / fraction / 60 * 100) / 100
+        return what, f"give {command} --minutes {suggested:g} or more"
+    suggested = math.ceil(SUGGESTION_MARGIN * needed / 60 * 100) / 100
+    return f"--minutes {time_box.seconds / 60:g}", f"give --minutes {suggested:g} or more"
+
+
 def plan_epochs(costs, time_box, eval_every, save_every, agree=int, announce=True):
     """The plan of a time-boxed stage: the most epochs that end it inside ``time_box``, with what was measured.
 
@@ -108,9 +137,7 @@ def plan_epochs(costs, time_box, eval_every, save_every, agree=int, announce=Tru
         needed = time_box.elapsed() + costs.epoch_seconds + costs.eval_seconds + costs.test_seconds \
             + 3 * costs.save_seconds
         needed /= 1 - SAFETY_SHARE
-        suggested = math.ceil(SUGGESTION_MARGIN * needed / 60 * 100) / 100
-        what, advice = time_box.share or (f"--minutes {time_box.seconds / 60:g}",
-                                          f"give --minutes {suggested:g} or more")
+        what, advice = _refusal_names(time_box, needed)
         if not time_box.at_least_one:
             raise UserError(f"{what} is too short: one epoch takes about {costs.epoch_seconds:.3g} s here, and this "
                             f"stage needs at least {needed / 60:.2f} minutes for one; {advice}")

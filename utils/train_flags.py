@@ -13,6 +13,7 @@ from utils.cli import (
     POSITIVE,
     POSITIVE_INT,
     PROBABILITY,
+    SEED,
     UNIT_INTERVAL,
     experiment_name,
 )
@@ -25,7 +26,7 @@ def add_split_args(parser):
     g = parser.add_argument_group("split (every stage of an experiment must use the same)")
     g.add_argument("--holdout", type=NON_NEGATIVE_INT, default=Split.holdout,
                    help="training images held out (stratified) for model selection and the selector; 0 allowed")
-    g.add_argument("--split-seed", type=NON_NEGATIVE_INT, default=Split.split_seed,
+    g.add_argument("--split-seed", type=SEED, default=Split.split_seed,
                    help="seed of the hold-out split (keep it equal across stages)")
     g.add_argument("--limit", type=NON_NEGATIVE_INT, default=Split.limit,
                    help="use a stratified subset of at most this many images of each split, for quick runs (0: all)")
