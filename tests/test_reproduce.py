@@ -149,7 +149,8 @@ def fake_bundle(folder, epochs, fold_epochs=None):
     folder.mkdir(parents=True)
     roles = ["teacher", "students", "students", "selector", "control"]
     networks = [{"role": role, "path": f"{role}.pt", "params": 1, "flops": 1,
-                 "checkpoint": {"kind": role, "arch": "googlenet", "num_classes": 10, "epochs": epochs[role], "epoch": 1,
+                 "checkpoint": {"kind": role, "arch": "googlenet", "num_classes": 10, "epochs": epochs[role],
+                                "epoch": 1,
                                 "split": {"holdout": 2, "split_seed": 0, "limit": 2},
                                 **({"cross_fit": {"epochs": fold_epochs[role]}} if role in (fold_epochs or {})
                                    else {})}} for role in roles]

@@ -306,7 +306,8 @@ class CrossFit:
         """Train the shipped selector on every hold-out image; it carries the out-of-fold ``scores`` (none without a
         hold-out split), each image's ``fold`` and each fold's epochs."""
         cross_fit = {"folds": self.args.folds, "fold": fold.tolist(),
-                     "runs": [str(r.files.best) for r in self.runs[:-1]], "epochs": [f["epochs"] for f in self.folds_made],
+                     "runs": [str(r.files.best) for r in self.runs[:-1]],
+                     "epochs": [f["epochs"] for f in self.folds_made],
                      "best_epochs": [f["epoch"] for f in self.folds_made]}
         print(f"== the shipped selector -> {self.args.checkpoint}: trains on all {len(fold)} hold-out images")
         shipped = {**self.meta, "cross_fit": cross_fit, "report": report,
