@@ -5,20 +5,43 @@ both in one process on the same batches: one augmentation and one teacher forwar
 an optimizer and a checkpoint per student, each student's weights those a run of its own gives.
 --with-nokd adds each student's twin trained on the labels alone to the same loop. The frozen
 teacher sees the very same augmented batch as the students, on the same device and under the same
-autocast. Writes checkpoints/[NAME/]student_<arch>.pt (student_<arch>_nokd.pt without KD), its
-.last.pt resume state, metrics log, curves and config.json.
+autocast.
+
+Students that differ on purpose (utils/distill.py): --specialise METHOD trains the students as
+specialists, --with-specialists METHOD trains a specialist pair beside the generalists (and their
+twins) in the same loop.
+  mcl     multiple-choice learning with KD (Lee et al. 2017; Mun et al. 2018): per image, the student
+          of the lowest oracle loss learns it with the full loss, the other only --spec-beta times
+          its KD term; the assignment starts after --spec-warmup of the run
+  groups  class-group specialists (Hinton, Vinyals, Dean 2015, section 5): the classes split into one
+          group per student, the most-confused classes (by the teacher, on the hold-out split)
+          together; each student's loss weighs --spec-weight on the images of its group
+Writes checkpoints/[NAME/]student_<arch>.pt (student_<arch>_nokd.pt without KD, student_<arch>_<method>.pt
+a specialist), its .last.pt resume state, metrics log, curves and config.json.
 """
 
 import time
 from argparse import Namespace
 from pathlib import Path
 
-from utils.choices import CLASSIFIERS, KD_LOSSES
-from utils.cli import POSITIVE, PROBABILITY, add_data_args, add_device_args, make_parser, parse, print_config, run
+from utils.choices import CLASSIFIERS, KD_LOSSES, SPECIALISATIONS
+from utils.cli import (
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    UNIT_INTERVAL,
+    add_data_args,
+    add_device_args,
+    make_parser,
+    parse,
+    print_config,
+    run,
+)
 from utils.recipes import STUDENTS
 from utils.runs import default_checkpoint, student_stem
 from utils.train_flags import add_model_args, add_split_args, add_training_args, finish_training_args
 
+SPEC_FLAGS = {"mcl": ("spec_beta", "spec_warmup"), "groups": ("spec_weight",)}  # what each method reads
 # Flags every student of one loop shares: they see the same batches, epochs and split.
 LOOP_FLAGS = ("epochs", "minutes", "batch_size", "translate", "padding", "cutout", "mix", "mix_alpha", "mix_prob",
               "seed", "eval_every", "save_every", "log_every", "time_budget")
@@ -41,12 +64,39 @@ def build_parser():
                     help="train on the labels alone (same recipe, no teacher), for the KD-versus-no-KD comparison")
     kd.add_argument("--with-nokd", action="store_true",
                     help="also train each student's no-KD twin in the same loop, on the same batches")
+    add_specialist_args(parser)
     add_model_args(parser)
     add_data_args(parser)
     add_split_args(parser)
     add_training_args(parser, stem="student_<arch>[_nokd]", archs=tuple(STUDENTS.values()))
     add_device_args(parser)
     return parser
+
+
+def add_specialist_args(parser):
+    g = parser.add_argument_group("specialists: students that differ on purpose (utils/distill.py)")
+    pair = g.add_mutually_exclusive_group()
+    pair.add_argument("--specialise", choices=SPECIALISATIONS, default=None,
+                      help="train the students as specialists of this method instead of generalists")
+    pair.add_argument("--with-specialists", choices=SPECIALISATIONS, default=None,
+                      help="also train the students as specialists of this method, beside the generalists, in the "
+                           "same loop")
+    g.add_argument("--spec-beta", type=NON_NEGATIVE, default=0.5,
+                   help="mcl: weight of a student's KD term on the images another student is the specialist of")
+    g.add_argument("--spec-warmup", type=UNIT_INTERVAL, default=0.25,
+                   help="mcl: share of the run in which every student learns every image with the full loss, "
+                        "before the assignment starts")
+    g.add_argument("--spec-weight", type=POSITIVE, default=4.0,
+                   help="groups: weight of a specialist's loss on the images of its classes (1 on the others)")
+
+
+def student_kinds(args):
+    """``[(kd, specialise)]`` of each student's runs: the generalist (or the specialist, with --specialise), its
+    no-KD twin, its specialist beside it."""
+    if args.specialise:
+        return [(True, args.specialise)]
+    return [(not args.no_kd, None), *([(False, None)] if args.with_nokd else []),
+            *([(True, args.with_specialists)] if args.with_specialists else [])]
 
 
 def parse_args(argv=None):
@@ -56,16 +106,21 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parse(parser, argv)
     models = list(dict.fromkeys(args.model))
-    if args.checkpoint and len(models) + args.with_nokd > 1:
+    if args.checkpoint and len(models) * len(student_kinds(args)) > 1:
         parser.error("--checkpoint names one run; several students write theirs in checkpoints/[NAME/] (--name)")
+    if (args.specialise or args.with_specialists) and (len(models) < 2 or args.no_kd):
+        parser.error("specialists are a pair of students or more, learning from the teacher: give --model 1 2 "
+                     "(and no --no-kd)")
     args.teacher = args.teacher or default_checkpoint(args.name, "teacher")
     members = []
     for model in models:
         arch = STUDENTS.get(model, model)
-        for kd in [False] if args.no_kd else [True, False] if args.with_nokd else [True]:
-            own = {**vars(args), "model": model, "arch": arch, "no_kd": not kd}
-            own.pop("with_nokd")
-            members.append(finish_training_args(parser, Namespace(**own), arch, stem=student_stem(arch, kd)))
+        for kd, specialise in student_kinds(args):
+            own = {k: v for k, v in vars(args).items() if k not in ("with_nokd", "with_specialists")
+                   and not (k.startswith("spec_") and k not in SPEC_FLAGS.get(specialise, ()))}
+            own.update(model=model, arch=arch, no_kd=not kd, specialise=specialise)
+            members.append(finish_training_args(parser, Namespace(**own), arch,
+                                                stem=student_stem(arch, kd, specialise)))
     for key in LOOP_FLAGS:
         values = {flags.checkpoint: getattr(flags, key) for flags in members}
         if len(set(values.values())) > 1:
@@ -88,7 +143,7 @@ def main(argv=None):
 
     from models import build_model
     from utils.data import CLASSES, check_source, load_cifar10, make_splits
-    from utils.distill import check_teacher_data, load_teacher, student_member
+    from utils.distill import check_teacher_data, load_teacher, student_members
     from utils.engine import TimeBox, fit
     from utils.runs import prepare_run
     from utils.runtime import setup_runtime, teardown_runtime
@@ -103,7 +158,7 @@ def main(argv=None):
         print_config(loop, "StudentTrain.py")
         for other in args.members[1:]:
             print(f"  and {other.checkpoint}: " + ", ".join(f"{k} {v}" for k, v in vars(other).items()
-                                                            if v != getattr(loop, k)))
+                                                            if v != getattr(loop, k, None)))
     models = []
     for flags in args.members:  # each starts as in a run of its own; before decoding: ImageNet weights may be missing
         torch.manual_seed(flags.seed)
@@ -112,8 +167,7 @@ def main(argv=None):
     split = Split.from_args(loop)
     if teacher is not None:
         check_teacher_data(teacher, data, runtime)
-    members = [student_member(flags, model, run_files, teacher, data, split)
-               for flags, model, run_files in zip(args.members, models, files)]
+    members = student_members(args.members, models, files, teacher, data, split)
     fit(members, make_splits(data, split), loop, runtime, teacher=teacher, time_box=TimeBox.of(loop.minutes, started))
     teardown_runtime(runtime)
 

@@ -39,6 +39,7 @@ from utils.cli import (
     print_config,
     run,
 )
+from utils.choices import SPECIALISATIONS
 from utils.runs import (
     RESULTS_ROOT,
     check_output_folder,
@@ -53,6 +54,10 @@ def build_parser():
     parser = make_parser(__doc__, Path(__file__).name)
     add_routing_args(parser)
     parser.add_argument("--teacher", default=None, help="teacher checkpoint (default: checkpoints/[NAME/]teacher.pt)")
+    parser.add_argument("--specialists", choices=("auto", "none", *SPECIALISATIONS), default="auto",
+                        help="route a method's specialists beside the students (StudentTrain.py --with-specialists, "
+                             "trainSelector.py --specialists): their checkpoints beside the students' and the "
+                             "selector's, <stem>_<method>.pt; auto: the method whose are there, if any")
     parser.add_argument("--bundle", default=None, metavar="DIR",
                         help="analyse a results bundle (a folder with results.json and logits.npz) instead of "
                              "checkpoints: no data, no network is run; the costs are the bundle's")

@@ -34,7 +34,7 @@ import inference
 import StudentTrain
 import teacherTrain
 import trainSelector
-from utils.choices import KD_LOSSES
+from utils.choices import KD_LOSSES, SPECIALISATIONS
 from utils.cli import (
     NON_NEGATIVE,
     POSITIVE,
@@ -49,7 +49,7 @@ from utils.cli import (
     run,
 )
 from utils.recipes import STUDENTS
-from utils.runs import RESULTS_ROOT, student_stem
+from utils.runs import RESULTS_ROOT, selector_stem, student_stem
 from utils.split import Split, check_folds, stratified_counts
 
 PRESETS = {
@@ -59,13 +59,12 @@ PRESETS = {
     "full": {"name": "", "device": "auto", "epochs": None, "split": [], "train": [], "selector": []},
 }
 # Of the time left when it starts, the share of each stage still to run (inference is not time-boxed: its share
-# is what is kept for it). With --with-nokd the students' loop trains twice as many networks.
-# The selector stages train --folds + 1 selectors each (utils/routing.py, cross-fitting).
+# is what is kept for it), for two students in the students' loop; ``shares`` weighs the loop up for more members.
+# The generalists' selector stages train --folds + 1 selectors each (utils/selector.py, cross-fitting).
 SHARES = {"teacher": 0.38, "students": 0.40, "selector": 0.07, "selector, shuffled-label control": 0.05,
           "inference": 0.10}
-STEPS = ("teacher", "students", "selectors")  # what --retrain-from names: the stages in order, both selectors one
-SHARES_WITH_NOKD = {**SHARES, "teacher": 0.28, "students": 0.52, "selector": 0.06,
-                    "selector, shuffled-label control": 0.04}
+SPECIALISTS_SELECTORS = {"specialists' selector": 0.07, "specialists' selector, shuffled-label control": 0.05}
+STEPS = ("teacher", "students", "selectors")  # what --retrain-from names: the stages in order, all selectors one
 
 
 @dataclass
@@ -98,6 +97,9 @@ def build_parser():
     parser.add_argument("--kd-loss", default="kl", choices=KD_LOSSES, help="KD loss of the students")
     parser.add_argument("--with-nokd", action="store_true",
                         help="also train both students without KD, in the students' loop, for the KD-gain rows")
+    parser.add_argument("--with-specialists", choices=SPECIALISATIONS, default=None, metavar="METHOD",
+                        help="also train a pair of specialists of METHOD (mcl or groups: StudentTrain.py) in the "
+                             "students' loop, and their selector and its control, routed beside the generalists")
     parser.add_argument("--out", default=None,
                         help="folder of the results bundle (with --seeds: of each seed's bundle and the summary), "
                              "refused if it holds anything (default: results/[NAME/]run-<date>-<time>/)")
@@ -135,9 +137,13 @@ def stage_epochs(args):
 
         results, networks = read_bundle(args.epochs_from)
         layout = results["layout"]
+        control, spec_selector = layout.get("control"), layout.get("spec_selector")
         roles = {"teacher": layout["teacher"], "students": layout["students"][0], "selector": layout["selector"],
-                 "selector, shuffled-label control": layout["control"] if layout["control"] is not None
-                 else layout["selector"]}
+                 "selector, shuffled-label control": layout["selector"] if control is None else control}
+        if args.with_specialists:
+            spec = layout["selector"] if spec_selector is None else spec_selector
+            roles |= {"specialists' selector": spec, "specialists' selector, shuffled-label control":
+                      spec if layout.get("spec_control") is None else layout["spec_control"]}
         flags = {}
         for title, k in roles.items():
             checkpoint = networks[k].checkpoint
@@ -150,7 +156,20 @@ def stage_epochs(args):
                             *(["--folds", str(len(folds)), "--fold-epochs", *map(str, folds)] if folds else [])]
         return flags
     epochs = args.epochs or (None if args.minutes else PRESETS[args.preset]["epochs"])
-    return dict.fromkeys(SHARES, ["--epochs", str(epochs)] if epochs else [])
+    return dict.fromkeys([*SHARES, *SPECIALISTS_SELECTORS], ["--epochs", str(epochs)] if epochs else [])
+
+
+def shares(args):
+    """Each stage's share of the time left when it starts (``SHARES``), with the students' loop weighed up for its
+    members beyond two (their no-KD twins, the specialists) and the specialists' selectors where they are trained;
+    the inference stage keeps its share."""
+    members = 2 * (1 + args.with_nokd + bool(args.with_specialists))
+    weights = {**SHARES, "students": SHARES["students"] * (members / 2) ** 0.8,
+               **(SPECIALISTS_SELECTORS if args.with_specialists else {})}
+    weights.pop("inference")
+    trained = sum(weights.values())
+    return {**{k: w / trained * (1 - SHARES["inference"]) for k, w in weights.items()},
+            "inference": SHARES["inference"]}
 
 
 def stages(args, name, seed):
@@ -166,18 +185,26 @@ def stages(args, name, seed):
                 *(["--time-budget", str(args.time_budget)] if args.time_budget is not None else [])]
 
     folder = Path("checkpoints") / name
-    kinds = [True, False] if args.with_nokd else [True]
-    students = [folder / f"{student_stem(arch, kd)}.pt" for arch in STUDENTS.values() for kd in kinds]
-    return [
+    kinds = [(True, None), *([(False, None)] if args.with_nokd else []),
+             *([(True, args.with_specialists)] if args.with_specialists else [])]
+    students = [folder / f"{student_stem(arch, kd, method)}.pt" for arch in STUDENTS.values() for kd, method in kinds]
+    plan = [
         Stage("teacher", teacherTrain, [folder / "teacher.pt"], train("teacher", *preset["split"]), "teacher"),
         Stage("students", StudentTrain, students,
               train("students", *preset["split"], "--model", *STUDENTS, "--kd-loss", args.kd_loss,
-                    *(["--with-nokd"] if args.with_nokd else [])), "students"),
+                    *(["--with-nokd"] if args.with_nokd else []),
+                    *(["--with-specialists", args.with_specialists] if args.with_specialists else [])), "students"),
         Stage("selector", trainSelector, [folder / "selector.pt"], train("selector", *preset["selector"]),
               "selectors"),
         Stage("selector, shuffled-label control", trainSelector, [folder / "selector_shuffled.pt"],
               train("selector, shuffled-label control", *preset["selector"], "--shuffle-labels"), "selectors"),
-    ], common
+    ]
+    if args.with_specialists:  # learned from the training split: its images, without augmented views
+        method = ["--specialists", args.with_specialists, *preset["selector"], "--views", "0"]
+        plan += [Stage(title, trainSelector, [folder / f"{selector_stem(args.with_specialists, shuffled)}.pt"],
+                       train(title, *method, *(["--shuffle-labels"] if shuffled else [])), "selectors")
+                 for title, shuffled in zip(SPECIALISTS_SELECTORS, (False, True))]
+    return plan, common
 
 
 def run_pipeline(args, name, seed, fingerprint, out, started=None):
@@ -186,8 +213,8 @@ def run_pipeline(args, name, seed, fingerprint, out, started=None):
     from utils.pipeline import run_pipeline
 
     plan, common = stages(args, name, seed)
-    shares = SHARES_WITH_NOKD if args.with_nokd else SHARES
-    return run_pipeline(args, name, plan, common, shares, inference.main, fingerprint, out, started)
+    evaluated = [*common, "--specialists", args.with_specialists or "none"]  # never another run's specialists
+    return run_pipeline(args, name, plan, evaluated, shares(args), inference.main, fingerprint, out, started)
 
 
 def output_folder(args):

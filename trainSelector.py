@@ -16,7 +16,15 @@ folds they came from. --shuffle-labels trains the control: every target, those t
 epochs included, from randomly permuted class labels. The split is the students' own, read from
 their checkpoints.
 
-Writes checkpoints/[NAME/]selector.pt, which records the students it was made for, and the fold runs
+--target says what it learns per student: right (is it right), gain (its probability of the true
+class), or, for specialists (StudentTrain.py --specialise or --with-specialists), assignment (is it
+the image's specialist: its class group, or the mcl winner). An assignment needs no held-out
+correctness, so it is learned from the training split (every image of it: --learn-from train), one
+selector whose hold-out scores are out of sample without folds; routing is still fitted on the
+hold-out split.
+
+Writes checkpoints/[NAME/]selector.pt (a method's specialists: selector_<method>.pt), which records the
+students it was made for, and the fold runs
 in checkpoints/[NAME/]selector.folds/fold<k>.pt. --minutes boxes the whole stage: each of the K + 1
 selectors gets an equal share of the time left when it starts. The fold runs are parts of the
 stage: a rerun reuses each complete one, resumes an interrupted one and starts a missing one, with
@@ -40,7 +48,8 @@ from utils.cli import (
     print_config,
     run,
 )
-from utils.runs import default_students
+from utils.choices import SELECTOR_TARGETS, SPECIALISATIONS
+from utils.runs import default_students, selector_stem
 from utils.split import check_folds, stratified_counts
 from utils.train_flags import add_training_args, finish_training_args
 
@@ -51,7 +60,18 @@ def build_parser():
     parser = make_parser(__doc__, Path(__file__).name)
     parser.add_argument("--students", nargs="+", default=None,
                         help="student checkpoints (StudentTrain.py), two or more, in routing order "
-                             "(default: checkpoints/[NAME/]student_densenet121.pt and student_googlenet.pt)")
+                             "(default: checkpoints/[NAME/]student_densenet121.pt and student_googlenet.pt, or "
+                             "with --specialists their specialists)")
+    parser.add_argument("--specialists", choices=SPECIALISATIONS, default=None,
+                        help="route the specialists of this method: the students' and the selector's default "
+                             "checkpoints are theirs (student_<arch>_<method>.pt, selector_<method>.pt)")
+    parser.add_argument("--target", choices=SELECTOR_TARGETS, default=None,
+                        help="what the selector learns per student: right, gain (its probability of the true "
+                             "class) or assignment (specialists only) (default: assignment for specialists, else "
+                             "right)")
+    parser.add_argument("--learn-from", choices=("holdout", "train"), default=None,
+                        help="the images the selector learns from: the hold-out split (cross-fitted), or, for an "
+                             "assignment, the training split (default: train for an assignment, else holdout)")
     parser.add_argument("--views", type=NON_NEGATIVE_INT, default=4,
                         help="augmented views of each selector-training image besides the clean one: translated "
                              "and flipped as the students' training images were (their --translate and --padding)")
@@ -89,20 +109,44 @@ def parse_args(argv=None):
     if args.fold_epochs and args.minutes is not None:
         parser.error("--minutes chooses every selector's epochs from a time box: give --minutes or --fold-epochs, "
                      "not both")
-    args.students = args.students or default_students(args.name)
+    args.students = args.students or default_students(args.name, args.specialists)
     from utils.experiment import students_split  # reads checkpoints: after the flags, as torch is imported
 
     split = students_split(args.students)
     args.split = split.as_dict()
-    examples = None
-    if not args.partial_data:
-        images = split.planned_sizes()["holdout" if split.holdout else "train"]
-        check_folds(stratified_counts(images), args.folds)  # the split is stratified
-        smallest = images - math.ceil(images / args.folds)  # the images a fold's selector trains on
-        examples = (smallest - max(1, round(args.val_fraction * smallest))) * (args.views + 1)
-    stem = "selector_shuffled" if args.shuffle_labels else "selector"
+    method = args.specialists or specialists_of(args.students)
+    args.target = args.target or ("assignment" if method else "right")
+    args.learn_from = args.learn_from or ("train" if args.target == "assignment" else "holdout")
+    if args.target == "assignment" and not method:
+        parser.error("--target assignment is for specialists: the students were trained as generalists")
+    if args.learn_from == "train" and args.target != "assignment":
+        parser.error(f"--target {args.target} is learned from the hold-out split: the students have fitted the "
+                     "training split, where whether they are right says little; give --learn-from holdout")
+    stem = selector_stem(method, args.shuffle_labels)
     return finish_training_args(parser, args, "selector", stem=stem,
-                                train_images=None if args.disagreement_only else examples)
+                                train_images=None if args.disagreement_only else selector_examples(args, split))
+
+
+def specialists_of(paths):
+    """The method the students of ``paths`` are specialists of (None: generalists), from their checkpoints."""
+    from utils.checkpoint import load_checkpoint
+
+    methods = {(load_checkpoint(path, hint="python StudentTrain.py").get("specialist") or {}).get("method")
+               for path in paths}
+    return methods.pop() if len(methods) == 1 else None
+
+
+def selector_examples(args, split):
+    """The examples the smallest selector trains on, checked against --folds (None: unknown before decoding)."""
+    if args.partial_data:
+        return None
+    if args.learn_from == "train":
+        images = split.planned_sizes()["train"]
+        return (images - max(1, round(args.val_fraction * images))) * (args.views + 1)
+    images = split.planned_sizes()["holdout" if split.holdout else "train"]
+    check_folds(stratified_counts(images), args.folds)  # the split is stratified
+    smallest = images - math.ceil(images / args.folds)  # the images a fold's selector trains on
+    return (smallest - max(1, round(args.val_fraction * smallest))) * (args.views + 1)
 
 
 def runs(args):
@@ -113,50 +157,36 @@ def runs(args):
 def main(argv=None):
     started = time.time()
     args = parse_args(argv)
-    import torch  # after the flags: --help and a refused flag need no torch
-
-    from utils import selector
-    from utils.data import CLASSES, check_source, load_cifar10, make_splits, stratified_folds
-    from utils.experiment import load_students
-    from utils.trained import student_record
+    from utils import selector  # after the flags: --help and a refused flag need no torch
+    from utils.data import check_source, load_cifar10, make_splits
+    from utils.experiment import load_students, load_teacher_of
     from utils.runtime import setup_runtime, teardown_runtime
     from utils.split import Split
     from utils.timebox import TimeBox
+    from utils.trained import student_record
 
     runtime = setup_runtime(args)
     runs = selector.prepare_runs(args)
     check_source(args.data_dir, args.download)
     print_config(args, "trainSelector.py")
     students = load_students(args.students, runtime, args.name)
+    mcl = (students[0].checkpoint.get("specialist") or {}).get("method") == "mcl"
+    teacher = load_teacher_of(students[0], runtime) if args.target == "assignment" and mcl else None
     data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)
     for fold_run in runs[:-1]:
         if fold_run.state != "missing":
             selector.check_current(fold_run, students, data.fingerprint)
     split = Split(**args.split)
-    splits = make_splits(data, split)
-    if not split.holdout:
-        print("warning: the students were trained with --holdout 0, so the selector learns from the training "
-              "images, which the students have fitted; both are right on nearly all of them, so its targets say "
-              "little about new images")
-    images, labels = splits["holdout" if split.holdout else "train"]
-    check_folds(torch.bincount(labels, minlength=len(CLASSES)).tolist(), args.folds)
-    fold = stratified_folds(labels, args.folds, args.seed)
-    labelled = selector.label(students, images, labels, args, runtime)
-    print(f"selector examples: {len(labelled.examples)} ({args.views} augmented views per image) of {len(images)} "
-          f"hold-out images in {args.folds} folds; share of examples each student gets right"
-          + (" (permuted labels)" if args.shuffle_labels else "") + ": "
-          + ", ".join(f"{s.path}: {share:.3f}" for s, share in zip(students, labelled.targets.mean(0).tolist())))
-    meta = {"kind": "selector", "arch": "selector", "num_classes": len(students),
+    meta = {"kind": "selector", "arch": "selector", "num_classes": len(students), "target": args.target,
             "students": student_record(students), "data_fingerprint": data.fingerprint, "split": args.split,
-            "loss": "binary cross-entropy of 'this student is right'" + (" (shuffled labels)" * args.shuffle_labels)}
-    cross_fit = selector.CrossFit(runs, labelled, args, runtime, TimeBox.of(args.minutes, started), meta)
-    scores = selector.out_of_fold(fold, cross_fit.score_fold)
-    report = selector.cross_fit_report(scores, labelled.logits, labels, fold)
-    cross_fit.ship(scores, fold, report, holdout=bool(split.holdout))
+            "loss": f"binary cross-entropy of the {args.target} target" + " (shuffled labels)" * args.shuffle_labels}
+    box = TimeBox.of(args.minutes, started)
+    train = selector.train_on_training_split if args.learn_from == "train" else selector.train_cross_fitted
+    report = train(runs, students, make_splits(data, split), split, args, runtime, box, meta, teacher)
     accs = report["routed_acc_per_fold"]
-    print(f"out of fold — each of the {report['examples']} hold-out images scored by a selector that never trained "
-          f"on it — the student the selector picks is right on {report['routed_acc']:.4f} (over the {args.folds} "
-          f"folds: {min(accs):.4f} to {max(accs):.4f}); students alone "
+    print(f"out of sample — each of the {report['examples']} hold-out images scored by a selector that never "
+          f"trained on it — the student the selector picks is right on {report['routed_acc']:.4f} (over "
+          f"{len(accs)} folds: {min(accs):.4f} to {max(accs):.4f}); students alone "
           + ", ".join(f"{a:.4f}" for a in report["student_accs"]) + f", oracle {report['oracle_acc']:.4f}; the "
           f"students disagree on {report['disagreement_share']:.3f} of them; shares "
           + ", ".join(f"{s:.3f}" for s in report["routing_share"]))

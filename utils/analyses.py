@@ -1,19 +1,25 @@
 """What inference.py finds, from the networks' logits alone (from checkpoints or a results bundle).
 
 Every routing policy is fitted on the whole hold-out split (``utils.routed.fit_policy``) and applied
-to the test split. Results are keyed by identifiers, never by what a table shows:
+to the test split. A pair of students is routed and reported as a whole (``Pair``): the generalists,
+and a method's specialists beside them where the experiment has them (identifiers with ``spec``).
+Results are keyed by identifiers, never by what a table shows:
 
   systems      teacher, student1..., routed (the --router and --budget system), nokd1... (student k's
                no-KD twin), ensemble, selector (selector routing), random (random routing at its
                shares), control (the selector trained on shuffled labels), control_random,
-               to_teacher (the students' cascade ending in the teacher), oracle
-  policies     cascade, deferral, selector, to_teacher
+               to_teacher (the students' cascade ending in the teacher), oracle; the specialists'
+               spec1..., spec:routed, spec:ensemble, spec:selector, ... likewise
+  policies     cascade, deferral, selector, to_teacher, cheapest_to_teacher (the cheapest student,
+               then the teacher); spec:cascade, spec:deferral, spec:selector
   comparisons  "<system> vs <system>"
-  networks     teacher, student1..., nokd1..., selector, control
+  networks     teacher, student1..., nokd1..., selector, control, spec1..., spec_selector, spec_control
   costs        teacher, student1..., students (all of them), routed, selector, to_teacher
 
 ``labels`` holds each one's display text: the only names ``utils/report.py`` shows.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,42 +31,77 @@ from utils.routed import Ladder, budget_refusal, fit_policy
 from utils.stats import expected_calibration_error, mcnemar, paired_bootstrap
 
 BUDGETS = (1.0, 1.25, 1.5)  # the budget table's columns: multiples of the cheapest student's GFLOPs per image
-POLICIES = (*ROUTERS, "to_teacher")
 ORACLE = "Oracle (any student right)"
-
-
 RANDOM_OF = {"selector": "random", "control": "control_random"}  # each selector, and random routing at its shares
+SIDE_BY_SIDE = (1.0, 1.25, 1.3, 1.5)  # the budgets at which the pairs stand side by side
+TARGET = {"budget": 1.3, "points": 0.005}  # what routed specialists are to reach over the best generalist student
+
+
+@dataclass
+class Pair:
+    """Students routed together, with the selectors that route them: the generalists (``prefix`` "") or a method's
+    specialists (``prefix`` "spec:"). ``ids``: their networks' identifiers (students, selector, control)."""
+
+    prefix: str
+    title: str  # what their systems' labels begin with
+    students: list
+    student_ids: list
+    selector: object
+    selector_id: str
+    control: object = None
+    control_id: str = ""
+
+    def __post_init__(self):
+        self.ladder = Ladder(self.students, self.selector)
+
+    def id(self, system):
+        return self.prefix + system
+
+    def selectors(self):
+        """``[(system id, selector)]``: the selector and its control, where there is one."""
+        return [(self.id(k), net) for k, net in (("selector", self.selector), ("control", self.control)) if net]
 
 
 class Experiment:
-    """The networks of an experiment as the analyses use them: the ladders their policies route, the test
-    outputs and labels, the routed system asked for (``router``, ``budget``)."""
+    """The networks of an experiment as the analyses use them: its pairs and the ladders their policies route, the
+    test labels, the routed system asked for (``router``, ``budget``)."""
 
     def __init__(self, networks, router, budget):
         self.networks, self.router, self.budget = networks, router, budget
         self.teacher, self.students = networks.teacher, networks.students
-        self.ladder = Ladder(self.students, networks.selector)
+        self.ids = dict(zip(networks.ids(), networks))
+        self.pairs = [pair for pair in (self.pair(""), self.pair("spec")) if pair]
+        self.generalists = self.pairs[0]
+        self.ladder = self.generalists.ladder
         self.to_teacher = Ladder(self.students, last_resort=self.teacher)
         self.labels = self.ladder.outputs("test")[1]
         self.cheapest = min(self.students, key=lambda s: s.gflops)
         holdout_logits, holdout_labels = self.teacher.logits["holdout"]
         self.teacher_holdout = (holdout_logits.argmax(1) == holdout_labels).double().mean().item()
-        self.ids = dict(zip(networks.ids(), networks))
+        self.policies = {**{name: (name, self.ladder) for name in ROUTERS}, "to_teacher": ("cascade", self.to_teacher),
+                         "cheapest_to_teacher": ("cascade", Ladder([self.cheapest], last_resort=self.teacher)),
+                         **{f"spec:{name}": (name, pair.ladder) for pair in self.pairs[1:] for name in ROUTERS}}
         self.to_teacher_reaches = None  # whether a threshold of the cascade to the teacher reaches its accuracy
         self.fitted = {}  # (policy, id of its ladder, its options) -> (router fitted on the hold-out split, ladder)
 
-    def ladder_of(self, policy):
-        """The ladder a policy of ``POLICIES`` routes (``to_teacher``: the students' cascade, then the teacher)."""
-        return self.to_teacher if policy == "to_teacher" else self.ladder
+    def pair(self, kind):
+        """The generalists (``kind`` "") or the specialists ("spec"), None where there are none."""
+        ids = [k for k in self.ids if k[:-1] == ("student" if not kind else "spec") and k[-1].isdigit()]
+        if not ids:
+            return None
+        selector, control = ("selector", "control") if not kind else ("spec_selector", "spec_control")
+        method = (self.ids[ids[0]].checkpoint.get("specialist") or {}).get("method")
+        return Pair(f"{kind}:" if kind else "", f"Specialists ({method}): " if kind else "", [self.ids[k] for k in ids],
+                    ids, self.ids[selector], selector, self.ids.get(control), control)
 
     def fit(self, policy, ladder=None, budget=None, accuracy=None, **options):
-        """``(router, its routing of the test split)``: ``policy`` (``to_teacher``: the cascade) over ``ladder``
-        (default: the one it routes), fitted by ``fit_policy`` once per ladder, its threshold then chosen for
-        ``budget`` or ``accuracy`` (which may raise ``NoThresholdError``)."""
-        ladder = ladder or self.ladder_of(policy)
-        key = ("cascade" if policy == "to_teacher" else policy, id(ladder), repr(sorted(options.items())))
+        """``(router, its routing of the test split)``: the policy ``policy`` (a name of ``utils.policies.POLICIES``
+        over ``ladder``, or a policy of ``self.policies``) fitted by ``fit_policy`` once per ladder, its threshold
+        then chosen for ``budget`` or ``accuracy`` (which may raise ``NoThresholdError``)."""
+        name, ladder = (policy, ladder) if ladder else self.policies[policy]
+        key = (name, id(ladder), repr(sorted(options.items())))
         if key not in self.fitted:
-            self.fitted[key] = fit_policy(key[0], ladder, **options), ladder  # the ladder kept: its id stays its own
+            self.fitted[key] = fit_policy(name, ladder, **options), ladder  # the ladder kept: its id stays its own
         router = self.fitted[key][0].at(budget, accuracy)
         return router, router.route(ladder.outputs("test")[0])
 
@@ -71,22 +112,28 @@ def analyse(networks, router, budget):
     e = Experiment(networks, router, budget)
     routers, routings, draws = systems(e)
     correct = {k: routing.correct(e.labels) for k, routing in routings.items()}
-    correct.update({RANDOM_OF[k]: d.double().mean(0) for k, d in draws.items()})  # the mean of random's draws
-    ran = routings["routed"].ran
+    for pair in e.pairs:  # random routing: the mean of its draws
+        correct.update({pair.id(RANDOM_OF[k.removeprefix(pair.prefix)]): draws[k].double().mean(0)
+                        for k, _ in pair.selectors()})
     results = {
         "accuracy": {k: c.double().mean().item() for k, c in correct.items()},
         "gflops": {k: routing.gflops for k, routing in routings.items()},
-        "labels": labels(e, routers),
+        "labels": labels(e),
         "routed": headline_record(e, routers["routed"], routings["routed"]),
+        "rung_rules": {policy: router.rule_ for policy, router in ((p, e.fit(p)[0]) for p in e.policies)
+                       if hasattr(router, "rule_")},
         "budgets": budget_table(e), "curves": curves(e),
         "comparisons": comparisons(e, correct), "kd_gain": kd_gains(e, correct),
         "random_routing": {k: draw_spread(correct[k], d) for k, d in draws.items()},
-        "cross_fit": {k: cross_fit_spread(e, e.ids[k]) for k in RANDOM_OF if k in e.ids},
+        "cross_fit": {net_id: cross_fit_spread(pair, net) for pair in e.pairs
+                      for net_id, net in ((pair.selector_id, pair.selector), (pair.control_id, pair.control)) if net},
         "reach_teacher": reach_teacher(e, correct),
+        "pairs": pairs_at_equal_cost(e, correct),
         "calibration": {k: network_scores(*net.logits["test"], interval=False) for k, net in e.ids.items()
-                        if k not in RANDOM_OF},
+                        if net.checkpoint["kind"] != "selector"},
         "per_class": {k: per_class(c, e.labels) for k, c in correct.items()},
-        "routing_share_per_class": [ran[e.labels == c].double().mean(0).tolist() for c in range(len(CLASSES))],
+        "routing_share_per_class": {pair.prefix or "generalists": share_per_class(routings[pair.id("routed")],
+                                                                                   e.labels) for pair in e.pairs},
         "confusion_routed": torch.bincount(e.labels * len(CLASSES) + routings["routed"].prediction,
                                            minlength=len(CLASSES) ** 2).view(len(CLASSES), -1).tolist(),
     }
@@ -95,70 +142,104 @@ def analyse(networks, router, budget):
     return results, timed
 
 
+def share_per_class(routing, labels):
+    """Per class, the share of its images each student of a routed system ran on."""
+    return [routing.ran[labels == c].double().mean(0).tolist() for c in range(len(CLASSES))]
+
+
 def systems(e):
     """Every system of the results table, in its order: ``(routers, routings, draws)`` keyed by system id;
     ``draws``: per selector, whether each draw of random routing at its shares is right on each image."""
-    fitted = {}
-    for k, net in [("teacher", e.teacher), *((f"student{i}", s) for i, s in enumerate(e.students, 1))]:
-        fitted[k] = e.fit("single", Ladder([net]))
+    fitted, draws = {"teacher": e.fit("single", Ladder([e.teacher]))}, {}
+    for pair in e.pairs:
+        fitted.update(pair_systems(e, pair, draws))
+        if pair is e.generalists:
+            fitted["to_teacher"] = to_teacher_system(e)
+        fitted[pair.id("oracle")] = None, oracle_routing(pair.ladder.outputs("test")[0], e.labels,
+                                                          [s.gflops for s in pair.students])
+    return {k: router for k, (router, _) in fitted.items()}, {k: r for k, (_, r) in fitted.items()}, draws
+
+
+def pair_systems(e, pair, draws):
+    """A pair's systems in their order: each student, the routed system, (the generalists' no-KD twins,) the
+    ensemble, selector routing and random routing at its shares, the same for the control; ``draws``: random
+    routing's, added to by selector."""
+    fitted = {k: e.fit("single", Ladder([net])) for k, net in zip(pair.student_ids, pair.students)}
     try:
-        fitted["routed"] = e.fit(e.router, budget=e.budget)
+        fitted[pair.id("routed")] = e.fit(e.router, pair.ladder, budget=e.budget)
     except NoThresholdError as error:
         raise budget_refusal(e.router, e.budget, error) from None
-    for k, net in e.ids.items():
-        if k.startswith("nokd"):
-            fitted[k] = e.fit("single", Ladder([net]))
-    fitted["ensemble"] = e.fit("ensemble", Ladder(e.students))
-    draws = {}
-    for k in RANDOM_OF:
-        if k in e.ids:
-            selector_ladder = Ladder(e.students, e.ids[k])
-            fitted[k] = e.fit("selector", selector_ladder)
-            fitted[RANDOM_OF[k]] = e.fit("random", selector_ladder, shares=fitted[k][1].share.tolist())
-            draws[k] = fitted[RANDOM_OF[k]][0].draws(selector_ladder.outputs("test")[0], e.labels)
+    if pair is e.generalists:
+        fitted.update({k: e.fit("single", Ladder([net])) for k, net in e.ids.items() if k.startswith("nokd")})
+    fitted[pair.id("ensemble")] = e.fit("ensemble", Ladder(pair.students))
+    for system, selector in pair.selectors():
+        ladder = Ladder(pair.students, selector)
+        fitted[system] = e.fit("selector", ladder)
+        random = pair.id(RANDOM_OF[system.removeprefix(pair.prefix)])
+        fitted[random] = e.fit("random", ladder, shares=fitted[system][1].share.tolist())
+        draws[system] = fitted[random][0].draws(ladder.outputs("test")[0], e.labels)
+    return fitted
+
+
+def to_teacher_system(e):
+    """The cascade to the teacher at its cheapest threshold that reaches the teacher's hold-out accuracy, or at its
+    best hold-out accuracy where none does (``e.to_teacher_reaches`` says which)."""
     try:
-        fitted["to_teacher"] = e.fit("to_teacher", accuracy=e.teacher_holdout)
+        system = e.fit("to_teacher", accuracy=e.teacher_holdout)
         e.to_teacher_reaches = True
     except NoThresholdError:
-        fitted["to_teacher"] = e.fit("to_teacher")
+        system = e.fit("to_teacher")
         e.to_teacher_reaches = False
-    routings = {k: routing for k, (_, routing) in fitted.items()}
-    routings["oracle"] = oracle_routing(e.ladder.outputs("test")[0], e.labels, [s.gflops for s in e.students])
-    return {k: router for k, (router, _) in fitted.items()}, routings, draws
+    return system
 
 
-def labels(e, routers):
+def labels(e):
     """The display text of every system, comparison, policy and network of the results."""
-    everyone = "both students" if len(e.students) == 2 else f"all {len(e.students)} students"
     to_teacher = "Cascade to the teacher (the students cheapest first, then the teacher), " + (
         "cheapest to reach the teacher's hold-out accuracy" if e.to_teacher_reaches
         else "at its best hold-out accuracy (below the teacher's)")
     networks = {k: net.label for k, net in e.ids.items()}
-    systems = {"teacher": networks["teacher"], **{f"student{k}": networks[f"student{k}"]
-                                                  for k in range(1, len(e.students) + 1)},
-               "routed": f"Routed: {e.router}, at most {e.budget:g}x the cheapest student's GFLOPs "
-                         f"({e.cheapest.arch})",
-               **{k: label for k, label in networks.items() if k.startswith("nokd")},
-               "ensemble": f"Ensemble ({everyone}, probabilities averaged)",
-               "selector": "Selector routing (threshold with the best hold-out accuracy)",
-               "random": f"Random routing at the selector's shares (mean of {RANDOM_DRAWS} draws)",
-               "control": "Selector trained on shuffled labels (control)",
-               "control_random": f"Random routing at the control's shares (mean of {RANDOM_DRAWS} draws)",
-               "to_teacher": to_teacher, "oracle": ORACLE}
-    comparisons = {f"{a} vs {b}": f"{systems[a]} vs {systems[b]}" for a, b in compared_pairs(e)}
-    comparisons.update({
-        "selector vs random": f"Selector routing vs random routing at its shares (mean of {RANDOM_DRAWS} draws)",
-        "control vs control_random": "Selector on shuffled labels vs random routing at its shares (mean of "
-                                     f"{RANDOM_DRAWS} draws)"})
-    return {"systems": systems, "comparisons": comparisons, "networks": networks,
+    systems = {"teacher": networks["teacher"]}
+    for pair in e.pairs:
+        systems.update(pair_labels(e, pair, networks))
+        if pair is e.generalists:
+            systems.update({k: label for k, label in networks.items() if k.startswith("nokd")})
+            systems["to_teacher"] = to_teacher
+    comparisons = {f"{a} vs {b}": f"{systems[a]} vs {systems[b]}" for a, b in compared(e)}
+    policies = {**{name: name for name in ROUTERS}, "to_teacher": "cascade to the teacher",
+                "cheapest_to_teacher": f"cascade: {e.cheapest.arch}, then the teacher",
+                **{f"spec:{name}": f"{pair.title}{name}" for pair in e.pairs[1:] for name in ROUTERS}}
+    return {"systems": systems, "comparisons": comparisons, "networks": networks, "policies": policies,
             "roles": {k: net.role for k, net in e.ids.items()},
-            "policies": {**{name: name for name in ROUTERS}, "to_teacher": "cascade to the teacher"},
-            "students": [f"student {k} ({s.arch})" for k, s in enumerate(e.students, 1)]}
+            "students": [f"student {k} ({s.arch})" for k, s in enumerate(e.students, 1)],
+            "pair_students": {pair.prefix or "generalists": [f"{'specialist' if pair.prefix else 'student'} {k} "
+                                                              f"({s.arch})" for k, s in enumerate(pair.students, 1)]
+                              for pair in e.pairs},
+            "pairs": {pair.prefix or "generalists": pair.title.removesuffix(": ") or "Generalists"
+                      for pair in e.pairs}}
+
+
+def pair_labels(e, pair, networks):
+    """The display text of a pair's systems, in their order."""
+    everyone = "both students" if len(pair.students) == 2 else f"all {len(pair.students)} students"
+    labels = {k: networks[k] for k in pair.student_ids}
+    labels.update({
+        "routed": f"Routed: {e.router}, at most {e.budget:g}x the cheapest student's GFLOPs ({e.cheapest.arch})",
+        "ensemble": f"Ensemble ({everyone}, probabilities averaged)",
+        "selector": "Selector routing (threshold with the best hold-out accuracy)",
+        "random": f"Random routing at the selector's shares (mean of {RANDOM_DRAWS} draws)",
+        "control": "Selector trained on shuffled labels (control)",
+        "control_random": f"Random routing at the control's shares (mean of {RANDOM_DRAWS} draws)",
+        "oracle": ORACLE})
+    return {k if k in pair.student_ids else pair.id(k): label if k in pair.student_ids else pair.title + label
+            for k, label in labels.items()}
 
 
 def compared_pairs(e):
-    """The routed system against each student and the teacher, and each student against its no-KD twin."""
-    pairs = [("routed", f"student{k}") for k in range(1, len(e.students) + 1)] + [("routed", "teacher")]
+    """Each routed system against each of its students and the teacher, and each student against its no-KD twin."""
+    pairs = []
+    for pair in e.pairs:
+        pairs += [(pair.id("routed"), k) for k in pair.student_ids] + [(pair.id("routed"), "teacher")]
     return pairs + [(f"student{k[4:]}", k) for k in e.ids if k.startswith("nokd")]
 
 
@@ -174,7 +255,7 @@ def budget_table(e):
     """Each policy at each budget of ``BUDGETS``: its test accuracy and GFLOPs, with its threshold fitted on the
     hold-out split for that budget (absent where none meets it)."""
     table = {}
-    for policy in POLICIES:
+    for policy in e.policies:
         for budget in BUDGETS:
             try:
                 _, routing = e.fit(policy, budget=budget)
@@ -190,9 +271,9 @@ def budget_table(e):
 def curves(e):
     """Each policy's test accuracy against its GFLOPs at every threshold."""
     result = {}
-    for policy in POLICIES:
+    for policy, (_, ladder) in e.policies.items():
         router, _ = e.fit(policy)
-        curve = router.curve(e.ladder_of(policy).outputs("test")[0], e.labels)
+        curve = router.curve(ladder.outputs("test")[0], e.labels)
         result[policy] = (curve.gflops.tolist(), curve.accuracy.tolist())
     return result
 
@@ -210,11 +291,18 @@ def compare(correct_a, correct_b):
 
 
 def comparisons(e, correct):
-    """Every pair of ``compared_pairs``, and each selector against random routing at its shares."""
+    """Every pair of ``compared_pairs``, each selector against random routing at its shares, and each student against
+    its no-KD twin, in that order."""
+    return {f"{a} vs {b}": compare(correct[a], correct[b]) for a, b in compared(e)}
+
+
+def compared(e):
+    """What ``comparisons`` compares, as ``[(system id, system id)]``."""
     pairs = compared_pairs(e)
     kd = [pair for pair in pairs if pair[1].startswith("nokd")]
-    pairs = [pair for pair in pairs if pair not in kd] + [(k, RANDOM_OF[k]) for k in RANDOM_OF if k in e.ids] + kd
-    return {f"{a} vs {b}": compare(correct[a], correct[b]) for a, b in pairs}
+    selectors = [(system, pair.id(RANDOM_OF[system.removeprefix(pair.prefix)])) for pair in e.pairs
+                 for system, _ in pair.selectors()]
+    return [pair for pair in pairs if pair not in kd] + selectors + kd
 
 
 def kd_gains(e, correct):
@@ -233,15 +321,16 @@ def draw_spread(system_correct, draws):
             "high": high, "system": system, "p_value": (1 + (accuracy >= system).sum().item()) / (1 + len(draws))}
 
 
-def cross_fit_spread(e, selector):
+def cross_fit_spread(pair, selector):
     """Per fold of the selector's out-of-fold hold-out scores: its images, the epochs of its selector, the
     threshold fitted on that fold alone and the routed accuracy there of the one fitted on every fold; and their
-    spread over the folds. None without a hold-out split."""
-    ladder = Ladder(e.students, selector)
+    spread over the folds. None without a hold-out split, or for a selector learned from the training split (its
+    hold-out scores are out of sample, one fold)."""
+    ladder = Ladder(pair.students, selector)
     holdout, labels = ladder.outputs("holdout")
     cross_fit = selector.checkpoint["cross_fit"]
     fold = torch.tensor(cross_fit["fold"])
-    if len(fold) != len(labels):
+    if len(fold) != len(labels) or cross_fit["folds"] < 2:
         return None
     shared = fit_policy("selector", ladder)
     rows = []
@@ -262,19 +351,86 @@ def cross_fit_spread(e, selector):
 
 
 def reach_teacher(e, correct):
-    """Per policy, its cheapest hold-out threshold that reaches the teacher's hold-out accuracy, and what that gives
-    on the test split against the teacher (None where no threshold reaches it)."""
-    reach = {}
-    for policy in POLICIES:
+    """Per routing policy, two thresholds chosen on the hold-out split, and what each gives on the test split against
+    the teacher: the cheapest that reaches the teacher's hold-out accuracy (``systems``), and the cheapest within
+    the half-width of its 95% interval there (``within``); None where no threshold does. ``smallest_within``: the
+    fewest GFLOPs per image of a ``within`` system whose paired test interval with the teacher reaches 0."""
+    correct_teacher = e.teacher.logits["holdout"][0].argmax(1) == e.teacher.logits["holdout"][1]
+    half_width = 1.96 * (e.teacher_holdout * (1 - e.teacher_holdout) / max(len(correct_teacher), 1)) ** 0.5
+    policies = [p for p in e.policies if p != "selector" and not p.endswith(":selector")] + \
+        [pair.id("selector") for pair in e.pairs]
+    reach = {"systems": {}, "within": {}}
+    for key, accuracy in (("systems", e.teacher_holdout), ("within", e.teacher_holdout - half_width)):
+        for policy in policies:
+            try:
+                _, routing = e.fit(policy, accuracy=accuracy)
+            except NoThresholdError:
+                reach[key][policy] = None
+                continue
+            reach[key][policy] = {"accuracy": routing.accuracy(e.labels), "gflops": routing.gflops,
+                                  "teacher_share": routing.gflops / e.teacher.gflops,
+                                  "vs_teacher": compare(routing.correct(e.labels), correct["teacher"])}
+    within = [(c["gflops"], policy) for policy, c in reach["within"].items() if c and c["vs_teacher"]["high"] >= 0]
+    smallest = min(within, default=None)
+    return {"teacher_holdout_accuracy": e.teacher_holdout, "half_width": half_width, **reach,
+            "smallest_within": smallest and {"policy": smallest[1], "gflops": smallest[0],
+                                             "teacher_share": smallest[0] / e.teacher.gflops}}
+
+
+def holdout_accuracy(net):
+    logits, labels = net.logits["holdout"]
+    return (logits.argmax(1) == labels).double().mean().item()
+
+
+def best_routing(e, pair, budget):
+    """``(policy, router, test routing)``: the pair's policy of ``ROUTERS`` with the best hold-out accuracy within
+    ``budget`` (ties: the first), or None where none fits it."""
+    best = None
+    for policy in map(pair.id, ROUTERS):
         try:
-            _, routing = e.fit(policy, accuracy=e.teacher_holdout)
+            router, routing = e.fit(policy, budget=budget)
         except NoThresholdError:
-            reach[policy] = None
             continue
-        reach[policy] = {"accuracy": routing.accuracy(e.labels), "gflops": routing.gflops,
-                         "teacher_share": routing.gflops / e.teacher.gflops,
-                         "vs_teacher": compare(routing.correct(e.labels), correct["teacher"])}
-    return {"teacher_holdout_accuracy": e.teacher_holdout, "systems": reach}
+        if best is None or router.holdout_accuracy_ > best[1].holdout_accuracy_:
+            best = policy, router, routing
+    return best
+
+
+def pairs_at_equal_cost(e, correct):
+    """Each pair side by side at each budget of ``SIDE_BY_SIDE``: its best routing there (chosen on the hold-out
+    split), against the generalist student most accurate on the hold-out split and against the generalists' best
+    routing at the same budget; and the target of the specialists, met or missed (``target``)."""
+    best_student = max(e.generalists.student_ids, key=lambda k: holdout_accuracy(e.ids[k]))
+    table = {}
+    for budget in SIDE_BY_SIDE:
+        right, row = {}, {}
+        for pair in e.pairs:
+            best = best_routing(e, pair, budget)
+            if best is None:
+                continue
+            key = pair.prefix or "generalists"
+            right[key] = best[2].correct(e.labels)
+            row[key] = {"policy": best[0], "holdout_accuracy": best[1].holdout_accuracy_,
+                        "accuracy": right[key].double().mean().item(), "gflops": best[2].gflops,
+                        "vs_best_student": compare(right[key], correct[best_student])}
+        for key in row:
+            row[key]["vs_generalists"] = compare(right[key], right["generalists"]) \
+                if key != "generalists" and "generalists" in right else None
+        table[f"{budget:g}"] = row
+    return {"best_student": best_student, "budgets": table, "target": specialists_target(e, table)}
+
+
+def specialists_target(e, table):
+    """Whether routed specialists are at least ``TARGET["points"]`` above the best generalist student with the
+    interval above 0, within ``TARGET["budget"]`` times the cheapest student's GFLOPs on the test split, and above
+    the generalists' best routing there; None without specialists."""
+    if len(e.pairs) < 2:
+        return None
+    cell = table[f"{TARGET['budget']:g}"].get("spec:")
+    met = bool(cell) and cell["vs_best_student"]["difference"] >= TARGET["points"] and \
+        cell["vs_best_student"]["low"] > 0 and cell["gflops"] <= TARGET["budget"] * e.cheapest.gflops + 1e-9 and \
+        cell["vs_generalists"] is not None and cell["vs_generalists"]["difference"] > 0
+    return {**TARGET, "met": met}
 
 
 def network_scores(logits, labels, interval=True):

@@ -95,8 +95,9 @@ def _results(path):
         require(record, RECORD, f"network {k}")
         require(record["checkpoint"], CHECKPOINT, f"the checkpoint record of network {k}")
     require(results["layout"], LAYOUT, "the layout of the networks")
-    roles = [results["layout"][role] for role in ("teacher", "selector")] + results["layout"]["students"] + \
-        results["layout"]["twins"] + ([results["layout"]["control"]] if results["layout"].get("control") else [])
+    layout = results["layout"]
+    roles = [layout[role] for role in ("teacher", "selector", "control", "spec_selector", "spec_control")
+             if layout.get(role) is not None] + layout["students"] + layout["twins"] + layout.get("specialists", [])
     if not results["networks"] or not all(isinstance(k, int) and 0 <= k < len(results["networks"]) for k in roles):
         raise UserError(f"{path}: its layout names networks it does not hold; write the bundle again with "
                         "inference.py")
@@ -149,9 +150,11 @@ def networks_of_bundle(folder):
     """``(results, Networks)`` of a bundle: each network's record and logits, no weights."""
     results, networks = read_bundle(folder)
     networks = Networks.from_layout(networks, results["layout"])
-    for selector in [networks.selector, *([networks.control] if networks.control else [])]:
-        check_selector_students(selector.checkpoint, selector.path, networks.students)
-        check_out_of_fold(selector.checkpoint, selector.path)
+    for students, selectors in ((networks.students, (networks.selector, networks.control)),
+                                (networks.specialists, (networks.spec_selector, networks.spec_control))):
+        for selector in filter(None, selectors):
+            check_selector_students(selector.checkpoint, selector.path, students)
+            check_out_of_fold(selector.checkpoint, selector.path)
     return results, networks
 
 

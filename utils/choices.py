@@ -13,3 +13,5 @@ TTA = ("none", "flip", "flip-shift")  # utils.augment.TTA_VIEWS
 PADDINGS = ("reflect", "zeros")
 SCHEDULES = ("cosine", "linear")
 ROUTERS = ("cascade", "deferral", "selector")  # utils.policies: the threshold policies a routed system may use
+SPECIALISATIONS = ("mcl", "groups")  # utils.distill: how students are trained to differ on purpose
+SELECTOR_TARGETS = ("right", "gain", "assignment")  # utils.selector: what the selector learns per student

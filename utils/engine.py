@@ -49,6 +49,7 @@ from utils.timebox import Costs, TimeBox, evaluated_epoch, plan_epochs
 
 WARMUP_MAX_SHARE = 0.2  # the warm-up never takes more of a run than this, so every schedule decays to 0
 EXIT_TIME_BUDGET = 75  # exit code of a run stopped by --time-budget (EX_TEMPFAIL): run the command again
+COLLAPSED_SHARE = 0.9  # a specialist assigned more of the images than this is said to take them all
 CALIBRATION_STEPS = (3, 8)  # at most: steps run untimed (kernel selection, compilation), then timed, by calibrate
 
 
@@ -68,7 +69,9 @@ class Member:
     teacher. ``args`` are its flags (learning rate, weight decay, EMA, test-time views; kept in its
     checkpoints), ``meta`` what its checkpoints record besides (kind, arch, num_classes, ...),
     ``files`` where they go (``utils.runs.prepare_run``). ``metric(logits, targets)`` gives the
-    correct count and summed loss behind its accuracies and hold-out loss.
+    correct count and summed loss behind its accuracies and hold-out loss. Members that share a
+    ``coupling`` step together: ``coupling.losses(logits of each, targets, teacher_logits, progress)``
+    gives each one's loss (``progress``: the share of the run done), and their ``loss_fn`` is unused.
     """
 
     model: nn.Module
@@ -77,6 +80,7 @@ class Member:
     meta: dict
     files: RunFiles
     metric: Callable = classification_metric
+    coupling: object = None  # shared by members whose losses depend on each other
 
 
 # ----------------------------------------------------------------------------- steps and evaluation
@@ -120,6 +124,13 @@ def train_step(net, optimizer, loss_fn, x, y, runtime, sums, metric=classificati
     with runtime.autocast:
         logits = net(x)
         terms = loss_fn(logits, y, teacher_logits)
+    return update(optimizer, terms, logits, y, runtime, sums, metric)
+
+
+def update(optimizer, terms, logits, y, runtime, sums, metric=classification_metric):
+    """The optimisation step of a loss (``terms``: the loss, or a dict whose ``"loss"`` is optimised) on the batch
+    that gave ``logits``; returns the loss. Its terms, the correct predictions and the images are added to
+    ``sums``."""
     terms = terms if isinstance(terms, dict) else {"loss": terms}
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
@@ -257,10 +268,21 @@ class Trainee:
         return learning_rate(step, self.total_steps, self.warmup_steps, self.peak_lr, self.args.schedule)
 
     def step(self, x, y, teacher_logits, step):
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(step)
+        self.set_lr(step)
         loss = train_step(self.net, self.optimizer, self.member.loss_fn, x, y, self.runtime, self.sums,
                           self.member.metric, teacher_logits)
+        self.after_step(loss)
+
+    def set_lr(self, step):
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
+
+    def forward(self, x):
+        """The member's logits on a training batch (a coupled member's: its loss needs the others' logits)."""
+        with self.runtime.autocast:
+            return self.net(x)
+
+    def after_step(self, loss):
         self.watch.update(loss)
         if self.ema:
             self.ema.update_parameters(self.model)
@@ -483,14 +505,35 @@ def _loaders(splits, args, runtime, augment):
 
 
 def loop_step(trainees, x, y, teacher, step, runtime):
-    """One step of every member on the batch ``(x, y)``, the teacher's forward pass shared."""
+    """One step of every member on the batch ``(x, y)``, the teacher's forward pass shared; the members of one
+    ``Member.coupling`` step together, their losses computed from all their logits."""
     teacher_logits = None
     if teacher is not None:
         with torch.no_grad(), runtime.autocast:
             teacher_logits = teacher(x)
+    several = len(trainees) > 1
+    for unit in _units(trainees):
+        if unit[0].member.coupling is None:
+            with _own_stream(unit[0], several):
+                unit[0].step(x, y, teacher_logits, step)
+            continue
+        logits = []
+        for t in unit:  # each forward pass draws from its member's own stream (dropout), as in a run of its own
+            t.set_lr(step)
+            with _own_stream(t, several):
+                logits.append(t.forward(x))
+        with runtime.autocast:
+            losses = unit[0].member.coupling.losses(logits, y, teacher_logits, step / unit[0].total_steps)
+        for t, out, terms in zip(unit, logits, losses):
+            t.after_step(update(t.optimizer, terms, out, y, runtime, t.sums, t.member.metric))
+
+
+def _units(trainees):
+    """The trainees in order, the members of one coupling together (at the first of them), each other alone."""
+    units = {}
     for t in trainees:
-        with _own_stream(t, len(trainees) > 1):
-            t.step(x, y, teacher_logits, step)
+        units.setdefault(id(t.member.coupling) if t.member.coupling is not None else id(t), []).append(t)
+    return list(units.values())
 
 
 def calibrate(members, nets, loaders, args, runtime, teacher):
@@ -643,6 +686,9 @@ def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime, sav
         prefix = f"{t.files.best.stem}: " if len(trainees) > 1 else ""
         print(f"{prefix}epoch {epoch + 1}/{t.epochs}  " + "  ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch"))
+        if record.get("train_assigned", 0) > COLLAPSED_SHARE:
+            print(f"note: {t.files.best.stem} was the specialist of {record['train_assigned']:.0%} of the images "
+                  "this epoch: the specialists are collapsing onto one student")
         with open(t.files.log, "a") as f:
             f.write(json.dumps(record) + "\n")
         if save:

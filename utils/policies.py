@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 UNCERTAINTY_MEASURES = ("maxprob", "margin", "entropy")
+RUNG_RULES = ("average", "last")  # what a rung of an escalation answers: the average of what ran, or the last alone
 RANDOM_DRAWS = 200  # draws of random routing behind its mean and spread
 
 
@@ -430,6 +431,7 @@ class ThresholdRouter(Router):
                                    least / cheapest)
         router = copy.copy(self)
         router.threshold_ = self.curve_.thresholds[point].item()
+        router.holdout_accuracy_ = self.curve_.accuracy[point].item()
         return router
 
     def fit_score(self, outputs, labels):
@@ -466,13 +468,27 @@ class ThresholdRouter(Router):
 
 class EscalationRouter(ThresholdRouter):
     """The networks of ``order`` in turn: an image goes on to the next while its score, from the answer so
-    far (the temperature-scaled probabilities of the networks that ran, averaged), exceeds the threshold
-    at every step. Rung k runs the first k + 1 networks and predicts their average."""
+    far, exceeds the threshold at every step. Rung k runs the first k + 1 networks and answers, by its
+    ``rule_``, with the average of their temperature-scaled probabilities (``average``) or with the last
+    one's alone (``last``: a cascade that ends in a stronger network answers as it does); ``fit`` takes
+    the rule of the better hold-out accuracy (ties: the average)."""
+
+    rule_ = "average"
+
+    def fit(self, outputs, labels, budget=None, accuracy=None):
+        best = {}
+        for rule in RUNG_RULES:
+            self.rule_ = rule
+            super().fit(outputs, labels)
+            best[rule] = self.curve_.accuracy.max().item()
+        self.rule_ = max(RUNG_RULES, key=lambda rule: (best[rule], rule == "average"))
+        return super().fit(outputs, labels, budget, accuracy)
 
     def options(self, outputs):
         chain = list(self.order)
         probs = self.probs(outputs)[:, chain]
-        answers = probs.cumsum(1) / torch.arange(1, len(chain) + 1, device=outputs.device)[:, None]
+        answers = probs if self.rule_ == "last" else \
+            probs.cumsum(1) / torch.arange(1, len(chain) + 1, device=outputs.device)[:, None]
         ran = torch.zeros(len(outputs), len(chain), outputs.num_networks, dtype=torch.bool, device=outputs.device)
         for rung in range(len(chain)):
             ran[:, rung, chain[:rung + 1]] = True

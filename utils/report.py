@@ -130,25 +130,75 @@ def cost_lines(r):
 
 
 def reach_lines(r):
-    """At what cost each policy reaches the teacher's accuracy: its cheapest hold-out threshold that does, on test."""
+    """At what cost each policy reaches the teacher's accuracy, or comes within its interval: its cheapest hold-out
+    threshold that does, on the test split."""
     reach = r.get("reach_teacher")
     if not reach:
         return []
-    rows = []
-    for policy, c in reach["systems"].items():
-        name = r["labels"]["policies"][policy]
-        if c is None:
-            rows.append(f"| {name} | no threshold reaches it on the hold-out split | — | — | — |")
-            continue
-        more = " — **more than the teacher**" if c["teacher_share"] > 1 + 1e-9 else ""
-        rows.append(f"| {name} | {_pct(c['accuracy'])} | {_points(c['vs_teacher'])} | {c['gflops']:.3f} "
-                    f"| {c['teacher_share']:.2f}{more} |")
-    return [f"**At what cost do the routed students reach the teacher's accuracy?** The teacher is "
-            f"{_pct(reach['teacher_holdout_accuracy'])} accurate on the hold-out split. Each policy at its cheapest "
-            "threshold that reaches this on the hold-out split, and what that gives on the test split (the "
-            "difference with the teacher on the same images, in points, with its 95% paired interval):", "",
-            "| Policy | Test accuracy | Against the teacher [95% interval] | GFLOPs / image | x the teacher's |",
-            "|---|---|---|---|---|", *rows, ""]
+    lines = [f"**At what cost do the routed students reach the teacher's accuracy?** The teacher is "
+             f"{_pct(reach['teacher_holdout_accuracy'])} accurate on the hold-out split (95% interval ±"
+             f"{100 * reach['half_width']:.2f} points). Each policy at its cheapest threshold that reaches this on "
+             "the hold-out split, or comes within the interval's half-width of it, and what that gives on the test "
+             "split (the difference with the teacher on the same images, in points, with its 95% paired "
+             "interval):", "",
+             "| Policy | Hold-out target | Test accuracy | Against the teacher [95% interval] | GFLOPs / image "
+             "| x the teacher's |", "|---|---|---|---|---|---|"]
+    for key, target in (("systems", "the teacher's accuracy"), ("within", "within its interval")):
+        for policy, c in reach[key].items():
+            name = r["labels"]["policies"][policy]
+            if c is None:
+                lines.append(f"| {name} | {target} | no threshold reaches it on the hold-out split | — | — | — |")
+                continue
+            more = " — **more than the teacher**" if c["teacher_share"] > 1 + 1e-9 else ""
+            lines.append(f"| {name} | {target} | {_pct(c['accuracy'])} | {_points(c['vs_teacher'])} "
+                         f"| {c['gflops']:.3f} | {c['teacher_share']:.2f}{more} |")
+    smallest = reach.get("smallest_within")
+    lines += ["", f"The fewest GFLOPs per image at which a routed system comes within its interval of the teacher's "
+              f"accuracy on the test split: {smallest['gflops']:.3f} ({smallest['teacher_share']:.2f}x the "
+              f"teacher's), {r['labels']['policies'][smallest['policy']]}." if smallest else
+              "No routed system chosen this way comes within its interval of the teacher's accuracy on the test "
+              "split.", ""]
+    return lines
+
+
+def rung_lines(r):
+    """Each escalation's rung rule, chosen on the hold-out split."""
+    rules = r.get("rung_rules")
+    if not rules:
+        return []
+    said = {"average": "the average of the networks run so far", "last": "the last network run alone"}
+    return ["What each rung of an escalation answers, chosen on the hold-out split (the better best accuracy there): "
+            + "; ".join(f"{r['labels']['policies'][policy]}: {said[rule]}" for policy, rule in rules.items()) + ".",
+            ""]
+
+
+def side_by_side_lines(r):
+    """The pairs at equal GFLOPs: each one's best routing, against the best generalist student and the generalists'
+    best routing, and the specialists' target met or missed."""
+    pairs = r.get("pairs")
+    if not pairs or len(r["labels"]["pairs"]) < 2:
+        return []
+    names, best = r["labels"], pairs["best_student"]
+    lines = ["## Specialists beside generalists, at equal cost", "",
+             "Each pair's best routing within each budget (the policy of the best hold-out accuracy there), its test "
+             f"accuracy and GFLOPs, against the generalist student most accurate on the hold-out split "
+             f"({names['systems'][best]}) and against the generalists' best routing at the same budget "
+             "(points, 95% paired interval).", "",
+             "| Budget | Pair | Policy | Test accuracy | GFLOPs / image | Against the best student "
+             "| Against the generalists' routing |", "|---|---|---|---|---|---|---|"]
+    for budget, row in pairs["budgets"].items():
+        for key, c in row.items():
+            against = _points(c["vs_generalists"]) if c["vs_generalists"] else "—"
+            lines.append(f"| {budget}x | {names['pairs'][key]} | {names['policies'][c['policy'].rpartition(':')[2]]} "
+                         f"| {_pct(c['accuracy'])} | {c['gflops']:.3f} | {_points(c['vs_best_student'])} "
+                         f"| {against} |")
+    target = pairs.get("target")
+    if target:
+        lines += ["", f"**Target** (set before any GPU run): routed specialists at least {100 * target['points']:g} "
+                  "points above the best single generalist student with the interval above zero, at no more than "
+                  f"{target['budget']:g}x the cheapest student's GFLOPs per image, and above the generalists' best "
+                  f"routing at the same cost: **{'met' if target['met'] else 'missed'}**."]
+    return lines + [""]
 
 
 def _budget_gflops(r, budget):
@@ -312,27 +362,32 @@ def comparison_lines(r):
 
 
 def class_lines(r):
-    """Per class: the share of its images each student ran on in the routed system, and each system's accuracy."""
-    students, names = r["labels"]["students"], r["labels"]["systems"]
-    return ["## Routed system: share of each class's images each student ran on", "",
-            "| Class | " + " | ".join(students) + " |", "|---|" + "---|" * len(students),
-            *[f"| {c} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + " |"
-              for c, shares in zip(CLASSES, r["routing_share_per_class"])], "",
-            "## Per-class accuracy (%)", "",
-            "| System | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES),
-            *[f"| {names[k]} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + " |"
-              for k, accs in r["per_class"].items()],
-            ""]
+    """Per class: the share of its images each student ran on in each pair's routed system, and each system's
+    accuracy."""
+    names = r["labels"]["systems"]
+    lines = []
+    for key, per_class_shares in r["routing_share_per_class"].items():
+        prefix = "" if key == "generalists" else key
+        students = r["labels"]["pair_students"][key]
+        lines += [f"## {names[prefix + 'routed']}: share of each class's images each student ran on", "",
+                  "| Class | " + " | ".join(students) + " |", "|---|" + "---|" * len(students),
+                  *[f"| {c} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + " |"
+                    for c, shares in zip(CLASSES, per_class_shares)], ""]
+    return lines + [
+        "## Per-class accuracy (%)", "",
+        "| System | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES),
+        *[f"| {names[k]} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + " |" for k, accs in r["per_class"].items()],
+        ""]
 
 
 def write_markdown(results, path):
     r = results
     lines = [
-        *notes_lines(r), *systems_lines(r), *budget_lines(r), *cross_fit_lines(r), *random_lines(r),
+        *notes_lines(r), *systems_lines(r), *rung_lines(r), *budget_lines(r), *cross_fit_lines(r), *random_lines(r),
         *comparison_lines(r),
         "## Cost and speed", "",
         *cost_lines(r), "",
-        *reach_lines(r), *class_lines(r),
+        *reach_lines(r), *side_by_side_lines(r), *class_lines(r),
         "## Training", "",
         *training_lines(r), "",
         "## Where these numbers come from", "",
@@ -359,6 +414,9 @@ def write_plots(results, out):
                       "accuracy minus the best student's (points)")
     plot_confusion(results["confusion_routed"], CLASSES, out / "routed_confusion.png",
                    f"{names['routed']}: confusion matrix (test set)")
-    plot_grouped_bars({name: [s[k] for s in results["routing_share_per_class"]]
-                       for k, name in enumerate(results["labels"]["students"])},
-                      CLASSES, out / "routing_share.png", "Share of each class's images each student ran on", "share")
+    pairs = results["labels"]["pairs"]
+    shares = {(f"{pairs[key]}: " if len(pairs) > 1 else "") + name: [s[k] for s in per_class]
+              for key, per_class in results["routing_share_per_class"].items()
+              for k, name in enumerate(results["labels"]["pair_students"][key])}
+    plot_grouped_bars(shares, CLASSES, out / "routing_share.png",
+                      "Share of each class's images each student ran on (routed systems)", "share")

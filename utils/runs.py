@@ -33,14 +33,21 @@ def default_checkpoint(name, stem):
     return str(CHECKPOINT_ROOT / name / f"{stem}.pt")
 
 
-def student_stem(arch, kd=True):
-    """``student_densenet121`` (with KD) or ``student_densenet121_nokd``."""
-    return f"student_{arch}{'' if kd else '_nokd'}"
+def student_stem(arch, kd=True, specialise=None):
+    """``student_densenet121`` (with KD), ``student_densenet121_nokd`` or, a specialist of a method,
+    ``student_densenet121_mcl``."""
+    return f"student_{arch}" + (f"_{specialise}" if specialise else "" if kd else "_nokd")
 
 
-def default_students(name=""):
-    """The default student checkpoints of experiment ``name``, in the order of ``STUDENTS``."""
-    return [default_checkpoint(name, student_stem(arch)) for arch in STUDENTS.values()]
+def default_students(name="", specialise=None):
+    """The default student checkpoints of experiment ``name`` (the specialists of a method, with ``specialise``), in
+    the order of ``STUDENTS``."""
+    return [default_checkpoint(name, student_stem(arch, specialise=specialise)) for arch in STUDENTS.values()]
+
+
+def selector_stem(specialise=None, shuffled=False):
+    """``selector``, the selector of a method's specialists ``selector_mcl``, and their controls ``..._shuffled``."""
+    return "selector" + (f"_{specialise}" if specialise else "") + ("_shuffled" if shuffled else "")
 
 
 def config_changes(old, new):

@@ -20,20 +20,28 @@ import torch.nn.functional as F
 
 from models import build_model
 from utils.augment import random_translate_flip
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cli import UserError
-from utils.data import stratified_indices
+from utils.data import stratified_folds, stratified_indices
+from utils.distill import specialists
 from utils.engine import Member, fit
+from utils.losses import kd_terms
 from utils.trained import student_record
 from utils.runs import RunFiles, config_changes, continue_command, prepare_run
 from utils.runtime import batched_logits, prepare_model, stoppable
+from utils.split import CLASSES, check_folds
 from utils.timebox import TimeBox, share
 
 
 # ----------------------------------------------------------------------------- targets
 
-def selector_targets(logits, labels):
-    """The selector's training targets ``(N, S)``: 1 where student k is right, else 0.
+def selector_targets(logits, labels, target="right", assignment=None):
+    """The selector's training targets ``(N, S)``, from the students' ``logits`` ``(N, S, C)`` and the ``labels``:
+
+    * ``right``: 1 where student k is right, else 0;
+    * ``gain``: student k's probability of the true class, a soft target in the spirit of Ding et al.
+      ("Hybrid LLM", ICLR 2024): how much routing there gains, not only whether it is right;
+    * ``assignment``: 1 for the specialist of the image (``assignment`` ``(N,)``, ``specialist_assignment``).
 
     Why not "the student with the lowest cross-entropy"? Both students are right on most images,
     and there the label separates two right answers by which one happens to be more confident:
@@ -42,7 +50,28 @@ def selector_targets(logits, labels):
     the images where the students disagree (``students_disagree``) are the only ones whose routing
     matters.
     """
+    if target == "gain":
+        return logits.float().softmax(-1).gather(2, labels[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]
+    if target == "assignment":
+        return F.one_hot(assignment, logits.shape[1]).float()
     return (logits.argmax(-1) == labels[:, None]).float()
+
+
+def specialist_assignment(students, logits, labels, teacher_logits=None):
+    """``(N,)``: each image's specialist among ``students`` (``Network``s, all of one method): for ``groups``, the one
+    whose group holds its class; for ``mcl``, the one of the lowest oracle loss, as in its training (the students'
+    ``logits`` ``(N, S, C)`` against the teacher's)."""
+    records = [s.checkpoint["specialist"] for s in students]
+    if records[0]["method"] == "groups":
+        group_of = torch.zeros(logits.shape[-1], dtype=torch.long)
+        for k, record in enumerate(records):
+            group_of[record["group"]] = k
+        return group_of[labels]
+    terms = [kd_terms(c["kd_loss"], logits[:, k], teacher_logits, labels, c["temperature"], c["alpha"],
+                      c["label_smoothing"], per_image=True) for k, c in enumerate(s.checkpoint["config"]
+                                                                                 for s in students)]
+    return specialists(torch.stack([t["loss"] for t in terms]), torch.stack([t["kd"] for t in terms]),
+                       records[0]["beta"]).float().argmax(0)
 
 
 def students_disagree(logits, labels):
@@ -116,17 +145,22 @@ class Labelled:
     disagree: torch.Tensor
 
 
-def label(students, images, labels, args, runtime):
-    """The ``Labelled`` examples of the hold-out ``images``: the students run once on every example, for all the
-    selectors of the stage."""
+def label(students, images, labels, args, runtime, teacher=None):
+    """The ``Labelled`` examples of ``images`` (the hold-out split's, or the training split's with --learn-from
+    train): the students (and for mcl specialists the ``teacher``) run once on every example, for all the selectors
+    of the stage; the targets are ``args.target``'s."""
     target_labels = shuffled_labels(labels, args.seed) if args.shuffle_labels else labels
     examples, example_labels = selector_examples(images, target_labels, args.views, args.seed,
                                                  *students_augmentation(students))
     with stoppable("labelling the selector's examples (nothing of it is saved)",
                    continue_command(args.command, saved=False)):
         logits = student_logits(students, examples, runtime)
+        teacher_logits = batched_logits(teacher, examples, runtime).cpu() if teacher is not None else None
+    assignment = specialist_assignment(students, logits, example_labels, teacher_logits) \
+        if args.target == "assignment" else None
     return Labelled(images, labels, logits[:len(images)], examples, torch.arange(len(images)).repeat(args.views + 1),
-                    selector_targets(logits, example_labels), students_disagree(logits, example_labels))
+                    selector_targets(logits, example_labels, args.target, assignment),
+                    students_disagree(logits, example_labels))
 
 
 # ----------------------------------------------------------------------------- the stage's runs
@@ -167,7 +201,7 @@ def prepare_runs(args):
     folder = folds_folder(args.checkpoint)
     shipped_files = prepare_run(shipped, extra=[folder] if args.force else [])
     runs = []
-    for k in range(1, args.folds + 1):
+    for k in range(1, args.folds + 1 if args.learn_from == "holdout" else 1):
         fold = copy.copy(args)
         fold.checkpoint, fold.force = str(folder / f"fold{k}.pt"), False
         fold.epochs = args.fold_epochs[k - 1] if args.fold_epochs else args.epochs
@@ -313,6 +347,51 @@ class CrossFit:
         shipped = {**self.meta, "cross_fit": cross_fit, "report": report,
                    "holdout_logits": scores if holdout else torch.zeros(0, scores.shape[1])}
         self.folds_made.append(self.fit(self.runs[-1], torch.ones(len(fold), dtype=torch.bool), shipped))
+
+
+def train_cross_fitted(runs, students, splits, split, args, runtime, box, meta, teacher=None):
+    """The stage's selectors learned from the hold-out split: the fold selectors, each scoring its fold, then the
+    shipped one with those out-of-fold scores; returns what they say (``cross_fit_report``)."""
+    if not split.holdout:
+        print("warning: the students were trained with --holdout 0, so the selector learns from the training "
+              "images, which the students have fitted; both are right on nearly all of them, so its targets say "
+              "little about new images")
+    images, labels = splits["holdout" if split.holdout else "train"]
+    check_folds(torch.bincount(labels, minlength=len(CLASSES)).tolist(), args.folds)
+    fold = stratified_folds(labels, args.folds, args.seed)
+    labelled = label(students, images, labels, args, runtime, teacher)
+    announce(labelled, students, args, f"hold-out images in {args.folds} folds")
+    cross_fit = CrossFit(runs, labelled, args, runtime, box, meta)
+    scores = out_of_fold(fold, cross_fit.score_fold)
+    report = cross_fit_report(scores, labelled.logits, labels, fold)
+    cross_fit.ship(scores, fold, report, holdout=bool(split.holdout))
+    return report
+
+
+def train_on_training_split(runs, students, splits, split, args, runtime, box, meta, teacher=None):
+    """One selector learned from the training split (its epoch chosen on --val-fraction of it), its scores on the
+    hold-out images, which it never saw, out of sample: what routing is fitted on; returns what they say."""
+    (shipped,) = runs
+    images, labels = splits["train"]
+    labelled = label(students, images, labels, args, runtime, teacher)
+    announce(labelled, students, args, "training images")
+    final = fit_selector(shipped, torch.ones(len(images), dtype=torch.bool), labelled, args, runtime, box, meta)
+    holdout_images, holdout_labels = splits["holdout"]
+    scores = scores_of(final, holdout_images, runtime)
+    fold = torch.zeros(len(holdout_labels), dtype=torch.long)
+    report = cross_fit_report(scores, student_logits(students, holdout_images, runtime), holdout_labels, fold)
+    cross_fit = {"folds": 1, "fold": fold.tolist(), "runs": [], "epochs": [final["epochs"]],
+                 "best_epochs": [final["epoch"]], "learned_from": "train"}
+    save_checkpoint(shipped.files.best, {**final, "cross_fit": cross_fit, "report": report, "holdout_logits": scores})
+    return report
+
+
+def announce(labelled, students, args, source):
+    """What the selectors learn from: how many examples, and each student's mean target."""
+    print(f"selector examples: {len(labelled.examples)} ({args.views} augmented views per image) of "
+          f"{len(labelled.images)} {source}; each student's mean {args.target} target"
+          + (" (permuted labels)" if args.shuffle_labels else "") + ": "
+          + ", ".join(f"{s.path}: {share:.3f}" for s, share in zip(students, labelled.targets.mean(0).tolist())))
 
 
 def cross_fit_report(scores, logits, labels, fold):

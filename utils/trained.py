@@ -6,7 +6,7 @@ torchvision; ``utils.networks.Network`` is a ``Trained`` with its weights.
 """
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from utils.augment import TTA_VIEWS
 from utils.cli import UserError
@@ -57,8 +57,11 @@ class Trained:
 
     @property
     def label(self):
-        """``Student 1 densenet121 (KD)``, ``Teacher resnet50 [unfinished: 3/40 epochs]``, ``Selector``."""
+        """``Student 1 densenet121 (KD)``, ``Specialist 1 densenet121 (KD, mcl)``, ``Teacher resnet50 [unfinished:
+        3/40 epochs]``, ``Selector``."""
         kd = {True: " (KD)", False: " without KD"}.get(self.checkpoint.get("kd"), "")
+        if self.checkpoint.get("specialist"):
+            kd = f" ({'KD, ' if self.checkpoint.get('kd') else ''}{self.checkpoint['specialist']['method']})"
         done = "" if self.checkpoint.get("complete") else f" [unfinished: {self.progress} epochs]"
         arch = "" if self.checkpoint["kind"] == "selector" else f" {self.arch}"
         return f"{self.role}{arch}{kd}{done}"
@@ -75,24 +78,34 @@ class Trained:
 
 @dataclass
 class Networks:
-    """An experiment's networks (``Trained``, with their logits) by role."""
+    """An experiment's networks (``Trained``, with their logits) by role: the generalist students with their no-KD
+    twins, selector and control; and a method's specialists with theirs, where the experiment has them."""
 
     teacher: Trained
     students: list
     twins: list  # the students' no-KD twins that exist
     selector: Trained
     control: Trained | None  # the selector trained on shuffled labels, if it exists
+    specialists: list = field(default_factory=list)
+    spec_selector: Trained | None = None
+    spec_control: Trained | None = None
+
+    def by_id(self):
+        """``[(identifier, network)]`` in the order of ``iter``: ``teacher``, ``student1``..., ``nokd1``... (the
+        number of the student it is the twin of), ``selector``, ``control``, ``spec1``..., ``spec_selector``,
+        ``spec_control``."""
+        twins = [f"nokd{self.students.index(self.student_of(twin)) + 1}" for twin in self.twins]
+        everyone = [("teacher", self.teacher), *((f"student{k}", s) for k, s in enumerate(self.students, 1)),
+                    *zip(twins, self.twins), ("selector", self.selector), ("control", self.control),
+                    *((f"spec{k}", s) for k, s in enumerate(self.specialists, 1)),
+                    ("spec_selector", self.spec_selector), ("spec_control", self.spec_control)]
+        return [(k, net) for k, net in everyone if net is not None]
 
     def __iter__(self):
-        return iter([self.teacher, *self.students, *self.twins, self.selector, *([self.control] if self.control
-                                                                                 else [])])
+        return iter([net for _, net in self.by_id()])
 
     def ids(self):
-        """Each network's identifier, in the order of ``iter``: ``teacher``, ``student1``..., ``nokd1``... (the
-        number of the student it is the twin of), ``selector``, ``control``."""
-        twins = [f"nokd{self.students.index(self.student_of(twin)) + 1}" for twin in self.twins]
-        return ["teacher", *[f"student{k}" for k in range(1, len(self.students) + 1)], *twins, "selector",
-                *(["control"] if self.control else [])]
+        return [k for k, _ in self.by_id()]
 
     def student_of(self, twin):
         """The student a no-KD twin is the twin of: the one of the same architecture."""
@@ -100,15 +113,23 @@ class Networks:
 
     def layout(self):
         """Where each role sits in ``list(self)``: how a bundle remembers them."""
-        s, t = len(self.students), len(self.twins)
-        return {"teacher": 0, "students": list(range(1, 1 + s)), "twins": list(range(1 + s, 1 + s + t)),
-                "selector": 1 + s + t, "control": 2 + s + t if self.control else None}
+        where = {id(net): k for k, net in enumerate(self)}
+
+        def at(net):
+            return None if net is None else where[id(net)]
+        return {"teacher": 0, "students": [at(s) for s in self.students], "twins": [at(t) for t in self.twins],
+                "selector": at(self.selector), "control": at(self.control),
+                "specialists": [at(s) for s in self.specialists], "spec_selector": at(self.spec_selector),
+                "spec_control": at(self.spec_control)}
 
     @classmethod
     def from_layout(cls, networks, layout):
+        """The inverse of ``layout``; a bundle written before specialists existed has none."""
+        def at(key):
+            return None if layout.get(key) is None else networks[layout[key]]
         return cls(networks[layout["teacher"]], [networks[k] for k in layout["students"]],
-                   [networks[k] for k in layout["twins"]], networks[layout["selector"]],
-                   None if layout["control"] is None else networks[layout["control"]])
+                   [networks[k] for k in layout["twins"]], at("selector"), at("control"),
+                   [networks[k] for k in layout.get("specialists", [])], at("spec_selector"), at("spec_control"))
 
 
 def student_record(students):
