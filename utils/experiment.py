@@ -23,10 +23,12 @@ def nokd_twin(path):
 
 
 def load_networks(args, runtime, data):
-    """Every network of the experiment (``args``: teacher, students, selector and name), with its logits on the
-    hold-out and test splits."""
+    """Every network of the experiment (``args``: teacher, students, selector and name; without a teacher, that of
+    the bundle the published folder ``args.weights`` sits in), with its logits on the hold-out and test splits."""
     students = load_students(args.students, runtime, args.name)
-    teacher = Network(args.teacher, "teacher", named("python teacherTrain.py", args.name), runtime, role="Teacher")
+    teacher = Network(args.teacher, "teacher", named("python teacherTrain.py", args.name), runtime, role="Teacher") \
+        if args.teacher else bundle_teacher(args.weights)
+    check_split(teacher, students[0].split)
     student_hint = named("python StudentTrain.py --no-kd", args.name)
     twins = [Network(twin, "student", student_hint, runtime, role=f"Student {k}")
              for k, twin in enumerate(map(nokd_twin, args.students), 1) if twin]
@@ -36,18 +38,48 @@ def load_networks(args, runtime, data):
         if control_path.exists() else None
     networks = Networks(teacher, students, twins, selector, control)
     for net in networks:
-        net.load_logits(data)
+        if isinstance(net, Network):  # a bundle's teacher comes with its logits
+            net.load_logits(data)
     return networks
 
 
 def students_split(paths):
-    """The ``Split`` the students share; refused if they differ."""
-    splits = [Split.of(load_checkpoint(path, hint=STUDENT_HINT, kind="student")) for path in paths]
-    for path, split in zip(paths[1:], splits[1:]):
+    """The ``Split`` the students share; refused if they differ, or if they were trained on different data (other
+    CIFAR-10 pixels: their hold-out logits would not be of the same images)."""
+    checkpoints = [load_checkpoint(path, hint=STUDENT_HINT, kind="student") for path in paths]
+    splits = [Split.of(checkpoint) for checkpoint in checkpoints]
+    for path, split, checkpoint in zip(paths[1:], splits[1:], checkpoints[1:]):
         if split != splits[0]:
             raise UserError(f"{paths[0]} and {path} were trained on different splits ({splits[0]} and {split}); "
                             "train both students with the same --holdout, --split-seed and --limit")
+        if checkpoint["data_fingerprint"] != checkpoints[0]["data_fingerprint"]:
+            raise UserError(f"{paths[0]} and {path} were trained on different CIFAR-10 pixels (data fingerprints "
+                            f"{checkpoints[0]['data_fingerprint'][:12]} and {checkpoint['data_fingerprint'][:12]}); "
+                            "train both students on the same copy of the data")
     return splits[0]
+
+
+def check_split(network, split):
+    """Refuse a network (a teacher beside the students) trained on another split than ``split``: it would have
+    seen the students' hold-out images, or been measured on other test images."""
+    if network.split != split:
+        raise UserError(f"{network.path} was trained with {network.split}, and the students with {split}; give "
+                        "networks of one experiment (the same --holdout, --split-seed and --limit)")
+
+
+def bundle_teacher(weights):
+    """The teacher of the results bundle a published folder ``weights`` sits in (``<bundle>/weights/``), as a
+    ``Trained``: its record and its logits as that run measured them, no weights."""
+    from utils.bundle import read_bundle  # numpy: only where a bundle is read
+
+    bundle = Path(weights).parent
+    if not (bundle / "results.json").is_file():
+        raise UserError(f"{weights} holds no teacher weights and is not inside a results bundle (no "
+                        f"{bundle / 'results.json'}); give --teacher, or publish with --with-teacher")
+    results, networks = read_bundle(bundle)
+    teacher = networks[results["layout"]["teacher"]]
+    teacher.role = "Teacher"
+    return teacher
 
 
 def load_students(paths, runtime, name=""):
