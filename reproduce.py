@@ -1,9 +1,12 @@
-"""Run the whole pipeline: teacher -> students -> selector -> inference, then print each stage's wall time.
+"""Run the whole pipeline: teacher -> students -> selector -> inference -> published weights, then print each
+stage's wall time.
 
 The students (and, with --with-nokd, their no-KD twins) train together in one loop on the same
 batches. The selector is trained twice: as itself, and on shuffled labels as a control
 (selector_shuffled.pt). The results bundle (utils/bundle.py) goes to results/NAME/bundle/:
-results.md, results.json, the plots, logits.npz and metrics.jsonl.
+results.md, results.json, the plots, logits.npz and metrics.jsonl; the published weights of the
+students and the selector (publish.py) to its weights/ folder, the teacher's too with
+--with-teacher-weights (about 45 MiB: more than a GPU job can hand back beside the rest).
 
 A stage whose checkpoints are complete and up to date is skipped; an interrupted one resumes. A
 stale one (trained from another teacher, other students, other data or other flags, another
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import inference
+import publish
 import StudentTrain
 import teacherTrain
 import trainSelector
@@ -92,6 +96,9 @@ def build_parser():
     parser.add_argument("--kd-loss", default="kl", choices=KD_LOSSES, help="KD loss of the students")
     parser.add_argument("--with-nokd", action="store_true",
                         help="also train both students without KD, in the students' loop, for the KD-gain rows")
+    parser.add_argument("--with-teacher-weights", action="store_true",
+                        help="publish the teacher's weights beside the students' (over the 15 MiB of a published "
+                             "file: for your own machines)")
     parser.add_argument("--force", action="store_true",
                         help="retrain every stage, replacing what is there, even complete and current checkpoints")
     parser.add_argument("--time-budget", type=NON_NEGATIVE, default=None,
@@ -168,7 +175,7 @@ def run_pipeline(args, name, seed, fingerprint, started=None):
 
     plan, common = stages(args, name, seed)
     shares = SHARES_WITH_NOKD if args.with_nokd else SHARES
-    return run_pipeline(args, name, plan, common, shares, inference.main, fingerprint, started)
+    return run_pipeline(args, name, plan, common, shares, (inference.main, publish.main), fingerprint, started)
 
 
 def main(argv=None):
