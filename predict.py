@@ -38,6 +38,7 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parse(parser, argv)
     checkpoints = args.students or args.selector or args.name
+    args.defaults = not (checkpoints or args.weights)  # nothing named: published weights, else checkpoints/
     if args.weights and checkpoints:
         parser.error("--weights gives the students and the selector: give --weights, or --name, --students and "
                      "--selector, not both")
@@ -48,10 +49,6 @@ def parse_args(argv=None):
         return args
     args.students = args.students or default_students(args.name)
     args.selector = args.selector or default_checkpoint(args.name, "selector")
-    if not checkpoints and not all(Path(path).exists() for path in [*args.students, args.selector]):
-        raise UserError(f"no published weights in {PUBLISHED_ROOT}/*/weights/ and no trained checkpoints in "
-                        "checkpoints/; train them with `python reproduce.py` (publish.py publishes them), or give "
-                        "--weights FOLDER")
     return args
 
 
@@ -65,6 +62,10 @@ def main(argv=None):
     from utils.runtime import setup_runtime
 
     images = [read_image(path) for path in args.images]  # a bad file is found before the networks load
+    if not args.weights and args.defaults and not all(Path(p).exists() for p in [*args.students, args.selector]):
+        raise UserError(f"no published weights in {PUBLISHED_ROOT}/*/weights/ and no trained checkpoints in "
+                        "checkpoints/; train them with `python reproduce.py` (publish.py publishes them), or give "
+                        "--weights FOLDER")
     if args.weights:
         print(f"using the published weights {args.weights} ({describe_published(args.weights)})")
     runtime = setup_runtime(args, varying_shapes=True)

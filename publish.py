@@ -26,7 +26,8 @@ def build_parser():
     parser.add_argument("--students", nargs="+", default=None,
                         help="student checkpoints, in the order the selector was trained for (default: "
                              "checkpoints/[NAME/]student_densenet121.pt and student_googlenet.pt)")
-    parser.add_argument("--selector", default=None, help="selector checkpoint (default: checkpoints/[NAME/]selector.pt)")
+    parser.add_argument("--selector", default=None,
+                        help="selector checkpoint (default: checkpoints/[NAME/]selector.pt)")
     parser.add_argument("--teacher", default=None, help="teacher checkpoint, for --with-teacher (default: "
                                                         "checkpoints/[NAME/]teacher.pt)")
     parser.add_argument("--with-teacher", action="store_true",

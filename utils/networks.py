@@ -125,8 +125,9 @@ class Network(Trained):
         key["data_fingerprint"] = data.fingerprint
         self.logits = self.compute_logits(make_splits(data, self.split), batch_size)
         if self.runtime.is_main:
-            _write_cache(self.cache_paths(), {**key, **{name: logits for name, (logits, _) in self.logits.items()},
-                                              **{f"{name}_labels": labels for name, (_, labels) in self.logits.items()}})
+            arrays = {name: logits for name, (logits, _) in self.logits.items()}
+            labels = {f"{name}_labels": labels for name, (_, labels) in self.logits.items()}
+            _write_cache(self.cache_paths(), {**key, **arrays, **labels})
         return self.logits
 
     def compute_logits(self, splits, batch_size=1024):

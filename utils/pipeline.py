@@ -71,8 +71,9 @@ def stage_state(stage, fingerprint, time_boxed=False):
 def run_pipeline(args, name, plan, common, shares, finish, fingerprint, started=None):
     """Train every stage of ``plan`` that needs it, then run inference into the results bundle and publish the
     students' and the selector's weights beside it (``finish``: the ``main`` of inference.py and of publish.py,
-    given the flags ``common``; the teacher's too with ``args.with_teacher_weights``); returns the stage wall times. ``shares``: each stage's share of a time
-    box (``--minutes``) when it starts, of the time left among the stages still to run.
+    given the flags ``common``; the teacher's too with ``args.with_teacher_weights``); returns the stage wall
+    times. ``shares``: each stage's share of a time box (``--minutes``) when it starts, of the time left among the
+    stages still to run.
 
     A stage stopped early (a signal, --time-budget) ends the process with its exit code, after the wall times.
     """

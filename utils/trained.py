@@ -13,7 +13,7 @@ from utils.cli import UserError
 from utils.policies import fit_temperature
 from utils.split import Split
 
-# What a checkpoint holds besides its record: the weights, the hold-out logits it carries, the state of an unfinished run.
+# What a checkpoint holds besides its record: its weights, the hold-out logits it carries, an unfinished run's state.
 NOT_RECORDED = ("model", "optimizer", "ema", "rng", "cuda_rng", "sums", "history", "holdout_logits",
                 "holdout_labels")
 
