@@ -14,7 +14,8 @@ with --force.
 
 from pathlib import Path
 
-from utils.cli import POSITIVE_INT, UserError, add_data_args, add_device_args, experiment_name, make_parser, parse, run
+from utils.cli import POSITIVE_INT, add_data_args, add_device_args, experiment_name, make_parser, parse, run
+from utils.published import refuse_existing
 from utils.runs import RESULTS_ROOT, check_output_folder, default_checkpoint, default_students
 
 
@@ -51,9 +52,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if Path(args.out).exists() and not args.force:
-        raise UserError(f"{args.out} already holds published weights; add --force to replace them, or choose "
-                        "another --out")
+    refuse_existing(args.out, args.force)
     check_output_folder(Path(args.out).parent, "--out")
     from utils.data import load_cifar10  # after the flags: --help and a refused flag need no torch
     from utils.experiment import check_split, load_selector, load_students, named, students_split

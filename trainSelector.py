@@ -50,8 +50,9 @@ FOLDS = Number(int, 2)
 def build_parser():
     parser = make_parser(__doc__, Path(__file__).name)
     parser.add_argument("--students", nargs="+", default=None,
-                        help="student checkpoints (StudentTrain.py), two or more, in routing order "
-                             "(default: checkpoints/[NAME/]student_densenet121.pt and student_googlenet.pt)")
+                        help="student checkpoints (StudentTrain.py) or published weights (publish.py), two or "
+                             "more, in routing order (default: checkpoints/[NAME/]student_densenet121.pt and "
+                             "student_googlenet.pt)")
     parser.add_argument("--views", type=NON_NEGATIVE_INT, default=4,
                         help="augmented views of each selector-training image besides the clean one: translated "
                              "and flipped as the students' training images were (their --translate and --padding)")

@@ -262,3 +262,14 @@ def test_the_tracked_tree_stays_under_40_mib():
         pytest.skip("not a git checkout")
     paths = [REPO / name for name in listed.stdout.decode().split("\0") if name]
     assert sum(p.stat().st_size for p in paths if p.is_file()) <= 40 * 2**20
+
+
+def test_the_repository_keeps_one_set_of_published_weights_each_file_as_its_manifest_lists_it():
+    folders = sorted((REPO / "results" / "published").glob("*/weights"))
+    assert len(folders) <= 1, folders
+    for folder in folders:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        assert not manifest["measured"]["device"].startswith("CPU")  # a GPU run's
+        for entry in manifest["networks"].values():
+            data = (folder / entry["file"]).read_bytes()
+            assert len(data) <= MAX_FILE_BYTES and sha256(data) == entry["sha256"], entry["file"]

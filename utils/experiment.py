@@ -52,10 +52,11 @@ def students_split(paths):
         if split != splits[0]:
             raise UserError(f"{paths[0]} and {path} were trained on different splits ({splits[0]} and {split}); "
                             "train both students with the same --holdout, --split-seed and --limit")
-        if checkpoint["data_fingerprint"] != checkpoints[0]["data_fingerprint"]:
+        first, this = (c.get("data_fingerprint") for c in (checkpoints[0], checkpoint))
+        if this != first:
             raise UserError(f"{paths[0]} and {path} were trained on different CIFAR-10 pixels (data fingerprints "
-                            f"{checkpoints[0]['data_fingerprint'][:12]} and {checkpoint['data_fingerprint'][:12]}); "
-                            "train both students on the same copy of the data")
+                            f"{str(first)[:12]} and {str(this)[:12]}); train both students on the same copy of the "
+                            "data")
     return splits[0]
 
 
@@ -77,9 +78,7 @@ def bundle_teacher(weights):
         raise UserError(f"{weights} holds no teacher weights and is not inside a results bundle (no "
                         f"{bundle / 'results.json'}); give --teacher, or publish with --with-teacher")
     results, networks = read_bundle(bundle)
-    teacher = networks[results["layout"]["teacher"]]
-    teacher.role = "Teacher"
-    return teacher
+    return networks[results["layout"]["teacher"]]
 
 
 def load_students(paths, runtime, name=""):

@@ -20,6 +20,13 @@ PUBLISHED_ROOT = RESULTS_ROOT / "published"
 FIX = "restore the folder as it was published (`git checkout -- FOLDER`), or write it again with `python publish.py`"
 
 
+def refuse_existing(out, force):
+    """Refuse to replace the published folder ``out`` without ``force``."""
+    if Path(out).exists() and not force:
+        raise UserError(f"{out} already holds published weights; add --force to replace them, or choose another "
+                        "--out")
+
+
 def is_published_file(path):
     """Whether ``path`` names a published weights file (``.pt.gz``), whatever is beside it."""
     return str(path).endswith(SUFFIX)

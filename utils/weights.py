@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from utils.cli import UserError
-from utils.published import FIX, FORMAT, MANIFEST, is_published_file, read_manifest
+from utils.published import FIX, FORMAT, MANIFEST, is_published_file, read_manifest, refuse_existing
 from utils.trained import NOT_RECORDED
 
 PRECISION = torch.bfloat16
@@ -113,9 +113,7 @@ def write_folder(out, files, manifest, force=False):
     """Write the published folder ``out`` (``files``: ``{name: bytes}``, and ``manifest.json``) into a temporary
     folder beside it, then rename: never half-written. An existing folder is replaced only with ``force``."""
     out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already holds published weights; add --force to replace them, or choose another "
-                        "--out")
+    refuse_existing(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = (out.with_name(f".{out.name}.{os.getpid()}.{what}") for what in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
