@@ -92,7 +92,7 @@ def main(argv=None):
 
 
 def describe_published(folder):
-    """``densenet121, googlenet and the selector; trained at commit ... on ...``: what a published folder holds."""
+    """``students densenet121, googlenet and the selector, trained at commit ... on ...``: a published folder."""
     networks = read_manifest(folder)["networks"]
     archs = [e["arch"] for k, e in networks.items() if k.startswith("student")]
     trained = networks["selector"]["trained"].get("provenance", {})
