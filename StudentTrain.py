@@ -53,7 +53,8 @@ def build_parser():
                         help="students: 1 = densenet121, 2 = googlenet, or architecture names; several train "
                              "together on the same batches")
     parser.add_argument("--teacher", default=None,
-                        help="teacher checkpoint (teacherTrain.py) (default: checkpoints/[NAME/]teacher.pt)")
+                        help="teacher checkpoint (teacherTrain.py), or its published weights (publish.py "
+                             "--with-teacher) (default: checkpoints/[NAME/]teacher.pt)")
     parser.add_argument("--kd-loss", default="kl", choices=KD_LOSSES,
                         help="kl: Hinton's softened-probability loss; mse: squared error between logits")
     parser.add_argument("--temperature", type=POSITIVE, default=4.0, help="softening temperature T of the kl loss")

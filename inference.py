@@ -23,6 +23,11 @@ results.md, results.json, the plots and logits.npz.
 
 --bundle DIR does all of it again from a bundle alone (no checkpoints, no data, no GPU): the
 same tables and plots, the measured costs copied from the bundle.
+
+--weights FOLDER evaluates published weights (publish.py; docs/weights.md) instead of checkpoints: the
+students and the selector, and the teacher where it is published; else the teacher's logits are
+those of the bundle the folder sits in (not run again, so no speed is measured). Each network's
+test accuracy is printed beside the one its manifest holds, with the difference.
 """
 
 from pathlib import Path
@@ -40,6 +45,7 @@ from utils.cli import (
     run,
 )
 from utils.choices import SPECIALISATIONS
+from utils.published import published_paths, student_paths
 from utils.runs import (
     RESULTS_ROOT,
     check_output_folder,
@@ -61,9 +67,14 @@ def build_parser():
     parser.add_argument("--bundle", default=None, metavar="DIR",
                         help="analyse a results bundle (a folder with results.json and logits.npz) instead of "
                              "checkpoints: no data, no network is run; the costs are the bundle's")
+    parser.add_argument("--weights", default=None, metavar="FOLDER",
+                        help="evaluate the published weights in FOLDER (publish.py) instead of checkpoints; without "
+                             "a published teacher (or --teacher), the teacher's logits are those of the bundle "
+                             "FOLDER sits in")
     parser.add_argument("--out", default=None,
                         help="folder for results.md, results.json, the plots and logits.npz (default: results/[NAME/], "
-                             "or with --bundle results/reanalysed/<the bundle folder's name>); never the bundle read")
+                             "or with --bundle or --weights results/reanalysed/<the bundle folder's name>); never "
+                             "the bundle read")
     parser.add_argument("--force", action="store_true", help="replace the results already in --out")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=1024, help="images per forward pass")
     parser.add_argument("--timed-passes", type=NON_NEGATIVE_INT, default=3,
@@ -76,11 +87,21 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    args = parse(build_parser(), argv)
-    args.teacher = args.teacher or default_checkpoint(args.name, "teacher")
+    parser = build_parser()
+    args = parse(parser, argv)
+    if args.weights and (args.students or args.selector or args.bundle):
+        parser.error("--weights gives the students and the selector: give --weights, or --students and --selector "
+                     "(or --bundle), not both")
+    if args.weights:
+        paths = published_paths(args.weights)
+        args.students, args.selector = student_paths(paths), paths["selector"]
+        args.teacher = args.teacher or paths.get("teacher")  # None: the logits of the bundle the folder sits in
+    else:
+        args.teacher = args.teacher or default_checkpoint(args.name, "teacher")
     args.students = args.students or default_students(args.name)
     args.selector = args.selector or default_checkpoint(args.name, "selector")
-    args.out = args.out or str(RESULTS_ROOT / ("reanalysed" / Path(Path(args.bundle).resolve().name) if args.bundle
+    source = args.bundle or (Path(args.weights).resolve().parent if args.weights else None)
+    args.out = args.out or str(RESULTS_ROOT / ("reanalysed" / Path(Path(source).resolve().name) if source
                                                else args.name))
     return args
 
@@ -119,14 +140,43 @@ def main(argv=None):
         networks = load_networks(args, runtime, data)
         results, systems = analyse(networks, args.router, args.budget)
         images, labels = make_splits(data, split)["test"]
-        if args.timed_passes:
+        if args.timed_passes and args.teacher:
             results["costs"] = measure_speed(networks, systems, results, images, runtime, args.batch_size,
                                              args.timed_passes)
+    if not args.teacher:
+        results["teacher_from_bundle"] = str(Path(args.weights).parent)
+    if args.weights:
+        results["published_weights"] = against_manifest(networks, results, args.weights)
     results.update(
         describe(networks, split), test_images=len(labels), device=device_name(runtime.device),
         torch=str(torch.__version__), batch_size=args.batch_size, command=args.command,
         data=f"data fingerprint {data.fingerprint}" + (f", stratified --limit {split.limit}" if split.limit else ""))
     write(results, networks, Path(args.out))
+    if args.weights:
+        print_against_manifest(results["published_weights"])
+
+
+SYSTEM_OF = {"spec_selector": "spec:selector"}  # a network whose accuracy is that of another id's system
+
+
+def against_manifest(networks, results, folder):
+    """Each published network's test accuracy here (a selector's: that of its selector routing) and in its
+    manifest, by id, with the device that measured the manifest's."""
+    from utils.published import read_manifest
+
+    manifest = read_manifest(folder)
+    entries = {k: e for k, e in manifest["networks"].items() if k in networks.ids()}
+    return {"folder": folder, "measured": manifest["measured"]["device"],
+            "test_accuracy": {k: {"here": results["accuracy"][SYSTEM_OF.get(k, k)], "manifest": e["accuracy"]["test"]}
+                              for k, e in entries.items()}}
+
+
+def print_against_manifest(comparison):
+    print(f"\npublished weights {comparison['folder']}: test accuracy here, and in the manifest (measured on "
+          f"{comparison['measured']})")
+    for k, acc in comparison["test_accuracy"].items():
+        print(f"  {k:<14} {100 * acc['here']:.2f}%  manifest {100 * acc['manifest']:.2f}%  "
+              f"({100 * (acc['here'] - acc['manifest']):+.2f} points)")
 
 
 def analyse_bundle(args):

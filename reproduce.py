@@ -1,10 +1,14 @@
-"""Run the whole pipeline: teacher -> students -> selector -> inference, then print each stage's wall time.
+"""Run the whole pipeline: teacher -> students -> selector -> inference -> published weights, then print each
+stage's wall time.
 
 The students (and, with --with-nokd, their no-KD twins) train together in one loop on the same
 batches. The selector is trained twice: as itself, and on shuffled labels as a control
 (selector_shuffled.pt). The results bundle (utils/bundle.py) goes to a folder of its own, --out or
 results/[NAME/]run-<date>-<time>/ (never one that holds anything): results.md, results.json, the plots,
-logits.npz and metrics.jsonl.
+logits.npz and metrics.jsonl; the published weights of the students and the selector (publish.py) to
+its weights/ folder, the teacher's too with --with-teacher-weights (about 45 MiB: more than a GPU job
+can hand back beside the rest). With --with-specialists METHOD a pair of specialists trains in the
+students' loop too, with its own selector and control, and is routed and published beside them.
 
 A stage whose checkpoints are complete and up to date is skipped; an interrupted one resumes. A
 stale one (trained from another teacher, other students, other data or other flags, another
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import inference
+import publish
 import StudentTrain
 import teacherTrain
 import trainSelector
@@ -109,6 +114,9 @@ def build_parser():
     retrain.add_argument("--retrain-from", choices=STEPS, default=None,
                          help="retrain this stage and every stage after it (which depend on it), keeping the ones "
                               "before")
+    parser.add_argument("--with-teacher-weights", action="store_true",
+                        help="publish the teacher's weights beside the students' (over the 15 MiB of a published "
+                             "file: for your own machines)")
     parser.add_argument("--time-budget", type=NON_NEGATIVE, default=None,
                         help="minutes after which a training stage saves and stops; rerun the same command to go on")
     parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
@@ -214,7 +222,8 @@ def run_pipeline(args, name, seed, fingerprint, out, started=None):
 
     plan, common = stages(args, name, seed)
     evaluated = [*common, "--specialists", args.with_specialists or "none"]  # never another run's specialists
-    return run_pipeline(args, name, plan, evaluated, shares(args), inference.main, fingerprint, out, started)
+    return run_pipeline(args, name, plan, evaluated, shares(args), (inference.main, publish.main), fingerprint, out,
+                        started)
 
 
 def output_folder(args):

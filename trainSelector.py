@@ -59,9 +59,9 @@ FOLDS = Number(int, 2)
 def build_parser():
     parser = make_parser(__doc__, Path(__file__).name)
     parser.add_argument("--students", nargs="+", default=None,
-                        help="student checkpoints (StudentTrain.py), two or more, in routing order "
-                             "(default: checkpoints/[NAME/]student_densenet121.pt and student_googlenet.pt, or "
-                             "with --specialists their specialists)")
+                        help="student checkpoints (StudentTrain.py) or published weights (publish.py), two or "
+                             "more, in routing order (default: checkpoints/[NAME/]student_densenet121.pt and "
+                             "student_googlenet.pt, or with --specialists their specialists)")
     parser.add_argument("--specialists", choices=SPECIALISATIONS, default=None,
                         help="route the specialists of this method: the students' and the selector's default "
                              "checkpoints are theirs (student_<arch>_<method>.pt, selector_<method>.pt)")

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small synthetic CIFAR-10 image tree and the real archive when present."""
+"""Shared fixtures: a small synthetic CIFAR-10 image tree, the real archive when present, and one smoke pipeline."""
 
 import os
 from pathlib import Path
@@ -56,6 +56,23 @@ def no_unsaved_run_outlives_its_test():
     import utils.runs
 
     utils.runs._UNSAVED.clear()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """``reproduce.py --preset smoke`` once, in a scratch folder: the real archive, else a synthetic tree. Its
+    bundle is ``results/smoke/bundle/``, its published weights ``results/smoke/bundle/weights/``."""
+    import reproduce
+
+    root = tmp_path_factory.mktemp("smoke")
+    data = SHARED_ARCHIVE if SHARED_ARCHIVE.exists() else write_tree(root / "cifar", per_class=(25, 5))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        reproduce.main(["--preset", "smoke", "--data-dir", str(data), "--out", "results/smoke/bundle"])
+    finally:
+        os.chdir(cwd)
+    return root, data
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,11 +14,13 @@ import pytest
 import evaluate
 import inference
 import predict
+import publish
 import reproduce
 import StudentTrain
 import teacherTrain
 import trainSelector
 import utils.cli
+import utils.weights
 from tests.conftest import write_tree
 
 READS = defaultdict(set)  # script -> the attributes read of its flags
@@ -89,6 +91,11 @@ def experiment(tmp_path_factory):
         parsers["predict.py"] = recorded(patch, predict, "predict.py")
         predict.main([str(image), *data, *students, "--name", "f", "--selector", "checkpoints/f/selector.pt",
                       "--router", "cascade", "--budget", "2"])
+        parsers["publish.py"] = recorded(patch, publish, "publish.py")
+        patch.setattr(utils.weights, "MAX_FILE_BYTES", 2**30)  # a ResNet18 student is over a published file's size
+        publish.main([*data, *students, "--name", "f", "--selector", "checkpoints/f/selector.pt", "--with-teacher",
+                      "--teacher", "checkpoints/f/teacher.pt", "--out", "results/f/weights", "--batch-size", "7"])
+        publish.main([*data, *students, "--name", "f", "--out", "results/f/weights", "--force"])
         parsers["reproduce.py"] = pipeline_runs(patch, data, root)
     return parsers
 
@@ -98,7 +105,7 @@ def pipeline_runs(patch, data, root):
     import utils.pipeline
 
     parser = recorded(patch, reproduce, "reproduce.py")
-    for module in (teacherTrain, StudentTrain, trainSelector, inference):
+    for module in (teacherTrain, StudentTrain, trainSelector, inference, publish):
         patch.setattr(module, "main", lambda argv: None)
     patch.setattr(utils.pipeline, "finish_bundle", lambda *args: None)
     patch.setattr(utils.pipeline, "summarise", lambda *args: None)
@@ -110,6 +117,6 @@ def pipeline_runs(patch, data, root):
 
 
 @pytest.mark.parametrize("script", ["teacherTrain.py", "StudentTrain.py", "trainSelector.py", "inference.py",
-                                    "evaluate.py", "predict.py", "reproduce.py"])
+                                    "evaluate.py", "predict.py", "publish.py", "reproduce.py"])
 def test_every_flag_of_a_pipeline_script_is_acted_on(experiment, script):
     assert unread(experiment[script], script) == []

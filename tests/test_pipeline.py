@@ -20,27 +20,13 @@ import predict
 import reproduce
 import utils.experiment
 import utils.speed
-from tests.conftest import REPO, SHARED_ARCHIVE, write_tree
+from tests.conftest import REPO, write_tree
 from utils.analyses import cost_labels
 from utils.cli import UserError, run
 from utils.images import read_image, to_rgb
 from utils.report import write_json
 from utils.policies import CascadeRouter, SelectorRouter
 from utils.routed import run_routed
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """``reproduce.py --preset smoke`` once, in a scratch folder: the real archive, else a synthetic tree."""
-    root = tmp_path_factory.mktemp("smoke")
-    data = SHARED_ARCHIVE if SHARED_ARCHIVE.exists() else write_tree(root / "cifar", per_class=(25, 5))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        reproduce.main(["--preset", "smoke", "--data-dir", str(data), "--out", "results/smoke/bundle"])
-    finally:
-        os.chdir(cwd)
-    return root, data
 
 
 def test_smoke_pipeline_writes_every_result(smoke_run):

@@ -9,6 +9,7 @@ import bench
 import evaluate
 import inference
 import predict
+import publish
 import reproduce
 import StudentTrain
 import teacherTrain
@@ -18,7 +19,7 @@ from utils.runs import default_students
 
 SCRIPTS = {"teacherTrain.py": teacherTrain, "StudentTrain.py": StudentTrain, "trainSelector.py": trainSelector,
            "inference.py": inference, "predict.py": predict, "evaluate.py": evaluate, "reproduce.py": reproduce,
-           "bench.py": bench}
+           "bench.py": bench, "publish.py": publish}
 README = (REPO / "README.md").read_text()
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import inference
+import publish
 import reproduce
 import StudentTrain
 import teacherTrain
@@ -251,11 +252,13 @@ def test_a_student_of_a_vanished_teacher_is_stale(copy_of):
 
 
 def plan_of(monkeypatch, *plan):
-    """Make ``run_pipeline`` train these stages, and record the inference stage instead of running it."""
+    """Make ``run_pipeline`` train these stages, and record the inference stage instead of running it (and skip
+    publishing the weights)."""
     monkeypatch.setattr(reproduce, "stages", lambda args, name, seed: (list(plan), ["--name", name]))
     monkeypatch.setattr(pipeline, "finish_bundle", lambda *args: None)
     calls = []
     monkeypatch.setattr(inference, "main", calls.append)
+    monkeypatch.setattr(publish, "main", lambda argv: None)
     return calls
 
 
@@ -283,8 +286,8 @@ def test_a_stale_stage_stops_the_pipeline_and_deletes_nothing_without_force(copy
     student = load_checkpoint(STUDENT, hint="")
     assert student["weights_sha256"] != old_student and student["teacher"]["weights_sha256"] == sha(TEACHER)
     assert pipeline.stage_state(student_stage(tree), fingerprint) == ("complete", "")
-    assert set(wall) == {"teacher", "student", "inference"}
-    assert calls == [["--name", NAME, "--out", str(BUNDLE)]]
+    assert set(wall) == {"teacher", "student", "inference", "published weights"}
+    assert calls == [["--name", NAME, "--specialists", "none", "--out", str(BUNDLE)]]
 
 
 def test_a_stale_stage_is_retrained_with_the_stages_after_it_and_none_before(copy_of, monkeypatch):

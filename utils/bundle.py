@@ -13,6 +13,7 @@ pipeline's logits take a few MB.
 
 import json
 import re
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from utils.trained import Networks, Trained, check_out_of_fold, check_selector_s
 LOGITS = "logits.npz"
 METRICS = "metrics.jsonl"
 MAX_FILES, MAX_FILE_BYTES, MAX_BYTES = 8, 16 * 2**20, 64 * 2**20  # what a bundle may hold, to be kept in git
+WEIGHTS = "weights"  # the published weights beside a bundle (utils/weights.py), in this folder of it
 
 
 def write_logits(networks, path):
@@ -159,12 +161,45 @@ def networks_of_bundle(folder):
 
 
 def bundle_sizes(folder, besides=()):
-    """``[(file name, bytes)]`` of a bundle folder, and whether it is within the limits of one kept in git;
-    ``besides``: names of files kept beside the bundle, not counted."""
+    """``[(file name, bytes)]`` of a bundle folder (its published weights aside, ``handed_back`` counts them), and
+    whether it is within the limits of one kept in git; ``besides``: names of files kept beside the bundle, not
+    counted."""
     files = sorted((p.name, p.stat().st_size) for p in Path(folder).iterdir() if p.is_file() and p.name not in besides)
-    within = (len(files) <= MAX_FILES and all(size <= MAX_FILE_BYTES for _, size in files)
-              and sum(size for _, size in files) <= MAX_BYTES)
-    return files, within
+    return files, within_limits(files)
+
+
+def within_limits(files):
+    """Whether ``[(name, bytes)]`` fit ``MAX_FILES`` files, each at most ``MAX_FILE_BYTES``, ``MAX_BYTES`` in all."""
+    return (len(files) <= MAX_FILES and all(size <= MAX_FILE_BYTES for _, size in files)
+            and sum(size for _, size in files) <= MAX_BYTES)
+
+
+class _Counter:
+    """A file that only counts the bytes written to it."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def write(self, data):
+        self.bytes += len(data)
+        return len(data)
+
+    def tell(self):
+        return self.bytes
+
+
+def handed_back(folder):
+    """``([(name, bytes)], within_limits)`` of a bundle folder as a GPU job hands it back: the bundle without its
+    ``weights/`` as one tar file (``bundle.tar``, its size as ``tarfile`` writes it), and each file of ``weights/``
+    on its own."""
+    folder = Path(folder)
+    counter = _Counter()
+    with tarfile.open(fileobj=counter, mode="w") as tar:
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            tar.add(path, arcname=f"{folder.name}/{path.name}")
+    weights = sorted(p for p in (folder / WEIGHTS).glob("*") if p.is_file()) if (folder / WEIGHTS).is_dir() else []
+    files = [("bundle.tar", counter.bytes), *((f"{WEIGHTS}/{p.name}", p.stat().st_size) for p in weights)]
+    return files, within_limits(files)
 
 
 def cost_ids(costs):

@@ -9,6 +9,8 @@ import torchvision
 
 from models import build_model
 from utils.cli import UserError
+from utils.published import is_published_file
+from utils.weights import load_published
 
 FORMAT = "mskd-checkpoint/2"
 # Format 1 called "googlenet" what is now "googlenet32" (no max-pooling before the inception blocks).
@@ -57,9 +59,31 @@ def save_checkpoint(path, checkpoint):
 def load_checkpoint(path, hint, kind=None, arch=None):
     """Load a checkpoint as data (``weights_only=True``) and check what it holds.
 
-    ``hint`` is the command that produces the right file; it ends every error message.
+    ``hint`` is the command that produces the right file; it ends every error message. A published weights file
+    (``.pt.gz``, ``utils/weights.py``) gives the same dict, its weights upcast to float32 and fingerprinted.
     """
     path = Path(path)
+    checkpoint = _published(path) if is_published_file(path) else _read(path, hint)
+    if kind and checkpoint.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {checkpoint.get('kind')}, not a {kind}; run `{hint}`")
+    if arch and checkpoint.get("arch") != arch:
+        raise CheckpointError(f"{path} holds a {checkpoint.get('arch')}, not a {arch}; run `{hint}`")
+    if "model" in checkpoint and weights_fingerprint(checkpoint["model"]) != checkpoint.get("weights_sha256"):
+        raise CheckpointError(f"{path} is corrupt (its weights do not match their fingerprint); run `{hint}` again")
+    bad = next((k for k, v in checkpoint.get("model", {}).items()
+                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"{path} holds non-finite weights (NaN or Inf in {bad}): nothing it predicts could be "
+                              f"trusted; run `{hint}` again")
+    return checkpoint
+
+
+def _published(path):
+    checkpoint = load_published(path)
+    return {**checkpoint, "weights_sha256": weights_fingerprint(checkpoint["model"])}
+
+
+def _read(path, hint):
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; run `{hint}` first")
     try:
@@ -79,17 +103,6 @@ def load_checkpoint(path, hint, kind=None, arch=None):
         raise CheckpointError(f"{path} is not a checkpoint of this project; run `{hint}`")
     if checkpoint["format"] == "mskd-checkpoint/1" and "arch" in checkpoint:
         checkpoint["arch"] = RENAMED_IN_FORMAT_2.get(checkpoint["arch"], checkpoint["arch"])
-    if kind and checkpoint.get("kind") != kind:
-        raise CheckpointError(f"{path} holds a {checkpoint.get('kind')}, not a {kind}; run `{hint}`")
-    if arch and checkpoint.get("arch") != arch:
-        raise CheckpointError(f"{path} holds a {checkpoint.get('arch')}, not a {arch}; run `{hint}`")
-    if "model" in checkpoint and weights_fingerprint(checkpoint["model"]) != checkpoint.get("weights_sha256"):
-        raise CheckpointError(f"{path} is corrupt (its weights do not match their fingerprint); run `{hint}` again")
-    bad = next((k for k, v in checkpoint.get("model", {}).items()
-                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()), None)
-    if bad is not None:
-        raise CheckpointError(f"{path} holds non-finite weights (NaN or Inf in {bad}): nothing it predicts could be "
-                              f"trusted; run `{hint}` again")
     return checkpoint
 
 

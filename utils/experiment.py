@@ -1,12 +1,14 @@
 """Every network of an experiment — teacher, students, their no-KD twins, selector, its shuffled-label control —
 loaded from its checkpoint, and refused where they do not belong together."""
 
+import re
 from pathlib import Path
 
 from utils.checkpoint import load_checkpoint
 from utils.choices import SPECIALISATIONS
 from utils.cli import UserError
 from utils.networks import Network
+from utils.published import published_paths, read_manifest
 from utils.split import Split
 from utils.trained import Networks, check_out_of_fold, check_selector_students
 
@@ -24,10 +26,13 @@ def nokd_twin(path):
 
 
 def load_networks(args, runtime, data):
-    """Every network of the experiment (``args``: teacher, students, selector, specialists and name), with its logits
-    on the hold-out and test splits."""
+    """Every network of the experiment (``args``: teacher, students, selector, specialists and name; without a
+    teacher, that of the bundle the published folder ``args.weights`` sits in), with its logits on the hold-out and
+    test splits."""
     students = load_students(args.students, runtime, args.name)
-    teacher = Network(args.teacher, "teacher", named("python teacherTrain.py", args.name), runtime, role="Teacher")
+    teacher = Network(args.teacher, "teacher", named("python teacherTrain.py", args.name), runtime, role="Teacher") \
+        if args.teacher else bundle_teacher(args.weights)
+    check_split(teacher, students[0].split)
     student_hint = named("python StudentTrain.py --no-kd", args.name)
     twins = [Network(twin, "student", student_hint, runtime, role=f"Student {k}")
              for k, twin in enumerate(map(nokd_twin, args.students), 1) if twin]
@@ -42,7 +47,8 @@ def load_networks(args, runtime, data):
         networks.spec_selector, networks.spec_control = load_selectors(
             paths["selector"], networks.specialists, runtime, args.name, f"Specialists' selector ({method})")
     for net in networks:
-        net.load_logits(data)
+        if isinstance(net, Network):  # a bundle's teacher comes with its logits
+            net.load_logits(data)
     return networks
 
 
@@ -56,7 +62,12 @@ def load_selectors(path, students, runtime, name, role="Selector"):
 
 
 def specialist_paths(args, method):
-    """Where a method's specialists and their selector sit: beside the students and the selector."""
+    """Where a method's specialists and their selector sit: beside the students and the selector, or in the
+    published folder ``args.weights`` (``spec1``..., ``spec_selector``: one method's, whichever it is)."""
+    if getattr(args, "weights", None):
+        paths = published_paths(args.weights)
+        return {"students": [p for k, p in paths.items() if re.fullmatch(r"spec\d+", k)],
+                "selector": paths.get("spec_selector")}
     return {"students": [Path(path).with_name(f"{Path(path).stem}_{method}.pt") for path in args.students],
             "selector": Path(args.selector).with_name(f"{Path(args.selector).stem}_{method}.pt")}
 
@@ -66,13 +77,17 @@ def specialist_method(args):
     ``auto`` the one whose specialists and selector exist (None where none does)."""
     if args.specialists == "none":
         return None
-    methods = SPECIALISATIONS if args.specialists == "auto" else (args.specialists,)
-    found = [m for m in methods if all(p.exists() for p in [*specialist_paths(args, m)["students"],
-                                                           specialist_paths(args, m)["selector"]])]
-    if args.specialists != "auto" and not found:
-        paths = specialist_paths(args, args.specialists)
-        missing = ", ".join(str(p) for p in [*paths["students"], paths["selector"]] if not p.exists())
-        raise UserError(f"--specialists {args.specialists}: no {missing}; train them with "
+    if getattr(args, "weights", None):
+        found = [entry["specialist"]["method"] for k, entry in read_manifest(args.weights)["networks"].items()
+                 if k == "spec1" and entry.get("specialist")]
+    else:
+        methods = SPECIALISATIONS if args.specialists == "auto" else (args.specialists,)
+        found = [m for m in methods if all(Path(p).exists() for p in [*specialist_paths(args, m)["students"],
+                                                                     specialist_paths(args, m)["selector"]])]
+    if args.specialists not in ("auto", *found):
+        where = args.weights or ", ".join(str(p) for p in [*specialist_paths(args, args.specialists)["students"],
+                                                           specialist_paths(args, args.specialists)["selector"]])
+        raise UserError(f"--specialists {args.specialists}: no such specialists in {where}; train them with "
                         f"`{named(f'python StudentTrain.py --with-specialists {args.specialists}', args.name)}` and "
                         f"`{named(f'python trainSelector.py --specialists {args.specialists}', args.name)}`")
     if len(found) > 1:
@@ -81,13 +96,41 @@ def specialist_method(args):
 
 
 def students_split(paths):
-    """The ``Split`` the students share; refused if they differ."""
-    splits = [Split.of(load_checkpoint(path, hint=STUDENT_HINT, kind="student")) for path in paths]
-    for path, split in zip(paths[1:], splits[1:]):
+    """The ``Split`` the students share; refused if they differ, or if they were trained on different data (other
+    CIFAR-10 pixels: their hold-out logits would not be of the same images)."""
+    checkpoints = [load_checkpoint(path, hint=STUDENT_HINT, kind="student") for path in paths]
+    splits = [Split.of(checkpoint) for checkpoint in checkpoints]
+    for path, split, checkpoint in zip(paths[1:], splits[1:], checkpoints[1:]):
         if split != splits[0]:
             raise UserError(f"{paths[0]} and {path} were trained on different splits ({splits[0]} and {split}); "
                             "train both students with the same --holdout, --split-seed and --limit")
+        first, this = (c.get("data_fingerprint") for c in (checkpoints[0], checkpoint))
+        if this != first:
+            raise UserError(f"{paths[0]} and {path} were trained on different CIFAR-10 pixels (data fingerprints "
+                            f"{str(first)[:12]} and {str(this)[:12]}); train both students on the same copy of the "
+                            "data")
     return splits[0]
+
+
+def check_split(network, split):
+    """Refuse a network (a teacher beside the students) trained on another split than ``split``: it would have
+    seen the students' hold-out images, or been measured on other test images."""
+    if network.split != split:
+        raise UserError(f"{network.path} was trained with {network.split}, and the students with {split}; give "
+                        "networks of one experiment (the same --holdout, --split-seed and --limit)")
+
+
+def bundle_teacher(weights):
+    """The teacher of the results bundle a published folder ``weights`` sits in (``<bundle>/weights/``), as a
+    ``Trained``: its record and its logits as that run measured them, no weights."""
+    from utils.bundle import read_bundle  # numpy: only where a bundle is read
+
+    bundle = Path(weights).parent
+    if not (bundle / "results.json").is_file():
+        raise UserError(f"{weights} holds no teacher weights and is not inside a results bundle (no "
+                        f"{bundle / 'results.json'}); give --teacher, or publish with --with-teacher")
+    results, networks = read_bundle(bundle)
+    return networks[results["layout"]["teacher"]]
 
 
 def load_students(paths, runtime, name=""):

@@ -12,7 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
-from utils.bundle import METRICS, bundle_sizes
+from utils.bundle import METRICS, WEIGHTS, handed_back
 from utils.checkpoint import load_checkpoint
 from utils.cli import UserError
 from utils.report import write_json, write_results
@@ -80,10 +80,12 @@ def stage_state(stage, fingerprint, time_boxed=False):
     return ("missing" if len(kinds) > 1 else kinds.pop()), ""
 
 
-def run_pipeline(args, name, plan, common, shares, inference_main, fingerprint, out, started=None):
-    """Train every stage of ``plan`` that needs it, then run inference (``inference_main``, with the flags
-    ``common``) into the results bundle ``out``; returns the stage wall times. ``shares``: each stage's share of a time
-    box (``--minutes``) when it starts, of the time left among the stages still to run.
+def run_pipeline(args, name, plan, common, shares, finish, fingerprint, out, started=None):
+    """Train every stage of ``plan`` that needs it, then run inference into the results bundle ``out`` and publish
+    the students' and the selector's weights beside it (``finish``: the ``main`` of inference.py and of publish.py,
+    given the flags ``common``; the teacher's too with ``args.with_teacher_weights``); returns the stage wall
+    times. ``shares``: each stage's share of a time box (``--minutes``) when it starts, of the time left among the
+    stages still to run.
 
     A stage stopped early (a signal, --time-budget) ends the process with its exit code, after the wall times.
     """
@@ -123,9 +125,14 @@ def run_pipeline(args, name, plan, common, shares, inference_main, fingerprint, 
                      minutes / args.minutes, "python reproduce.py")
         to_run.remove(stage.title)
         wall[stage.title] = run_stage(stage, state, flags, continue_pipeline_command(args.command), wall, share)
+    inference_main, publish_main = finish
     start = time.time()
     inference_main([*common, "--out", str(out)])
     wall["inference"] = time.time() - start
+    start = time.time()
+    publish_main([*common, "--out", str(out / WEIGHTS), "--force",
+                  *(["--with-teacher"] if args.with_teacher_weights else [])])
+    wall["published weights"] = time.time() - start
     finish_bundle(out, plan, wall, args, time.time() - started)
     print_wall(wall)
     return wall
@@ -162,10 +169,10 @@ def finish_bundle(out, plan, wall, args, total_seconds):
     results["pipeline"] = {"command": args.command, "minutes": args.minutes, "stages": wall,
                            "total_seconds": total_seconds}
     write_results(results, out)
-    files, within = bundle_sizes(out)
+    files, within = handed_back(out)
     if not within:
-        print(f"warning: the bundle {out} is larger than a bundle kept in git may be: "
-              + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in files))
+        print(f"warning: the bundle {out} and its weights are more than a GPU job can hand back (8 files, each at "
+              "most 16 MiB, 64 MiB in all): " + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in files))
     print(f"the results bundle of this run: {out}/")
 
 

@@ -103,8 +103,9 @@ def _more_than_teacher(cost, teacher):
 def cost_lines(r):
     """The cost table, each system against the teacher, and the verdict against the teacher."""
     if "teacher" not in r.get("costs", {}):
-        return ["Not measured in this run (`inference.py --timed-passes 0`): GFLOPs per image are in the tables "
-                "above."]
+        why = "the teacher has no weights here, only its logits from the bundle" if r.get("teacher_from_bundle") \
+            else "`inference.py --timed-passes 0`"
+        return [f"Not measured in this run ({why}): GFLOPs per image are in the tables above."]
     teacher = r["costs"]["teacher"]
     cpu = r["device"].startswith("CPU")
     names = cost_labels(r["costs"], len(r["labels"]["students"]), r["costs"].get("routed", {}).get("router"))
@@ -303,6 +304,9 @@ def notes_lines(r):
                  "trained from scratch on 32x32 CIFAR-10 unless its checkpoint says otherwise.")
     if r["unfinished"]:
         notes.append("**Unfinished checkpoints** (marked in the rows): " + ", ".join(f"`{p}`" for p in r["unfinished"]))
+    if r.get("teacher_from_bundle"):
+        notes.append(f"**The teacher's figures are the logits of the bundle `{r['teacher_from_bundle']}`** (its "
+                     "weights are not published): it was not run again here.")
     if r.get("reanalysis"):
         notes.append(f"Tables and plots {r['reanalysis']}; costs and images/s are the bundle's own measurements.")
     return ["# Results", "",

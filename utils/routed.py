@@ -86,11 +86,19 @@ def budget_refusal(name, budget, error):
 
 @torch.no_grad()
 def run_routed(router, networks, selector, x, num_classes):
-    """A fitted router's system on the batch ``x``, running each network only where the router needs it.
+    """A fitted router's system on the batch ``x``, running each network only where the router needs it
+    (``routed_outputs``). Returns the router's ``Routing``."""
+    return router.route(routed_outputs(router, networks, selector, x, num_classes)[0])
+
+
+@torch.no_grad()
+def routed_outputs(router, networks, selector, x, num_classes):
+    """``(StudentOutputs, ran (N, S) bool)``: the logits of the networks a fitted router runs on the batch ``x``
+    (zero where they did not run) and the selector's scores, each network run only where the router needs it.
 
     The selector runs first, on every image, if the router reads it; then, round after round, the
     networks ``router.needs`` given what has run (a cascade: its next network, on the images still
-    unsure). Returns the router's ``Routing``.
+    unsure).
     """
     n = len(x)
     logits = torch.zeros(n, len(networks), num_classes, device=x.device)
@@ -99,7 +107,7 @@ def run_routed(router, networks, selector, x, num_classes):
     while True:
         wanted = router.needs(StudentOutputs(logits, scores), known) & ~known
         if not wanted.any():
-            return router.route(StudentOutputs(logits, scores))
+            return StudentOutputs(logits, scores), known
         for k in wanted.any(0).nonzero().flatten().tolist():
             idx = wanted[:, k].nonzero().flatten()
             logits[idx, k] = networks[k](x[idx]).float()

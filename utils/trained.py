@@ -13,8 +13,9 @@ from utils.cli import UserError
 from utils.policies import fit_temperature
 from utils.split import Split
 
-# What a checkpoint holds besides its record: the weights and the state of an unfinished run.
-NOT_RECORDED = ("model", "optimizer", "ema", "rng", "cuda_rng", "sums", "history", "holdout_logits")
+# What a checkpoint holds besides its record: its weights, the hold-out logits it carries, an unfinished run's state.
+NOT_RECORDED = ("model", "optimizer", "ema", "rng", "cuda_rng", "sums", "history", "holdout_logits",
+                "holdout_labels")
 
 
 class Trained:
