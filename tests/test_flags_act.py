@@ -73,6 +73,9 @@ def experiment(tmp_path_factory):
         parsers["StudentTrain.py"] = recorded(patch, StudentTrain, "StudentTrain.py")
         StudentTrain.main([*data, *split, *train, *augment, "--model", "googlenet", "resnet18", "--with-nokd",
                            "--kd-loss", "kl", "--temperature", "2", "--alpha", "0.5"])
+        specialists = [*data, *split, *train, "--model", "googlenet", "resnet18", "--epochs", "1"]
+        StudentTrain.main([*specialists, "--specialise", "mcl", "--spec-beta", "0.3", "--spec-warmup", "0.5"])
+        StudentTrain.main([*specialists, "--specialise", "groups", "--spec-weight", "2"])
         students = ["--students", "checkpoints/f/student_googlenet.pt", "checkpoints/f/student_resnet18.pt"]
         selector = [*data, *students, *train, "--views", "1", "--folds", "2", "--val-fraction", "0.3"]
         parsers["trainSelector.py"] = recorded(patch, trainSelector, "trainSelector.py")

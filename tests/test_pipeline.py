@@ -75,7 +75,7 @@ def test_oracle_bounds_every_one_student_system(smoke_run):
     routed = results["routed"]
     assert routed["share"][routed["order"][0]] == pytest.approx(1.0)  # a cascade always runs its first student
     assert sum(map(sum, results["confusion_routed"])) == results["test_images"]
-    assert set(results["budgets"]) == {"cascade", "deferral", "selector", "to_teacher"}
+    assert set(results["budgets"]) == {"cascade", "deferral", "selector", "to_teacher", "cheapest_to_teacher"}
     assert results["comparisons"] and all(c["low"] <= c["difference"] <= c["high"]
                                           for c in results["comparisons"].values())
 

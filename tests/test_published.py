@@ -30,9 +30,8 @@ def test_a_published_bundle_gives_its_own_tables_again_from_its_logits(bundle, t
     inference.main(["--bundle", str(bundle), "--out", str(tmp_path)])
     classifiers = [n for n in results["networks"] if n["checkpoint"]["kind"] != "selector"]
     assert len(fitted) == len(classifiers)
-    published = (bundle / "results.md").read_text().splitlines()
-    again = [line for line in (tmp_path / "results.md").read_text().splitlines()
-             if "re-analysed from the bundle" not in line]
+    published, again = ([line for line in (folder / "results.md").read_text().splitlines()
+                         if "re-analysed from the bundle" not in line] for folder in (bundle, tmp_path))
     assert again == published
 
 

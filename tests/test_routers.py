@@ -83,11 +83,12 @@ def test_only_a_fitted_cascade_threshold_beats_both_students(easy_hard):
     cascade = CascadeRouter(FLOPS).fit(*holdout).route(test)
     assert cascade.accuracy(labels) > max(students) + 0.1
     assert cascade.accuracy(labels) > ensemble.accuracy(labels) + 0.03
-    assert cascade.share[1].item() == pytest.approx(0.3, abs=0.05)  # student 2 on about the hard images
+    assert cascade.share[1].item() == pytest.approx(0.3, abs=0.07)  # student 2 on about the hard images
+    assert CascadeRouter(FLOPS).fit(*holdout).rule_ == "last"  # where student 1 is unsure, student 2 alone is right
     assert cascade.gflops < ensemble.gflops
     curve = CascadeRouter(FLOPS).fit(*holdout).curve(test, labels)
     assert curve.accuracy[0].item() == pytest.approx(students[0])  # never escalate: student 1
-    assert curve.accuracy[-1].item() == pytest.approx(ensemble.accuracy(labels))  # always: the ensemble
+    assert curve.accuracy[-1].item() == pytest.approx(single(1, (test, labels)).accuracy(labels))  # always: student 2
 
 
 @pytest.mark.parametrize("measure", ["maxprob", "margin", "entropy"])

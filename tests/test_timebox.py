@@ -83,6 +83,20 @@ def test_students_trained_together_are_the_students_trained_alone(tree, teacher,
             {k: v for k, v in by_itself.items() if k not in ("command", "name", "checkpoint")}
 
 
+def test_specialists_trained_beside_the_students_are_the_specialists_trained_alone(tree, teacher):
+    """mcl specialists, coupled through their assignment, beside the generalists in one loop: each ends with the very
+    weights of the pair trained alone, and its log gives its share of the images assigned to it."""
+    common = ["--data-dir", str(tree), *SPLIT, "--teacher", str(teacher), "--batch-size", "5", "--epochs", "2",
+              "--seed", "3", "--model", "densenet121", "googlenet"]
+    StudentTrain.main([*common, "--with-specialists", "mcl", "--name", "beside"])
+    StudentTrain.main([*common, "--specialise", "mcl", "--name", "pair"])
+    for stem in ("student_densenet121_mcl", "student_googlenet_mcl"):
+        assert_same_weights(f"checkpoints/beside/{stem}.pt", f"checkpoints/pair/{stem}.pt")
+    shares = [[json.loads(line)["train_assigned"] for line in open(f"checkpoints/pair/{stem}.metrics.jsonl")]
+              for stem in ("student_densenet121_mcl", "student_googlenet_mcl")]
+    assert [a + b for a, b in zip(*shares)] == pytest.approx([1.0, 1.0])
+
+
 @pytest.fixture(autouse=True)
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

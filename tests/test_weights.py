@@ -234,7 +234,7 @@ def test_trainselector_and_studenttrain_take_published_networks_and_refuse_ones_
     args = Namespace(teacher=str(teacher / "teacher-selector.pt.gz"), name="", compile=False,
                                             **SPLIT)
     with pytest.raises(UserError, match="was trained with --holdout 5000 --split-seed 1"):
-        load_teacher(args, utils.data.Cifar10(None, None, None, None, "f" * 64), CPU)
+        load_teacher(args, CPU)
 
 
 def test_inference_refuses_a_local_teacher_of_another_split_beside_published_students(smoke_run, published,

@@ -354,7 +354,7 @@ def reach_teacher(e, correct):
     """Per routing policy, two thresholds chosen on the hold-out split, and what each gives on the test split against
     the teacher: the cheapest that reaches the teacher's hold-out accuracy (``systems``), and the cheapest within
     the half-width of its 95% interval there (``within``); None where no threshold does. ``smallest_within``: the
-    fewest GFLOPs per image of a ``within`` system whose paired test interval with the teacher reaches 0."""
+    fewest GFLOPs per image of any of them whose paired test interval with the teacher reaches 0."""
     correct_teacher = e.teacher.logits["holdout"][0].argmax(1) == e.teacher.logits["holdout"][1]
     half_width = 1.96 * (e.teacher_holdout * (1 - e.teacher_holdout) / max(len(correct_teacher), 1)) ** 0.5
     policies = [p for p in e.policies if p != "selector" and not p.endswith(":selector")] + \
@@ -370,7 +370,8 @@ def reach_teacher(e, correct):
             reach[key][policy] = {"accuracy": routing.accuracy(e.labels), "gflops": routing.gflops,
                                   "teacher_share": routing.gflops / e.teacher.gflops,
                                   "vs_teacher": compare(routing.correct(e.labels), correct["teacher"])}
-    within = [(c["gflops"], policy) for policy, c in reach["within"].items() if c and c["vs_teacher"]["high"] >= 0]
+    within = [(c["gflops"], policy) for key in reach for policy, c in reach[key].items()
+              if c and c["vs_teacher"]["high"] >= 0]
     smallest = min(within, default=None)
     return {"teacher_holdout_accuracy": e.teacher_holdout, "half_width": half_width, **reach,
             "smallest_within": smallest and {"policy": smallest[1], "gflops": smallest[0],

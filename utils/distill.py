@@ -127,16 +127,22 @@ def specialists(loss, kd, beta):
 def class_groups(logits, labels, count):
     """The classes split into ``count`` groups of (nearly) equal size, the most-confused together: starting from one
     group per class, the two groups the classifier of ``logits`` confuses most with each other (average linkage,
-    both ways) are merged while their merger stays within the size a group may have."""
+    both ways) are merged, while the merger leaves room for groups of equal sizes (``classes % count`` of them one
+    larger than the others); where no merger does, the largest size a group may have grows by one."""
     classes = logits.shape[1]
     confusion = torch.bincount(labels * classes + logits.argmax(1), minlength=classes ** 2).view(classes, classes)
     confusion = (confusion + confusion.T).double().fill_diagonal_(0)
     groups, size = [[c] for c in range(classes)], math.ceil(classes / count)
+    larger = classes % count or count  # how many groups may have ``size`` classes
+
+    def allowed(a, b):
+        merged = len(groups[a]) + len(groups[b])
+        return merged < size or merged == size and sum(len(g) >= size for g in groups) < larger or \
+            merged <= size and larger == 0
     while len(groups) > count:
-        pairs = [(a, b) for a in range(len(groups)) for b in range(a + 1, len(groups))
-                 if len(groups[a]) + len(groups[b]) <= size]
+        pairs = [(a, b) for a in range(len(groups)) for b in range(a + 1, len(groups)) if allowed(a, b)]
         if not pairs:
-            size += 1
+            size, larger = size + 1, 0  # no exact split: a larger group, as few as the mergers need
             continue
         a, b = max(pairs, key=lambda p: confusion[groups[p[0]]][:, groups[p[1]]].mean().item())
         groups[a] = sorted(groups[a] + groups.pop(b))

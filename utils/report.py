@@ -154,11 +154,11 @@ def reach_lines(r):
             lines.append(f"| {name} | {target} | {_pct(c['accuracy'])} | {_points(c['vs_teacher'])} "
                          f"| {c['gflops']:.3f} | {c['teacher_share']:.2f}{more} |")
     smallest = reach.get("smallest_within")
-    lines += ["", f"The fewest GFLOPs per image at which a routed system comes within its interval of the teacher's "
-              f"accuracy on the test split: {smallest['gflops']:.3f} ({smallest['teacher_share']:.2f}x the "
-              f"teacher's), {r['labels']['policies'][smallest['policy']]}." if smallest else
-              "No routed system chosen this way comes within its interval of the teacher's accuracy on the test "
-              "split.", ""]
+    lines += ["", f"The fewest GFLOPs per image of these systems whose paired interval with the teacher on the test "
+              f"split reaches 0 (within its interval of the teacher's accuracy): {smallest['gflops']:.3f} "
+              f"({smallest['teacher_share']:.2f}x the teacher's), {r['labels']['policies'][smallest['policy']]}."
+              if smallest else "None of these systems comes within its interval of the teacher's accuracy on the "
+                               "test split.", ""]
     return lines
 
 

@@ -148,16 +148,21 @@ class Labelled:
 def label(students, images, labels, args, runtime, teacher=None):
     """The ``Labelled`` examples of ``images`` (the hold-out split's, or the training split's with --learn-from
     train): the students (and for mcl specialists the ``teacher``) run once on every example, for all the selectors
-    of the stage; the targets are ``args.target``'s."""
-    target_labels = shuffled_labels(labels, args.seed) if args.shuffle_labels else labels
+    of the stage; the targets are ``args.target``'s. The control (--shuffle-labels) learns targets of permuted
+    labels, or an assignment permuted across the images: every image-target link broken."""
+    target_labels = shuffled_labels(labels, args.seed) if args.shuffle_labels and args.target != "assignment" \
+        else labels
     examples, example_labels = selector_examples(images, target_labels, args.views, args.seed,
                                                  *students_augmentation(students))
     with stoppable("labelling the selector's examples (nothing of it is saved)",
                    continue_command(args.command, saved=False)):
         logits = student_logits(students, examples, runtime)
         teacher_logits = batched_logits(teacher, examples, runtime).cpu() if teacher is not None else None
-    assignment = specialist_assignment(students, logits, example_labels, teacher_logits) \
-        if args.target == "assignment" else None
+    assignment = None
+    if args.target == "assignment":
+        assignment = specialist_assignment(students, logits, example_labels, teacher_logits)
+        if args.shuffle_labels:  # the same permutation of the images for each of their views
+            assignment = shuffled_labels(assignment.view(args.views + 1, -1).T, args.seed).T.flatten()
     return Labelled(images, labels, logits[:len(images)], examples, torch.arange(len(images)).repeat(args.views + 1),
                     selector_targets(logits, example_labels, args.target, assignment),
                     students_disagree(logits, example_labels))
