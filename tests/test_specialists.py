@@ -114,7 +114,8 @@ def trained(role, kind, arch, gflops, logits, **record):
 def synthetic_networks(seed=0, planted=True, test_seed=None):
     """Teacher, two generalists (each right on 85% of the images, independently; their selector's scores noise) and,
     where ``planted``, two specialists (of GoogLeNet's cost) each right on 97% of its half of the classes and 60% of
-    the other, with a selector that knows the halves. ``test_seed``: other test logits, the hold-out split's the same."""
+    the other, with a selector that knows the halves. ``test_seed``: other test logits, the hold-out split's the
+    same."""
     splits = {}
     for split, split_seed in (("holdout", seed), ("test", seed + 1 if test_seed is None else test_seed)):
         g = torch.Generator().manual_seed(split_seed)
