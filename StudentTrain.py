@@ -154,16 +154,16 @@ def main(argv=None):
     runtime = setup_runtime(loop)
     teacher = load_teacher(loop, runtime) if not all(flags.no_kd for flags in args.members) else None
     files = [prepare_run(flags, runtime.is_main) for flags in args.members]
+    models = []
+    for flags in args.members:  # each starts as in a run of its own; ImageNet weights may be missing
+        torch.manual_seed(flags.seed)
+        models.append(build_model(flags.arch, len(CLASSES), **flags.model_args))
     check_source(loop.data_dir, loop.download)
     if runtime.is_main:
         print_config(loop, "StudentTrain.py")
         for other in args.members[1:]:
             print(f"  and {other.checkpoint}: " + ", ".join(f"{k} {v}" for k, v in vars(other).items()
                                                             if v != getattr(loop, k, None)))
-    models = []
-    for flags in args.members:  # each starts as in a run of its own; before decoding: ImageNet weights may be missing
-        torch.manual_seed(flags.seed)
-        models.append(build_model(flags.arch, len(CLASSES), **flags.model_args))
     data = load_cifar10(loop.data_dir, loop.download, verbose=runtime.is_main, allow_partial=loop.partial_data)
     split = Split.from_args(loop)
     if teacher is not None:

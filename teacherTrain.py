@@ -48,10 +48,10 @@ def main(argv=None):
 
     runtime = setup_runtime(args)
     files = prepare_run(args, runtime.is_main)
+    model = build_model(args.arch, len(CLASSES), **args.model_args)  # ImageNet weights may be missing
     check_source(args.data_dir, args.download)
     if runtime.is_main:
         print_config(args, "teacherTrain.py")
-    model = build_model(args.arch, len(CLASSES), **args.model_args)  # before decoding: ImageNet weights may be missing
     data = load_cifar10(args.data_dir, args.download, verbose=runtime.is_main, allow_partial=args.partial_data)
     split = Split.from_args(args)
     meta = {"kind": "teacher", "arch": args.arch, "num_classes": len(CLASSES), "model_args": args.model_args,

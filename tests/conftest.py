@@ -27,6 +27,25 @@ def write_tree(root, per_class=(4, 2), fmt="png", classes=CLASSES):
     return root
 
 
+def visible_lines(text):
+    """The lines a terminal shows: a progress bar rewritten in place with ``\\r`` leaves only what follows."""
+    return [line.rsplit("\r", 1)[-1] for line in text.split("\n") if line.rsplit("\r", 1)[-1].strip()]
+
+
+def one_error_line(call, capsys):
+    """Run ``call`` as the scripts do (``utils.cli.run``): its exit code 2 and its single ``error:`` line, with no
+    traceback (a subprocess check of the same exit path: ``tests/test_data.py``)."""
+    from utils.cli import run
+
+    with pytest.raises(SystemExit) as e:
+        run(call)
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and "Traceback" not in captured.err, captured.err
+    lines = visible_lines(captured.err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_cache(tmp_path_factory):
     """One decode cache for the whole run (subprocesses inherit it), never the user's own; the same for the
@@ -58,20 +77,24 @@ def no_unsaved_run_outlives_its_test():
     utils.runs._UNSAVED.clear()
 
 
+SMOKE_FLAGS = ["--preset", "smoke", "--minutes", "3", "--with-specialists", "mcl", "--partial-data"]
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
-    """``reproduce.py --preset smoke`` once, in a scratch folder: the real archive, else a synthetic tree. Its
-    bundle is ``results/smoke/bundle/``, its published weights ``results/smoke/bundle/weights/``."""
+    """``reproduce.py --preset smoke --minutes 3 --with-specialists mcl`` once for the whole session, in a scratch
+    folder, on a synthetic tree (25 training and 5 test images a class), each stage held to one epoch whatever its
+    box allows: every stage, the time box's plumbing and the specialists end to end. Its bundle is
+    ``results/smoke/bundle/``, its published weights ``results/smoke/bundle/weights/``; ``(root, data)``."""
     import reproduce
+    import utils.timebox
 
     root = tmp_path_factory.mktemp("smoke")
-    data = SHARED_ARCHIVE if SHARED_ARCHIVE.exists() else write_tree(root / "cifar", per_class=(25, 5))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        reproduce.main(["--preset", "smoke", "--data-dir", str(data), "--out", "results/smoke/bundle"])
-    finally:
-        os.chdir(cwd)
+    data = write_tree(root / "cifar", per_class=(25, 5))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setattr(utils.timebox, "choose_epochs", lambda *args, **kwargs: 1)
+        reproduce.main([*SMOKE_FLAGS, "--data-dir", str(data), "--out", "results/smoke/bundle"])
     return root, data
 
 
@@ -86,3 +109,13 @@ def one_thread():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); run with `pytest -m cuda`")
+    config.addinivalue_line("markers", "slow: an end-to-end check of minutes, left out unless asked for with "
+                            "`pytest -m slow`")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items):
+    """Every test of the session's smoke pipeline is slow: the pipeline alone takes a minute and a half."""
+    for item in items:
+        if "smoke_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

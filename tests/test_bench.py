@@ -24,6 +24,7 @@ INFERENCE_ROWS = {"teacher": "teacher resnet50", "densenet121": "student densene
 NUMBER = r"(\d+\.\d+)"
 
 
+@pytest.mark.slow
 def test_tiny_cpu_run_prints_and_writes_every_figure_and_acts_on_every_flag(tmp_path, capsys, monkeypatch):
     tree = write_tree(tmp_path / "cifar", per_class=(2, 2))
     out = tmp_path / "bench.json"

@@ -28,8 +28,8 @@ import teacherTrain
 import utils.data
 import utils.runs
 import utils.timebox
-from tests.conftest import REPO, write_tree
-from tests.test_reliability import flags, one_error_line, tiny_flags
+from tests.conftest import REPO, one_error_line, write_tree
+from tests.test_reliability import flags, tiny_flags
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cli import UserError, run
 from utils.data import load_cifar10
@@ -77,12 +77,13 @@ def test_a_reanalysis_never_writes_into_the_bundle_it_reads(tmp_path, capsys):
     shutil.copytree(PUBLISHED, bundle)
     before = snapshot(bundle)
     for out in (bundle, bundle / "again"):
-        line = one_error_line(capsys, lambda out=out: inference.main(["--bundle", str(bundle), "--out", str(out),
-                                                                      "--force"]))
+        line = one_error_line(lambda out=out: inference.main(["--bundle", str(bundle), "--out", str(out),
+                                                                      "--force"]), capsys)
         assert "is the bundle being re-analysed, and a re-analysis never writes into the bundle it reads" in line
     assert snapshot(bundle) == before
 
 
+@pytest.mark.slow
 def test_a_reanalysis_writes_a_folder_of_its_own_and_replaces_results_only_with_force(tmp_path, capsys,
                                                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -90,7 +91,7 @@ def test_a_reanalysis_writes_a_folder_of_its_own_and_replaces_results_only_with_
     out = tmp_path / "results" / "reanalysed" / PUBLISHED.name
     assert (out / "results.md").exists() and not (tmp_path / "results" / "bundle").exists()
     capsys.readouterr()
-    line = one_error_line(capsys, lambda: inference.main(["--bundle", str(PUBLISHED)]))
+    line = one_error_line(lambda: inference.main(["--bundle", str(PUBLISHED)]), capsys)
     assert line == f"error: {out.relative_to(tmp_path)} already holds results; add --force to replace them, or " \
                    "choose another --out"
     inference.main(["--bundle", str(PUBLISHED), "--force"])
@@ -105,7 +106,7 @@ def test_every_pipeline_run_has_a_bundle_folder_of_its_own(tmp_path, monkeypatch
     assert first != second and first.parent == second.parent == Path("results") / "smoke"
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "results.md").write_text("another run's\n")
-    line = one_error_line(capsys, lambda: reproduce.main(["--preset", "smoke", "--out", "taken"]))
+    line = one_error_line(lambda: reproduce.main(["--preset", "smoke", "--out", "taken"]), capsys)
     assert line == "error: --out taken already holds something; a bundle is written into a new folder: choose " \
                    "another --out"
 
@@ -122,7 +123,7 @@ def test_results_are_written_all_or_none(tmp_path, monkeypatch, capsys, before):
 
     monkeypatch.setattr(np, "savez_compressed", full_disk)  # the last file of the bundle to be written
     capsys.readouterr()
-    line = one_error_line(capsys, lambda: inference.main(["--bundle", str(PUBLISHED), "--out", str(out), "--force"]))
+    line = one_error_line(lambda: inference.main(["--bundle", str(PUBLISHED), "--out", str(out), "--force"]), capsys)
     assert "No space left on device" in line
     assert (snapshot(out) == kept) if before else not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if before else [])  # no temporary folder left
@@ -133,7 +134,7 @@ def test_results_are_written_all_or_none(tmp_path, monkeypatch, capsys, before):
 def test_force_with_a_missing_data_dir_keeps_the_complete_run(runs, tmp_path, capsys):
     before = snapshot(runs)
     argv = tiny_flags(tmp_path / "no-data", runs / "teacher.pt", "--force", epochs=1)
-    line = one_error_line(capsys, lambda: teacherTrain.main(argv))
+    line = one_error_line(lambda: teacherTrain.main(argv), capsys)
     assert line.startswith(f"error: no CIFAR-10 found at {tmp_path / 'no-data'}")
     assert snapshot(runs) == before  # the run, byte for byte; no lock, no folder set aside
 
@@ -141,7 +142,7 @@ def test_force_with_a_missing_data_dir_keeps_the_complete_run(runs, tmp_path, ca
 def test_force_with_a_wrong_teacher_keeps_the_complete_students(runs, tree, tmp_path, capsys):
     before = snapshot(runs)
     argv = student_flags(tree, runs / "student.pt", tmp_path / "missing.pt", "--force")
-    line = one_error_line(capsys, lambda: StudentTrain.main(argv))
+    line = one_error_line(lambda: StudentTrain.main(argv), capsys)
     assert line.startswith(f"error: no checkpoint at {tmp_path / 'missing.pt'}")
     assert snapshot(runs) == before
 
@@ -149,7 +150,7 @@ def test_force_with_a_wrong_teacher_keeps_the_complete_students(runs, tree, tmp_
 def test_a_forced_run_that_fails_before_it_saves_puts_the_old_run_back(runs, tree, capsys):
     before = snapshot(runs)
     argv = flags(tree, runs / "teacher.pt", "--force", "--lr", "1e30")  # a later step of epoch 1 overflows
-    line = one_error_line(capsys, lambda: teacherTrain.main(argv))
+    line = one_error_line(lambda: teacherTrain.main(argv), capsys)
     assert line.startswith("error: training diverged") and "nothing was saved" in line
     assert snapshot(runs) == before
 
@@ -170,7 +171,7 @@ def test_a_forced_run_killed_before_it_saved_is_undone_by_the_next_run(runs):
 
 def test_a_refused_run_leaves_no_folder_file_or_lock_behind(tree, tmp_path, capsys):
     checkpoint = tmp_path / "new" / "deeper" / "teacher.pt"
-    one_error_line(capsys, lambda: teacherTrain.main(tiny_flags(tmp_path / "no-data", checkpoint, epochs=1)))
+    one_error_line(lambda: teacherTrain.main(tiny_flags(tmp_path / "no-data", checkpoint, epochs=1)), capsys)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -225,11 +226,11 @@ DAMAGES = {
 def test_a_damaged_bundle_is_refused_in_one_line_naming_the_file_and_the_fault(damage, tmp_path, capsys,
                                                                                monkeypatch):
     bundle = damaged_bundle(tmp_path / "bundle", damage)
-    line = one_error_line(capsys, lambda: inference.main(["--bundle", str(bundle), "--out", str(tmp_path / "o")]))
+    line = one_error_line(lambda: inference.main(["--bundle", str(bundle), "--out", str(tmp_path / "o")]), capsys)
     assert str(bundle) in line and DAMAGES[damage] in line, line
     monkeypatch.setattr(teacherTrain, "main", lambda argv: pytest.fail("a stage trained on a damaged bundle"))
-    line = one_error_line(capsys, lambda: reproduce.main(["--epochs-from", str(bundle), "--out", str(tmp_path / "r"),
-                                                          "--data-dir", str(tmp_path)]))
+    line = one_error_line(lambda: reproduce.main(["--epochs-from", str(bundle), "--out", str(tmp_path / "r"),
+                                                          "--data-dir", str(tmp_path)]), capsys)
     assert str(bundle) in line and DAMAGES[damage] in line, line
 
 
@@ -238,7 +239,7 @@ def test_a_bundle_s_impossible_epochs_are_blamed_on_the_bundle_not_on_a_flag(tmp
     results = json.loads((bundle / "results.json").read_text())
     results["networks"][0]["checkpoint"]["epochs"] = 0
     (bundle / "results.json").write_text(json.dumps(results))
-    line = one_error_line(capsys, lambda: reproduce.main(["--epochs-from", str(bundle), "--data-dir", str(tmp_path)]))
+    line = one_error_line(lambda: reproduce.main(["--epochs-from", str(bundle), "--data-dir", str(tmp_path)]), capsys)
     assert line == f"error: --epochs-from {bundle}: its teacher stage ran 0 epochs, not a positive whole number; " \
                    "the bundle is damaged"
 
@@ -248,8 +249,8 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_before_it_is_evaluated(
     name = next(k for k, v in checkpoint["model"].items() if v.is_floating_point())
     checkpoint["model"][name] = torch.full_like(checkpoint["model"][name], float("nan"))
     save_checkpoint(tmp_path / "nan.pt", checkpoint)
-    line = one_error_line(capsys, lambda: evaluate.main([str(tmp_path / "nan.pt"), "--data-dir", str(tree),
-                                                         "--partial-data", "--device", "cpu"]))
+    line = one_error_line(lambda: evaluate.main([str(tmp_path / "nan.pt"), "--data-dir", str(tree),
+                                                         "--partial-data", "--device", "cpu"]), capsys)
     assert line == f"error: {tmp_path / 'nan.pt'} holds non-finite weights (NaN or Inf in {name}): nothing it " \
                    "predicts could be trusted; run `python teacherTrain.py (or StudentTrain.py)` again"
 
@@ -262,8 +263,8 @@ def test_a_checkpoint_of_a_network_this_code_cannot_build_is_one_line(complete, 
                                                                       needle):
     checkpoint = {**load_checkpoint(complete / "teacher.pt", hint=""), **record}
     save_checkpoint(tmp_path / "odd.pt", checkpoint)
-    line = one_error_line(capsys, lambda: evaluate.main([str(tmp_path / "odd.pt"), "--data-dir", str(tree),
-                                                         "--partial-data", "--device", "cpu"]))
+    line = one_error_line(lambda: evaluate.main([str(tmp_path / "odd.pt"), "--data-dir", str(tree),
+                                                         "--partial-data", "--device", "cpu"]), capsys)
     assert line.startswith(f"error: {tmp_path / 'odd.pt'} describes a network this code cannot build")
     assert needle in line
 
@@ -313,8 +314,8 @@ def test_an_archive_holding_two_copies_of_the_tree_is_one_line(tmp_path, capsys)
     with tarfile.open(archive, "w") as t:
         t.add(tmp_path / "a" / "cifar", arcname="cifar")
         t.add(tmp_path / "a" / "cifar", arcname="copy/cifar")
-    line = one_error_line(capsys, lambda: load_cifar10(archive, cache_dir=tmp_path / "cache", verbose=False,
-                                                       allow_partial=True))
+    line = one_error_line(lambda: load_cifar10(archive, cache_dir=tmp_path / "cache", verbose=False,
+                                                       allow_partial=True), capsys)
     assert "holds" in line and "twice" in line and "two copies of the tree; point --data-dir at one copy" in line
 
 
@@ -343,14 +344,14 @@ def test_a_fifo_given_to_predict_is_one_line_not_a_hang(tmp_path, capsys):
 
     fifo = tmp_path / "fifo.png"
     os.mkfifo(fifo)
-    line = one_error_line(capsys, lambda: predict.main([str(fifo), "--device", "cpu"]))
+    line = one_error_line(lambda: predict.main([str(fifo), "--device", "cpu"]), capsys)
     assert line == f"error: {fifo} is not a regular file (a folder, a pipe or a device); give image files"
 
 
 @pytest.mark.parametrize("script", [teacherTrain, StudentTrain, reproduce])
 def test_a_seed_too_large_for_torch_is_refused_as_a_flag(script, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    line = one_error_line(capsys, lambda: script.main(["--seed", str(2**63)]))
+    line = one_error_line(lambda: script.main(["--seed", str(2**63)]), capsys)
     assert f"argument --seed: must be an integer in [0, {2**63 - 1}], not '{2**63}'" in line
     assert list(tmp_path.iterdir()) == []
 
@@ -408,8 +409,8 @@ def test_folds_the_hold_out_split_cannot_fill_are_refused_before_anything_trains
     bundle = fake_bundle(tmp_path / "bundle", {"teacher": 1, "students": 1, "selector": 1, "control": 1},
                          {"selector": [1] * 50, "control": [1] * 50})
     monkeypatch.setattr(teacherTrain, "main", lambda argv: pytest.fail("the teacher trained first"))
-    line = one_error_line(capsys, lambda: reproduce.main(["--preset", "smoke", "--epochs-from", str(bundle),
-                                                          "--data-dir", str(tmp_path)]))
+    line = one_error_line(lambda: reproduce.main(["--preset", "smoke", "--epochs-from", str(bundle),
+                                                          "--data-dir", str(tmp_path)]), capsys)
     assert line.startswith("error: the selector stage would be refused once the students have trained")
     assert "--folds 50 needs at least 50 images of every class" in line
 

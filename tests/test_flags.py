@@ -7,10 +7,7 @@ line does (``utils.cli.run(main)``), in an empty folder that must stay empty.
 """
 
 import argparse
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -22,7 +19,7 @@ import reproduce
 import StudentTrain
 import teacherTrain
 import trainSelector
-from tests.conftest import REPO
+from tests.conftest import one_error_line
 from utils import cli
 from utils.cli import Number, run
 
@@ -171,15 +168,12 @@ def test_the_default_warmup_fits_any_run_and_a_given_one_must_fit_it(script, tmp
 
 # ----------------------------------------------------------------------------- the command line itself
 
-def command_line(tmp_path, script, *argv):
-    result = subprocess.run([sys.executable, str(REPO / script), *argv], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+def command_line(tmp_path, monkeypatch, capsys, script, *argv):
+    """The one error line of ``script argv`` run in ``tmp_path``, which it must leave empty."""
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(lambda: SCRIPTS[script].main(list(argv)), capsys)
     assert list(tmp_path.iterdir()) == [], "nothing may be written"
-    return lines[0]
+    return line
 
 
 ISSUE_COMMANDS = [
@@ -191,13 +185,13 @@ ISSUE_COMMANDS = [
 
 
 @pytest.mark.parametrize("command, needle", ISSUE_COMMANDS, ids=[command for command, _ in ISSUE_COMMANDS])
-def test_issue_commands(command, needle, tmp_path):
-    line = command_line(tmp_path, *command.split())
+def test_issue_commands(command, needle, tmp_path, monkeypatch, capsys):
+    line = command_line(tmp_path, monkeypatch, capsys, *command.split())
     assert needle in line and "processes" not in line, line
 
 
-def test_unwritable_checkpoint_is_refused_before_the_data_is_read(tmp_path):
-    line = command_line(tmp_path, "teacherTrain.py", "--checkpoint", "/proc/nope/t.pt",
+def test_unwritable_checkpoint_is_refused_before_the_data_is_read(tmp_path, monkeypatch, capsys):
+    line = command_line(tmp_path, monkeypatch, capsys, "teacherTrain.py", "--checkpoint", "/proc/nope/t.pt",
                         "--data-dir", str(tmp_path / "no-such-data"))
     assert "output folder /proc/nope" in line and "no-such-data" not in line, line
 

@@ -52,6 +52,9 @@ def unread(parser, script):
     return sorted(flag for dest, flag in flags.items() if dest not in READS[script] and dest != "help")
 
 
+pytestmark = pytest.mark.slow  # every script of the pipeline end to end: two minutes
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     """Every script of the pipeline run once with a non-default value of most of its flags."""

@@ -20,7 +20,7 @@ import predict
 import reproduce
 import utils.experiment
 import utils.speed
-from tests.conftest import REPO, write_tree
+from tests.conftest import REPO, SMOKE_FLAGS, write_tree
 from utils.analyses import cost_labels
 from utils.cli import UserError, run
 from utils.images import read_image, to_rgb
@@ -31,7 +31,8 @@ from utils.routed import run_routed
 
 def test_smoke_pipeline_writes_every_result(smoke_run):
     root, _ = smoke_run
-    for name in ("teacher", "student_densenet121", "student_googlenet", "selector"):
+    for name in ("teacher", "student_densenet121", "student_googlenet", "selector", "student_densenet121_mcl",
+                 "student_googlenet_mcl", "selector_mcl", "selector_mcl_shuffled"):
         assert (root / "checkpoints" / "smoke" / f"{name}.pt").exists()
     results = root / "results" / "smoke" / "bundle"
     for name in ("results.md", "results.json", "accuracy_vs_gflops.png", "per_class_gain.png",
@@ -39,10 +40,10 @@ def test_smoke_pipeline_writes_every_result(smoke_run):
         assert (results / name).stat().st_size > 0
     table = (results / "results.md").read_text()
     assert "| Teacher resnet50 | 81% |" in table and "79.67%" in table
-    assert "| teacher | 23.52 M | 2.596 | 1.00 |" in table and "| student 2 | 5.60 M | 0.904 | 0.35 |" in table
-    assert "**Against the teacher.** The routed system " in table and "x its GFLOPs per image" in table
-    assert "| cascade to the teacher | " in table  # timed beside the teacher
+    assert "Not measured in this run (no timed passes" in table  # a CPU: no speeds unless asked
     assert "**At what cost do the routed students reach the teacher's accuracy?**" in table
+    assert "## Specialists beside generalists, at equal cost" in table and "**Target** (set before" in table
+    assert "| Specialist 1 densenet121 (KD, mcl) |" in table
     assert "## Selector: out-of-fold scores" in table and "Spread over the folds: threshold " in table
     assert "## Random routing" in table and "the accuracy of 200 draws" in table
     for k in (1, 2):  # the smoke preset's --folds 2
@@ -75,7 +76,8 @@ def test_oracle_bounds_every_one_student_system(smoke_run):
     routed = results["routed"]
     assert routed["share"][routed["order"][0]] == pytest.approx(1.0)  # a cascade always runs its first student
     assert sum(map(sum, results["confusion_routed"])) == results["test_images"]
-    assert set(results["budgets"]) == {"cascade", "deferral", "selector", "to_teacher", "cheapest_to_teacher"}
+    policies = {"cascade", "deferral", "selector"}
+    assert set(results["budgets"]) == policies | {f"spec:{p}" for p in policies} | {"to_teacher", "cheapest_to_teacher"}
     assert results["comparisons"] and all(c["low"] <= c["difference"] <= c["high"]
                                           for c in results["comparisons"].values())
 
@@ -89,7 +91,7 @@ def test_evaluate_one_checkpoint_agrees_with_its_training_run(smoke_run, tmp_pat
     monkeypatch.chdir(root)
     paths = ["checkpoints/smoke/teacher.pt", "checkpoints/smoke/student_googlenet.pt"]
     out = tmp_path / "evaluation.json"
-    evaluate.main([*paths, "--data-dir", str(data), "--device", "cpu", "--out", str(out)])
+    evaluate.main([*paths, "--data-dir", str(data), "--partial-data", "--device", "cpu", "--out", str(out)])
     results = json.loads(out.read_text())
     for path in paths:
         r = results[path]
@@ -103,7 +105,7 @@ def test_evaluate_one_checkpoint_agrees_with_its_training_run(smoke_run, tmp_pat
         raise AssertionError("the logits should come from <stem>.logits.pt")
 
     monkeypatch.setattr(utils.networks, "batched_logits", no_network_pass)
-    evaluate.main([paths[0], "--split", "holdout", "--data-dir", str(data), "--device", "cpu"])
+    evaluate.main([paths[0], "--split", "holdout", "--data-dir", str(data), "--partial-data", "--device", "cpu"])
 
 
 def test_unfinished_checkpoints_are_announced_and_their_rows_marked(smoke_run, tmp_path, monkeypatch, capsys):
@@ -114,13 +116,13 @@ def test_unfinished_checkpoints_are_announced_and_their_rows_marked(smoke_run, t
     teacher = load_checkpoint("checkpoints/smoke/teacher.pt", hint="")
     unfinished = tmp_path / "teacher.pt"
     save_checkpoint(unfinished, {**teacher, "complete": False, "epochs": 3})
-    inference.main(["--name", "smoke", "--device", "cpu", "--data-dir", str(data), "--teacher", str(unfinished),
-                    "--out", str(tmp_path / "results"), "--timed-passes", "0"])
+    inference.main(["--name", "smoke", "--device", "cpu", "--data-dir", str(data), "--partial-data",
+                    "--teacher", str(unfinished), "--out", str(tmp_path / "results"), "--timed-passes", "0"])
     out = capsys.readouterr().out
     assert f"warning: {unfinished} comes from an unfinished run (1/3 epochs)" in out
     assert "timing every system" not in out
     table = (tmp_path / "results" / "results.md").read_text()
-    assert "Not measured in this run (`inference.py --timed-passes 0`)" in table
+    assert "Not measured in this run (no timed passes" in table
     assert "| Teacher resnet50 [unfinished: 1/3 epochs] | 81% |" in table
     assert f"**Unfinished checkpoints** (marked in the rows): `{unfinished}`" in table
     assert "A quick run on a subset" in table and "Not comparable with the original" in table
@@ -131,8 +133,8 @@ def test_each_system_is_timed_as_often_as_asked_and_said_as_it_is(smoke_run, tmp
     monkeypatch.chdir(root)
     calls, timed = [], utils.speed.timed
     monkeypatch.setattr(utils.speed, "timed", lambda fn, runtime, n: calls.append(n) or timed(fn, runtime, n))
-    inference.main(["--name", "smoke", "--device", "cpu", "--data-dir", str(data), "--out", str(tmp_path / "r"),
-                    "--timed-passes", "1"])
+    inference.main(["--name", "smoke", "--device", "cpu", "--data-dir", str(data), "--partial-data",
+                    "--out", str(tmp_path / "r"), "--timed-passes", "1"])
     out = capsys.readouterr().out
     costs = json.loads((tmp_path / "r" / "results.json").read_text())["costs"]
     assert calls == [1] * len(costs) and len(costs) == 7  # teacher, 2 students, both, 3 routed systems
@@ -142,6 +144,10 @@ def test_each_system_is_timed_as_often_as_asked_and_said_as_it_is(smoke_run, tmp
         low, high = cost["images_per_s_range"]
         assert low == cost["images_per_s"] == high  # one pass: its own median and range
         assert f"  {names[k]}: {cost['images_per_s']:.0f} images/s" in out
+    table = (tmp_path / "r" / "results.md").read_text()
+    assert "| teacher | 23.52 M | 2.596 | 1.00 |" in table and "| student 2 | 5.60 M | 0.904 | 0.35 |" in table
+    assert "**Against the teacher.** The routed system " in table and "x its GFLOPs per image" in table
+    assert "| cascade to the teacher | " in table  # timed beside the teacher
 
 
 def test_second_run_skips_complete_stages(smoke_run, capsys, monkeypatch):
@@ -151,9 +157,9 @@ def test_second_run_skips_complete_stages(smoke_run, capsys, monkeypatch):
 
     monkeypatch.setattr(inference, "main", lambda argv: None)
     monkeypatch.setattr(utils.pipeline, "finish_bundle", lambda *args: None)
-    reproduce.main(["--preset", "smoke", "--data-dir", str(data)])
+    reproduce.main([*SMOKE_FLAGS, "--data-dir", str(data)])
     out = capsys.readouterr().out
-    assert out.count("complete, skipped") == 4  # teacher, students, selector, its control
+    assert out.count("complete, skipped") == 6  # teacher, students, both selectors and their controls
 
 
 def test_images_classifies_files_of_any_size(smoke_run, tmp_path, capsys, monkeypatch):
@@ -290,6 +296,7 @@ def test_the_selector_sees_views_augmented_as_the_students_training_images_were(
     assert torch.equal(selector_examples(images, labels, 0, 0, 3, "reflect")[0], images)  # --views 0
 
 
+@pytest.mark.slow
 def test_selector_without_holdout_falls_back_to_training_images(tmp_path, capsys):
     import trainSelector
     from utils.checkpoint import load_checkpoint
@@ -410,7 +417,7 @@ def test_each_hold_out_score_comes_from_the_fold_selector_that_never_trained_on_
     monkeypatch.chdir(root)
     shipped = load_checkpoint("checkpoints/smoke/selector.pt", hint="", kind="selector")
     fold = torch.tensor(shipped["cross_fit"]["fold"])
-    images, labels = make_splits(load_cifar10(data, verbose=False), Network(
+    images, labels = make_splits(load_cifar10(data, verbose=False, allow_partial=True), Network(
         "checkpoints/smoke/selector.pt", "selector", "", Runtime(torch.device("cpu"))).split)["holdout"]
     assert len(fold) == len(labels) == len(shipped["holdout_logits"]) and set(fold.tolist()) == {0, 1}
     for k in (0, 1):  # each fold holds every class, and is scored by the selector of the other fold
@@ -420,7 +427,7 @@ def test_each_hold_out_score_comes_from_the_fold_selector_that_never_trained_on_
         expected = scores_of(fold_selector, images[fold == k], Runtime(torch.device("cpu")))
         assert torch.allclose(shipped["holdout_logits"][fold == k], expected, atol=1e-5)
     selector = Network("checkpoints/smoke/selector.pt", "selector", "", Runtime(torch.device("cpu")))
-    assert torch.equal(selector.load_logits(load_cifar10(data, verbose=False))["holdout"][0],
+    assert torch.equal(selector.load_logits(load_cifar10(data, verbose=False, allow_partial=True))["holdout"][0],
                        shipped["holdout_logits"])  # what routing is fitted on: the out-of-fold scores
 
 
@@ -451,9 +458,12 @@ def test_a_test_cost_over_its_budget_is_marked(smoke_run, tmp_path):
     cell["gflops"] = cell["budget_gflops"] * 1.01  # what a threshold fitted on the hold-out split may cost on test
     results["routed"]["test_gflops"], results["routed"]["over_budget"] = cell["gflops"], True
     write_markdown(results, tmp_path / "after.md")
-    table = (tmp_path / "after.md").read_text().split("## Routing policies at fixed compute budgets")[1]
-    row = next(line for line in table.splitlines() if line.startswith("| cascade |"))
-    assert row.split(" | ")[2].endswith("**over**") and " **over** |" not in (tmp_path / "before.md").read_text()
+    def cascade_row(path):
+        table = path.read_text().split("## Routing policies at fixed compute budgets")[1]
+        return next(line for line in table.splitlines() if line.startswith("| cascade |"))
+
+    assert cascade_row(tmp_path / "after.md").split(" | ")[2].endswith("**over**")
+    assert "**over**" not in cascade_row(tmp_path / "before.md")
     assert "— **over its budget**" in (tmp_path / "after.md").read_text()
     assert "| 1.25x (≤ 1.130) |" in (tmp_path / "after.md").read_text()  # each budget in GFLOPs too
 
@@ -594,6 +604,7 @@ def test_each_selector_s_share_is_what_is_left_less_the_most_a_selector_ran_over
         box_share(spent, 3, args, 0, 0.0)
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_complete_fold_runs_resumes_an_interrupted_one_and_force_starts_afresh(selector_setup,
                                                                                               capsys):
     import trainSelector
@@ -636,6 +647,7 @@ def test_folds_that_some_class_cannot_fill_are_refused_in_one_line_naming_the_fi
                    "for the students"
 
 
+@pytest.mark.slow
 def test_three_students_through_the_selector_and_inference(tmp_path, monkeypatch):
     import trainSelector
     from models import build_model
@@ -656,7 +668,7 @@ def test_three_students_through_the_selector_and_inference(tmp_path, monkeypatch
     trainSelector.main([*common, *selector, "--checkpoint", "selector_shuffled.pt", "--shuffle-labels"])
     monkeypatch.setattr(utils.speed, "timed", lambda fn, runtime, passes: (fn(), [1.0] * passes))  # each run once
     inference.main([*common, "--teacher", str(teacher), "--selector", "selector.pt", "--out", "results",
-                    "--router", "selector", "--budget", "2"])
+                    "--router", "selector", "--budget", "2", "--timed-passes", "1"])
     results = json.loads((tmp_path / "results" / "results.json").read_text())
     labels = results["labels"]
     assert len(results["routed"]["share"]) == 3 and sum(results["routed"]["share"]) == pytest.approx(1)
@@ -702,7 +714,8 @@ def test_inference_stopped_by_a_signal_prints_a_command_that_continues_it(smoke_
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    argv = ["--name", "smoke", "--device", "cpu", "--data-dir", str(data), "--timed-passes", "0", "--out", "again"]
+    argv = ["--name", "smoke", "--device", "cpu", "--data-dir", str(data), "--partial-data", "--timed-passes", "0",
+            "--out", "again"]
     monkeypatch.setattr(utils.networks, "batched_logits", interrupted)
     with pytest.raises(SystemExit) as stop:
         inference.main(argv)

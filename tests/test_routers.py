@@ -274,7 +274,7 @@ def test_accuracy_vs_flops_plot(easy_hard, tmp_path):
     holdout, (test, labels) = easy_hard
     curve = CascadeRouter(FLOPS).fit(*holdout).curve(test, labels)
     points = {"student 1": (FLOPS[0], 0.7), "oracle": (sum(FLOPS), 0.95)}
-    plot_accuracy_vs_flops({"cascade": (curve.gflops, curve.accuracy)}, points, tmp_path / "a.png", "test")
+    plot_accuracy_vs_flops({"": ({"cascade": (curve.gflops, curve.accuracy)}, points)}, tmp_path / "a.png", "test")
     assert (tmp_path / "a.png").stat().st_size > 0
 
 

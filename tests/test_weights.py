@@ -19,10 +19,10 @@ import publish
 import trainSelector
 import utils.data
 from models import build_model
-from tests.conftest import REPO
+from tests.conftest import REPO, one_error_line
 from utils.bundle import handed_back
 from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
-from utils.cli import UserError, run
+from utils.cli import UserError
 from utils.distill import load_teacher
 from utils.networks import Network
 from utils.published import FORMAT, MANIFEST, published_paths
@@ -54,16 +54,6 @@ def publish_checkpoints(folder, checkpoints):
         entries[k] = {"file": name, "sha256": sha256(files[name]), "bytes": len(files[name])}
     write_folder(folder, files, {"format": FORMAT, "networks": entries})
     return files
-
-
-def one_error_line(call, capsys):
-    """The one ``error:`` line (exit code 2, no traceback) of a refused ``call``."""
-    with pytest.raises(SystemExit) as e:
-        run(call)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err
-    (line,) = err.splitlines()
-    return line
 
 
 @pytest.fixture
@@ -118,7 +108,7 @@ def test_a_changed_truncated_or_missing_published_file_is_refused_in_one_line_na
     good = student.read_bytes()
 
     def evaluated():
-        evaluate.main([str(student), "--data-dir", str(data), "--device", "cpu"])
+        evaluate.main([str(student), "--data-dir", str(data), "--partial-data", "--device", "cpu"])
 
     student.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
     assert one_error_line(evaluated, capsys).startswith(f"error: {student} was changed or truncated")
@@ -138,12 +128,13 @@ def test_reproduce_publishes_students_and_selector_measured_as_evaluation_measur
                                                                                           tmp_path):
     weights, data = published
     manifest = json.loads((weights / MANIFEST).read_text())
-    assert list(manifest["networks"]) == ["student1", "student2", "selector"]  # no teacher unless asked for
+    networks = ["student1", "student2", "selector", "spec1", "spec2", "spec_selector"]
+    assert list(manifest["networks"]) == networks  # no teacher unless asked for
     assert manifest["precision"] == "bfloat16" and manifest["split"] == {"holdout": 100, "split_seed": 0, "limit": 20}
     before = contents(weights)
     out = tmp_path / "evaluation.json"
     paths = [str(weights / manifest["networks"][k]["file"]) for k in ("student1", "student2")]
-    evaluate.main([*paths, "--data-dir", str(data), "--device", "cpu", "--out", str(out)])
+    evaluate.main([*paths, "--data-dir", str(data), "--partial-data", "--device", "cpu", "--out", str(out)])
     evaluation = json.loads(out.read_text())
     for k, path in zip(("student1", "student2"), paths):
         entry = manifest["networks"][k]
@@ -168,13 +159,14 @@ def test_inference_evaluates_published_weights_with_the_bundle_s_teacher_and_mat
                                                                                                   tmp_path, capsys):
     weights, data = published
     out = tmp_path / "results"
-    inference.main(["--weights", str(weights), "--device", "cpu", "--data-dir", str(data), "--out", str(out)])
+    inference.main(["--weights", str(weights), "--device", "cpu", "--data-dir", str(data), "--partial-data",
+                    "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     bundle = json.loads((weights.parent / "results.json").read_text())
     assert results["teacher_from_bundle"] == str(weights.parent) and "costs" not in results
     assert results["accuracy"]["teacher"] == bundle["accuracy"]["teacher"]
     compared = results["published_weights"]["test_accuracy"]
-    assert set(compared) == {"student1", "student2", "selector"}
+    assert set(compared) == {"student1", "student2", "selector", "spec1", "spec2", "spec_selector"}
     assert all(acc["here"] == acc["manifest"] for acc in compared.values())  # the same CPU arithmetic
     printed = capsys.readouterr().out
     assert f"published weights {weights}: test accuracy here, and in the manifest" in printed
@@ -208,8 +200,8 @@ def test_flip_tta_from_published_weights_gives_both_splits_and_its_cost(publishe
     results = {}
     for tta in ("none", "flip"):
         out = tmp_path / f"{tta}.json"
-        evaluate.main([path, "--tta", tta, "--timed-passes", "1", "--data-dir", str(data), "--device", "cpu",
-                       "--out", str(out)])
+        evaluate.main([path, "--tta", tta, "--timed-passes", "1", "--data-dir", str(data), "--partial-data",
+                       "--device", "cpu", "--out", str(out)])
         results[tta] = json.loads(out.read_text())[path]
     assert results["flip"]["tta"] == "flip"
     assert results["flip"]["gflops"] == pytest.approx(2 * results["none"]["gflops"])
@@ -245,12 +237,12 @@ def test_inference_refuses_a_local_teacher_of_another_split_beside_published_stu
     save_checkpoint(other, {**teacher, "split": {**teacher["split"], "split_seed": 1}})
     with pytest.raises(UserError, match="was trained with --holdout 100 --split-seed 1 --limit 20, and the students"):
         inference.main(["--weights", str(weights), "--teacher", str(other), "--device", "cpu", "--data-dir",
-                        str(data), "--out", str(tmp_path / "r")])
+                        str(data), "--partial-data", "--out", str(tmp_path / "r")])
 
 
 def test_published_paths_name_the_manifest_s_networks_in_its_order(published):
     weights, _ = published
-    assert list(published_paths(weights)) == ["student1", "student2", "selector"]
+    assert list(published_paths(weights)) == ["student1", "student2", "selector", "spec1", "spec2", "spec_selector"]
 
 
 # ----------------------------------------------------------------------------- the repository travels

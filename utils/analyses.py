@@ -132,8 +132,10 @@ def analyse(networks, router, budget):
         "calibration": {k: network_scores(*net.logits["test"], interval=False) for k, net in e.ids.items()
                         if net.checkpoint["kind"] != "selector"},
         "per_class": {k: per_class(c, e.labels) for k, c in correct.items()},
-        "routing_share_per_class": {pair.prefix or "generalists": share_per_class(routings[pair.id("routed")],
-                                                                                   e.labels) for pair in e.pairs},
+        "routing_share_per_class": {pair.prefix or "generalists": {system: share_per_class(routings[pair.id(system)],
+                                                                                            e.labels)
+                                                                   for system in ("routed", "selector")}
+                                    for pair in e.pairs},
         "confusion_routed": torch.bincount(e.labels * len(CLASSES) + routings["routed"].prediction,
                                            minlength=len(CLASSES) ** 2).view(len(CLASSES), -1).tolist(),
     }
@@ -216,7 +218,26 @@ def labels(e):
                                                               f"({s.arch})" for k, s in enumerate(pair.students, 1)]
                               for pair in e.pairs},
             "pairs": {pair.prefix or "generalists": pair.title.removesuffix(": ") or "Generalists"
-                      for pair in e.pairs}}
+                      for pair in e.pairs},
+            "short": short_labels(e)}
+
+
+def short_labels(e):
+    """A few words for each system, where a plot's legend or rows show them."""
+    short = {"teacher": f"teacher ({e.teacher.arch})", "to_teacher": "cascade to the teacher (its threshold)"}
+    for k, net in e.ids.items():
+        if k.startswith("nokd"):
+            short[k] = f"student {k[4:]} ({net.arch}) without KD"
+    for pair in e.pairs:
+        title = "specialists' " if pair.prefix else ""
+        short.update({k: f"{'specialist' if pair.prefix else 'student'} {n} ({net.arch})"
+                      for n, (k, net) in enumerate(zip(pair.student_ids, pair.students), 1)})
+        short.update({pair.id(k): title + text for k, text in (
+            ("routed", f"routed ({e.router}, {e.budget:g}x)"), ("ensemble", "ensemble"),
+            ("selector", "selector routing"), ("random", "random at the selector's shares"),
+            ("control", "control selector (shuffled)"), ("control_random", "random at the control's shares"),
+            ("oracle", "oracle"))})
+    return short
 
 
 def pair_labels(e, pair, networks):

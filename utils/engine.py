@@ -740,6 +740,9 @@ def _finish(trainee, test_loader, time_box, startup_seconds, stop):
 
 
 def run_title(meta, path):
-    """``student densenet121, with KD — checkpoints/cpu/student_densenet121.pt``: tells runs apart."""
+    """``student densenet121, with KD — checkpoints/cpu/student_densenet121.pt``, ``selector —
+    checkpoints/cpu/selector.pt``: tells runs apart, naming each thing once."""
     kd = {True: ", with KD", False: ", without KD"}.get(meta.get("kd"), "")
-    return f"{meta['kind']} {meta['arch']}{kd} — {path}"
+    specialist = f", {meta['specialist']['method']} specialist" if meta.get("specialist") else ""
+    network = meta["kind"] if meta["arch"] == meta["kind"] else f"{meta['kind']} {meta['arch']}"
+    return f"{network}{kd}{specialist} — {path}"

@@ -76,26 +76,70 @@ def plot_history(history, path, title, loss_name="loss"):
     _save(history_figure(history, title, loss_name), path)
 
 
-def grouped_bars_figure(values, classes, title, ylabel):
-    """``values``: ``{series name: [one value per class]}``, drawn as grouped bars; the legend outside them."""
+def colours():
+    """Distinct colours, one for each artist of a panel: matplotlib's tab10, then Dark2 and Set1."""
+    from matplotlib import colormaps
+
+    return cycle([*colormaps["tab10"].colors, *colormaps["Dark2"].colors, *colormaps["Set1"].colors])
+
+
+def class_axis(ax, classes):
+    """Class names under the ticks, level and small enough that the longest never reach their neighbours."""
+    ax.set_xticks(np.arange(len(classes)), classes, fontsize=8)
+
+
+def grouped_bars_figure(panels, classes, title, ylabel, columns=1):
+    """``panels``: ``{panel title: {series name: [one value per class]}}``, each drawn as grouped bars in a panel
+    of its own, ``columns`` to a row (no panel titles where there is one); the legend right of each row."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(13, 4.5))
-    width = 0.8 / max(1, len(values))
-    x = np.arange(len(classes))
-    for i, (name, ys) in enumerate(values.items()):
-        ax.bar(x + (i - (len(values) - 1) / 2) * width, ys, width, label=name)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, classes, rotation=30)
-    ax.set_ylabel(ylabel)
-    ax.set_title(wrap(title, 100))
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.grid(axis="y", alpha=0.3)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 + 6.5 * columns, 3.2 * rows), squeeze=False, sharey=True)
+    for i, (ax, (panel, values)) in enumerate(zip(axes.flat, panels.items())):
+        width = 0.8 / max(1, len(values))
+        x = np.arange(len(classes))
+        for j, ((name, ys), colour) in enumerate(zip(values.items(), colours())):
+            ax.bar(x + (j - (len(values) - 1) / 2) * width, ys, width, label=name, color=colour)
+        class_axis(ax, classes)
+        if i % columns == 0:
+            ax.set_ylabel(ylabel)
+        if len(panels) > 1:
+            ax.set_title(panel, fontsize=10)
+        if i % columns == columns - 1 or i == len(panels) - 1:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(wrap(title, 100), fontsize=11)
     fig.tight_layout()
     return fig
 
 
-def plot_grouped_bars(values, classes, path, title, ylabel):
-    _save(grouped_bars_figure(values, classes, title, ylabel), path)
+def plot_grouped_bars(panels, classes, path, title, ylabel, columns=1):
+    _save(grouped_bars_figure(panels, classes, title, ylabel, columns), path)
+
+
+def gain_table_figure(values, classes, title):
+    """``values``: ``{row name: [one value per class]}`` as a table of coloured cells, each with its value: red
+    below 0, blue above, white at 0, the scale symmetric about 0."""
+    plt = _pyplot()
+    table = np.asarray(list(values.values()), dtype=float)
+    limit = max(float(np.abs(table).max()), 1e-9)
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.32 * len(values)))
+    image = ax.imshow(table, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    class_axis(ax, classes)
+    ax.set_yticks(range(len(values)), list(values))
+    for i, row in enumerate(table):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(value) > 0.6 * limit else "black")
+    ax.set_title(wrap(title, 90), fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gain_table(values, classes, path, title):
+    _save(gain_table_figure(values, classes, title), path)
 
 
 def confusion_figure(matrix, classes, title):
@@ -123,30 +167,36 @@ def plot_confusion(matrix, classes, path, title):
     _save(confusion_figure(matrix, classes, title), path)
 
 
-def accuracy_vs_flops_figure(curves, points, title):
-    """Accuracy against GFLOPs per image: ``curves`` ``{name: (gflops, accuracy)}`` as lines (one point per
-    threshold of a routing policy), ``points`` ``{name: (gflops, accuracy)}`` as markers (each student, the
-    ensemble, random routing, the oracle). Accuracies are fractions, drawn in %.
+def accuracy_vs_flops_figure(panels, title):
+    """Accuracy against GFLOPs per image, one panel per entry of ``panels`` ``{panel title: (curves, points)}``:
+    ``curves`` ``{name: (gflops, accuracy)}`` as lines (one point per threshold of a routing policy), ``points``
+    ``{name: (gflops, accuracy)}`` as markers (each student, the ensemble, random routing, the oracle). Accuracies
+    are fractions, drawn in %. The x-axis spans the points, where the systems are; longer curves run off it.
 
-    The markers are drawn above every line, each with a dark outline, and each smaller than the one
-    before it: points at the same coordinates show as nested markers, all visible. Curves differ in
-    dash pattern and width (``line_styles``).
+    Every line and marker of a panel has a colour of its own. The markers are drawn above every line, each with a
+    dark outline, and each smaller than the one before it: points at the same coordinates show as nested markers,
+    all visible. Curves differ in dash pattern and width (``line_styles``). Each legend sits under its panel.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for (name, (gflops, accuracy)), style in zip(curves.items(), line_styles()):
-        ax.plot(np.asarray(gflops), 100 * np.asarray(accuracy), label=name, zorder=2, **style)
-    for i, (name, (gflops, accuracy)) in enumerate(points.items()):
-        size = 14 - 8 * i / max(1, len(points) - 1)
-        ax.plot(gflops, 100 * accuracy, MARKERS[i % len(MARKERS)], markersize=size, markeredgecolor="black",
-                markeredgewidth=0.8, zorder=3, label=name)
-    ax.set_xlabel("GFLOPs per image")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(wrap(title, 75))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, borderaxespad=0)
-    return fig  # no tight_layout: it would shrink the axes to make room for a long legend; the saving takes it in
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5), squeeze=False, sharey=True)
+    for ax, (panel, (curves, points)) in zip(axes[0], panels.items()):
+        colour = colours()
+        for (name, (gflops, accuracy)), style in zip(curves.items(), line_styles()):
+            ax.plot(np.asarray(gflops), 100 * np.asarray(accuracy), label=name, zorder=2, color=next(colour), **style)
+        for i, (name, (gflops, accuracy)) in enumerate(points.items()):
+            size = 14 - 8 * i / max(1, len(points) - 1)
+            ax.plot(gflops, 100 * accuracy, MARKERS[i % len(MARKERS)], markersize=size, markeredgecolor="black",
+                    markeredgewidth=0.8, zorder=3, label=name, color=next(colour))
+        xs = [gflops for gflops, _ in points.values()]
+        ax.set_xlim(0.9 * min(xs), max(xs) + 0.1 * (max(xs) - 0.9 * min(xs)) + 1e-6)
+        ax.set_xlabel("GFLOPs per image")
+        ax.set_title(panel if len(panels) > 1 else "", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8)
+    axes[0, 0].set_ylabel("accuracy (%)")
+    fig.suptitle(wrap(title, 60 * len(panels)), fontsize=11)
+    return fig  # no tight_layout: it would shrink the axes to make room for the legends; the saving takes them in
 
 
-def plot_accuracy_vs_flops(curves, points, path, title):
-    _save(accuracy_vs_flops_figure(curves, points, title), path)
+def plot_accuracy_vs_flops(panels, path, title):
+    _save(accuracy_vs_flops_figure(panels, title), path)

@@ -9,7 +9,7 @@ import json
 import math
 
 from utils.analyses import cost_labels
-from utils.plots import plot_accuracy_vs_flops, plot_confusion, plot_grouped_bars
+from utils.plots import plot_accuracy_vs_flops, plot_confusion, plot_gain_table, plot_grouped_bars
 from utils.runs import write_atomically
 from utils.split import CLASSES
 
@@ -104,7 +104,7 @@ def cost_lines(r):
     """The cost table, each system against the teacher, and the verdict against the teacher."""
     if "teacher" not in r.get("costs", {}):
         why = "the teacher has no weights here, only its logits from the bundle" if r.get("teacher_from_bundle") \
-            else "`inference.py --timed-passes 0`"
+            else "no timed passes: `inference.py --timed-passes N` measures them, by default only on a GPU"
         return [f"Not measured in this run ({why}): GFLOPs per image are in the tables above."]
     teacher = r["costs"]["teacher"]
     cpu = r["device"].startswith("CPU")
@@ -370,13 +370,14 @@ def class_lines(r):
     accuracy."""
     names = r["labels"]["systems"]
     lines = []
-    for key, per_class_shares in r["routing_share_per_class"].items():
+    for key, systems in r["routing_share_per_class"].items():
         prefix = "" if key == "generalists" else key
         students = r["labels"]["pair_students"][key]
-        lines += [f"## {names[prefix + 'routed']}: share of each class's images each student ran on", "",
-                  "| Class | " + " | ".join(students) + " |", "|---|" + "---|" * len(students),
-                  *[f"| {c} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + " |"
-                    for c, shares in zip(CLASSES, per_class_shares)], ""]
+        for system, per_class_shares in systems.items():
+            lines += [f"## {names[prefix + system]}: share of each class's images each student ran on", "",
+                      "| Class | " + " | ".join(students) + " |", "|---|" + "---|" * len(students),
+                      *[f"| {c} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + " |"
+                        for c, shares in zip(CLASSES, per_class_shares)], ""]
     return lines + [
         "## Per-class accuracy (%)", "",
         "| System | " + " | ".join(CLASSES) + " |", "|---|" + "---|" * len(CLASSES),
@@ -404,23 +405,34 @@ def write_markdown(results, path):
 
 
 def write_plots(results, out):
-    names = results["labels"]["systems"]
-    curves = {results["labels"]["policies"][policy]: tuple(curve) for policy, curve in results["curves"].items()}
-    points = {names[k]: (results["gflops"][k], acc) for k, acc in results["accuracy"].items()}
-    plot_accuracy_vs_flops(curves, points, out / "accuracy_vs_gflops.png",
-                           "Test accuracy against compute (thresholds fitted on hold-out; curves: every threshold)")
-    students = [f"student{k}" for k in range(1, len(results["labels"]["students"]) + 1)]
+    """The four plots, each pair of students in a panel of its own where there are two."""
+    labels = results["labels"]
+    short, pairs = labels["short"], labels["pairs"]
+    panels = {}
+    for key in pairs:
+        prefix = "" if key == "generalists" else key
+        ids = [k for k in results["accuracy"] if k == "teacher" or (k.startswith("spec") if prefix
+                                                                    else not k.startswith("spec"))]
+        curves = {labels["policies"][p].removeprefix(f"{pairs[key]}: "): tuple(c) for p, c in results["curves"].items()
+                  if p.startswith(prefix) and (prefix or ":" not in p)}
+        panels[pairs[key]] = curves, {short[k]: (results["gflops"][k], results["accuracy"][k]) for k in ids}
+    plot_accuracy_vs_flops(panels, out / "accuracy_vs_gflops.png",
+                           "Test accuracy against GFLOPs per image (thresholds fitted on the hold-out split; "
+                           "lines: every threshold)")
+    students = [f"student{k}" for k in range(1, len(labels["students"]) + 1)]
     best = max(students, key=lambda k: results["accuracy"][k])
-    gains = {names[k]: [100 * (a - b) for a, b in zip(accs, results["per_class"][best])]
-             for k, accs in results["per_class"].items() if k not in (best, "oracle")}
-    plot_grouped_bars(gains, CLASSES, out / "per_class_gain.png",
-                      f"Per-class test accuracy against the best single student ({names[best]})",
-                      "accuracy minus the best student's (points)")
+    gains = {short[k]: [100 * (a - b) for a, b in zip(accs, results["per_class"][best])]
+             for k, accs in results["per_class"].items() if k != best}
+    plot_gain_table(gains, CLASSES, out / "per_class_gain.png",
+                    f"Per-class test accuracy minus that of the best single student, {short[best]} (points)")
     plot_confusion(results["confusion_routed"], CLASSES, out / "routed_confusion.png",
-                   f"{names['routed']}: confusion matrix (test set)")
-    pairs = results["labels"]["pairs"]
-    shares = {(f"{pairs[key]}: " if len(pairs) > 1 else "") + name: [s[k] for s in per_class]
-              for key, per_class in results["routing_share_per_class"].items()
-              for k, name in enumerate(results["labels"]["pair_students"][key])}
+                   f"{short['routed']}: confusion matrix (test set)")
+    shares = {}
+    for key, systems in results["routing_share_per_class"].items():
+        prefix = "" if key == "generalists" else key
+        for system, per_class in systems.items():
+            title = short[prefix + system].removeprefix("specialists' ")
+            shares[f"{pairs[key]}: {title}"] = {name: [s[k] for s in per_class]
+                                                for k, name in enumerate(labels["pair_students"][key])}
     plot_grouped_bars(shares, CLASSES, out / "routing_share.png",
-                      "Share of each class's images each student ran on (routed systems)", "share")
+                      "Share of each class's test images each student ran on", "share of the class", columns=2)
