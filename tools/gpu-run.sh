@@ -16,7 +16,7 @@ out=${OUT:?set OUT to the folder handed back}
 export PYTHONUNBUFFERED=1
 data=${DATA:-data/cifar10-jpeg.tar.gz}
 
-without_progress() {  # tqdm redraws its bar with carriage returns: keep each bar's last state only
+without_progress() {  # tqdm redraws its bars with carriage returns: the log keeps every line but the bars
     tr '\r' '\n' | grep --line-buffered -Ev '^[^|]*[0-9]+%\|.*\| *[0-9]+/[0-9]+ \[' || true
 }
 
