@@ -118,6 +118,13 @@ def plot_grouped_bars(panels, classes, path, title, ylabel, columns=1):
     _save(grouped_bars_figure(panels, classes, title, ylabel, columns), path)
 
 
+def label_cells(ax, texts, dark):
+    """Write ``texts[i][j]`` in the middle of cell (i, j) of an ``imshow``, white where ``dark[i, j]``."""
+    for i, row in enumerate(texts):
+        for j, text in enumerate(row):
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark[i, j] else "black")
+
+
 def gain_table_figure(values, classes, title):
     """``values``: ``{row name: [one value per class]}`` as a table of coloured cells, each with its value: red
     below 0, blue above, white at 0, the scale symmetric about 0."""
@@ -128,10 +135,7 @@ def gain_table_figure(values, classes, title):
     image = ax.imshow(table, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
     class_axis(ax, classes)
     ax.set_yticks(range(len(values)), list(values))
-    for i, row in enumerate(table):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:+.1f}", ha="center", va="center", fontsize=7,
-                    color="white" if abs(value) > 0.6 * limit else "black")
+    label_cells(ax, [[f"{v:+.1f}" for v in row] for row in table], np.abs(table) > 0.6 * limit)
     ax.set_title(wrap(title, 90), fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
@@ -151,10 +155,7 @@ def confusion_figure(matrix, classes, title):
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=7,
-                    color="white" if shares[i, j] > 0.5 else "black")
+    label_cells(ax, [[f"{int(v)}" for v in row] for row in matrix], shares > 0.5)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(wrap(title, 55), fontsize=11)
