@@ -92,12 +92,14 @@ def main(argv=None):
 
 
 def describe_published(folder):
-    """``students densenet121, googlenet and the selector, trained at commit ... on ...``: a published folder."""
+    """``students densenet121, googlenet and the selector, trained at commit ... on ...``: a published folder (``mcl
+    specialists ...`` where it keeps a pair of specialists as its students)."""
     networks = read_manifest(folder)["networks"]
     archs = [e["arch"] for k, e in networks.items() if k.startswith("student")]
+    method = (networks["student1"].get("specialist") or {}).get("method")
     trained = networks["selector"]["trained"].get("provenance", {})
-    return (f"students {', '.join(archs)} and the selector, trained at commit {trained.get('git_commit', '?')} on "
-            f"{trained.get('device', '?')}")
+    return (f"{f'{method} specialists' if method else 'students'} {', '.join(archs)} and the selector, trained at "
+            f"commit {trained.get('git_commit', '?')} on {trained.get('device', '?')}")
 
 
 if __name__ == "__main__":

@@ -8,15 +8,31 @@ autocast on CUDA). The teacher (ResNet50, about 45 MiB in 16 bits) is over that 
 to use on your own machines. The folder is written beside itself, then renamed; an existing one is replaced only
 with --force.
 
+With --from FOLDER --pair it writes instead a copy of a published folder that keeps one pair and its selector (the
+teacher too, where published), as the students and the selector every script routes: what a repository that keeps
+the weights of one pair commits. --pair best keeps the pair whose best routed system is the most accurate on the
+hold-out split of the bundle FOLDER sits in (its results.json), the generalists on a tie.
+
     python publish.py --name cpu
     python publish.py --students a.pt b.pt --selector s.pt --out results/mine/weights
+    python publish.py --from results/published/h200-2026-12-10/weights --pair best --force   # in place
 """
 
+import json
 from pathlib import Path
 
-from utils.cli import POSITIVE_INT, add_data_args, add_device_args, experiment_name, make_parser, parse, run
+from utils.cli import (
+    POSITIVE_INT,
+    UserError,
+    add_data_args,
+    add_device_args,
+    experiment_name,
+    make_parser,
+    parse,
+    run,
+)
 from utils.choices import SPECIALISATIONS
-from utils.published import refuse_existing
+from utils.published import PAIRS, refuse_existing
 from utils.runs import RESULTS_ROOT, check_output_folder, default_checkpoint, default_students
 
 
@@ -40,6 +56,12 @@ def build_parser():
     parser.add_argument("--out", default=None,
                         help="the published folder (default: results/[NAME/]weights, beside inference.py's bundle)")
     parser.add_argument("--force", action="store_true", help="replace the published folder --out if it exists")
+    parser.add_argument("--from", dest="source", default=None, metavar="FOLDER",
+                        help="a published folder to copy with one pair only (--pair), instead of publishing "
+                             "checkpoints (--out defaults to FOLDER itself, which needs --force)")
+    parser.add_argument("--pair", choices=("best", *PAIRS), default=None,
+                        help="with --from: the pair to keep; best: the one whose best routed system is the most "
+                             "accurate on the hold-out split of the bundle FOLDER sits in")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=1024, help="images per forward pass")
     add_data_args(parser)
     add_device_args(parser, compile=False, seed=False)
@@ -47,7 +69,13 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    args = parse(build_parser(), argv)
+    parser = build_parser()
+    args = parse(parser, argv)
+    if (args.source is None) != (args.pair is None):
+        parser.error("--from and --pair go together: the published folder, and the pair of it to keep")
+    if args.source:
+        args.out = args.out or args.source
+        return args
     args.students = args.students or default_students(args.name)
     args.selector = args.selector or default_checkpoint(args.name, "selector")
     args.teacher = args.teacher or default_checkpoint(args.name, "teacher")
@@ -58,6 +86,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     refuse_existing(args.out, args.force)
+    if args.source:
+        return keep_one_pair(args)
     check_output_folder(Path(args.out).parent, "--out")
     from utils.data import load_cifar10  # after the flags: --help and a refused flag need no torch
     from utils.experiment import (
@@ -91,6 +121,40 @@ def main(argv=None):
     data = load_cifar10(args.data_dir, args.download, verbose=False, allow_partial=args.partial_data)
     manifest = export_weights(networks, data, args.out, args.command, args.force, args.batch_size)
     print_manifest(manifest, args.out)
+
+
+def keep_one_pair(args):
+    from utils.weights import keep_pair  # after the flags: --help and a refused flag need no torch
+
+    pair = args.pair
+    if pair == "best":
+        best = best_routing_per_pair(Path(args.source).resolve().parent / "results.json")
+        pair = max(best, key=lambda p: (best[p][0], p == "generalists"))
+        print("best routed system of each pair on the hold-out split: " + "; ".join(
+            f"{p} {100 * acc:.2f}% ({policy} at {budget}x)" for p, (acc, policy, budget) in best.items())
+            + f"; keeping the {pair}")
+    manifest = keep_pair(args.source, pair, args.out, args.force)
+    print(f"{args.out}/ keeps the {pair}: " + ", ".join(f"{k} {e['file']}" for k, e in manifest["networks"].items()))
+
+
+def best_routing_per_pair(results_path):
+    """``{pair: (hold-out accuracy, policy, budget)}``: each pair's most accurate routed system on the hold-out split,
+    at any budget the bundle sets the pairs side by side (``results["pairs"]``)."""
+    try:
+        budgets = json.loads(Path(results_path).read_text())["pairs"]["budgets"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--pair best reads the pairs' hold-out accuracies in {results_path}, the bundle's, and "
+                        f"cannot ({type(e).__name__}: {e}); name the pair instead") from None
+    best = {}
+    for budget, rows in budgets.items():
+        for key, row in rows.items():
+            pair = "generalists" if key == "generalists" else "specialists"
+            if pair not in best or row["holdout_accuracy"] > best[pair][0]:
+                best[pair] = (row["holdout_accuracy"], row["policy"], budget)
+    if len(best) < 2:
+        raise UserError(f"{results_path} sets no specialists beside the generalists: there is one pair, nothing to "
+                        "choose")
+    return best
 
 
 def print_manifest(manifest, out):

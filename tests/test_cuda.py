@@ -1,9 +1,11 @@
 """What only a GPU runs: bf16 autocast with channels_last and fused SGD, padded evaluation shapes, CUDA random
 streams of students trained together, a time box that synchronises before it reads the clock.
 
-Skipped without CUDA; on a GPU machine run them with ``python -m pytest -m cuda -q`` (under a minute).
+Skipped without CUDA; on a GPU machine run them with ``python -m pytest -m cuda -q`` (about a minute; the smoke
+pipeline on the GPU, marked slow too, is left out by ``-m "cuda and not slow"``).
 """
 
+import json
 import subprocess
 import sys
 
@@ -89,6 +91,21 @@ def test_students_trained_together_on_the_gpu_and_a_time_box_that_measures_them(
         assert checkpoint["complete"] and timing["epochs"] == checkpoint["epochs"] >= 1
         assert timing["peak_memory_mib"] > 0 and timing["images_per_s"] > 0
         assert timing["planned_seconds"] <= 30
+
+
+@pytest.mark.slow  # tools/gpu-run.sh runs the same as its preflight before a pipeline; its checks leave it out
+def test_the_smoke_pipeline_with_specialists_and_published_weights_runs_on_the_gpu(tmp_path, monkeypatch):
+    import reproduce
+
+    monkeypatch.chdir(tmp_path)
+    data = write_tree(tmp_path / "cifar", per_class=(25, 5))
+    reproduce.main(["--preset", "smoke", "--device", "cuda", "--with-specialists", "mcl", "--partial-data",
+                    "--data-dir", str(data), "--out", "bundle"])
+    manifest = json.loads((tmp_path / "bundle" / "weights" / "manifest.json").read_text())
+    assert manifest["measured"]["arithmetic"] == "bfloat16 autocast (CUDA)"
+    assert list(manifest["networks"]) == ["student1", "student2", "selector", "spec1", "spec2", "spec_selector"]
+    results = json.loads((tmp_path / "bundle" / "results.json").read_text())
+    assert "spec:selector" in results["accuracy"] and results["costs"]["student1"]["images_per_s"] > 0
 
 
 def test_inference_takes_cudnn_heuristics_for_its_varying_shapes_and_training_searches():

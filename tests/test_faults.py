@@ -11,6 +11,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -346,6 +348,14 @@ def test_a_fifo_given_to_predict_is_one_line_not_a_hang(tmp_path, capsys):
     os.mkfifo(fifo)
     line = one_error_line(lambda: predict.main([str(fifo), "--device", "cpu"]), capsys)
     assert line == f"error: {fifo} is not a regular file (a folder, a pipe or a device); give image files"
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly():
+    # `python predict.py *.png | head -1`: the writer stops at its next line, without a traceback
+    printing = "from utils.cli import run; run(lambda: [print('x' * 99) for _ in range(10**6)])"
+    done = subprocess.run(f"{sys.executable} -c \"{printing}\" | head -c 1; exit ${{PIPESTATUS[0]}}",
+                          shell=True, executable="bash", cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (141, "x", "")
 
 
 @pytest.mark.parametrize("script", [teacherTrain, StudentTrain, reproduce])

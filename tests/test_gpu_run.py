@@ -23,15 +23,50 @@ def test_the_pipeline_hands_back_its_bundle_log_and_weights_within_the_limits(tm
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= MAX_FILES and all((out / f).stat().st_size <= MAX_FILE_BYTES for f in files)
-    assert {"bundle.tar", "manifest.json"} < set(files) and any(f.startswith("spec_selector-") for f in files)
+    assert {"bundle.tar", "manifest.json"} < set(files) and "spec_selector.pt.gz" in files
     with tarfile.open(out / "bundle.tar") as tar:
         names = tar.getnames()
         log = tar.extractfile("gpu-run/reproduce.log").read().decode()
         machine = tar.extractfile("gpu-run/machine.txt").read().decode()
+        preflight = tar.extractfile("gpu-run/preflight.log").read().decode()
     assert {"gpu-run/results.md", "gpu-run/logits.npz"} < set(names) and not any("weights" in n for n in names)
-    assert log.startswith(f"$ python {REPO}/reproduce.py --preset smoke --minutes 3 --with-specialists mcl")
+    assert preflight.startswith(f"$ python {REPO}/reproduce.py --preset smoke --device cuda --name preflight "
+                                "--with-specialists mcl")
+    box = float(log.split(" --minutes ")[1].split()[0])
+    assert log.startswith(f"$ python {REPO}/reproduce.py --preset smoke --minutes {box:.2f} --with-specialists mcl")
+    assert 0 < box < 3 - 0.4 and f"the pipeline gets the {box:.2f} minutes left of 3" in done.stdout  # 25 s outside
     assert "\r" not in log and "exit code 0 after" in log
     assert "commit dry-run" in machine and "torch" in machine
+
+
+def test_a_failed_preflight_hands_back_its_log_and_runs_nothing_longer(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "MSKD_GIT_COMMIT": "dry-run"}
+    done = subprocess.run([str(SCRIPT), "pipeline", "9", "--kd-loss", "none"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and sorted(p.name for p in out.iterdir()) == ["preflight.log"]
+    log = (out / "preflight.log").read_text()
+    assert "--preset smoke --device cuda" in log and "argument --kd-loss: invalid choice" in log
+    assert "exit code 2" in log and not (tmp_path / "results").exists()
+
+
+def test_publish_puts_the_handed_back_bundle_and_its_weights_together(tmp_path):
+    from tests.test_weights import both_pairs
+
+    files, work = tmp_path / "files", tmp_path / "work"
+    weights = both_pairs(files, {"generalists": [0.9, 0.9], "spec:": [0.8, 0.8]})  # in files/, results.json beside it
+    (work / "gpu-run").mkdir(parents=True)
+    (tmp_path / "results.json").rename(work / "gpu-run" / "results.json")
+    with tarfile.open(files / "bundle.tar", "w") as tar:
+        tar.add(work / "gpu-run", "gpu-run")
+    dest = tmp_path / "results" / "published" / "h200-2026-12-10"
+    done = subprocess.run([str(SCRIPT), "publish", str(files), str(dest)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (dest / "weights").iterdir()) == sorted([*weights, "manifest.json"])
+    assert (dest / "results.json").is_file()  # both pairs kept: they fit beside the tracked tree
+    again = subprocess.run([str(SCRIPT), "publish", str(files), str(dest)], capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr == f"error: {dest} exists; choose another DEST, or remove it first\n"
 
 
 def test_without_a_mode_it_prints_its_usage_and_refuses():

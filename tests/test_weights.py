@@ -24,6 +24,7 @@ from utils.bundle import handed_back
 from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from utils.cli import UserError
 from utils.distill import load_teacher
+from utils.export import file_name
 from utils.networks import Network
 from utils.published import FORMAT, MANIFEST, published_paths
 from utils.runtime import Runtime
@@ -49,7 +50,7 @@ def publish_checkpoints(folder, checkpoints):
         n = checkpoint["split"]["holdout"]
         record = published_record(checkpoint, torch.randn(n, checkpoint["num_classes"]),
                                   torch.arange(n) % 10, {"path": f"{k}.pt", "weights_sha256": "-"})
-        name = f"{k}-{checkpoint['arch']}.pt.gz"
+        name = file_name(k, checkpoint["arch"])
         files[name] = pack(record)
         entries[k] = {"file": name, "sha256": sha256(files[name]), "bytes": len(files[name])}
     write_folder(folder, files, {"format": FORMAT, "networks": entries})
@@ -153,6 +154,57 @@ def test_publish_refuses_to_replace_a_published_folder_before_reading_anything(s
                    "them, or choose another --out"
 
 
+def both_pairs(folder, holdout_accuracy):
+    """A published folder of both pairs (small random networks), in a bundle whose results.json gives each pair's
+    routed systems these hold-out accuracies (``{"generalists": [...], "spec:": [...]}``, one per budget)."""
+    ids = ["student1", "student2", "selector", "spec1", "spec2", "spec_selector"]
+    files = publish_checkpoints(folder, {k: random_checkpoint("selector", num_classes=2) for k in ids})
+    policy = {"generalists": "selector", "spec:": "spec:selector"}
+    budgets = {f"{b:g}": {pair: {"policy": policy[pair], "holdout_accuracy": accs[k]}
+                          for pair, accs in holdout_accuracy.items()} for k, b in enumerate((1, 1.25))}
+    (folder.parent / "results.json").write_text(json.dumps({"pairs": {"budgets": budgets}}))
+    return files
+
+
+def test_a_folder_keeps_the_pair_best_on_the_hold_out_split_byte_for_byte_as_the_routed_students(tmp_path,
+                                                                                                  capsys):
+    weights = tmp_path / "bundle" / "weights"
+    files = both_pairs(weights, {"generalists": [0.90, 0.91], "spec:": [0.89, 0.915]})
+    publish.main(["--from", str(weights), "--pair", "best", "--force"])
+    manifest = json.loads((weights / MANIFEST).read_text())
+    assert manifest["pair"] == "specialists"
+    assert {k: e["file"] for k, e in manifest["networks"].items()} == {
+        "student1": "spec1-selector.pt.gz", "student2": "spec2-selector.pt.gz",
+        "selector": "spec_selector.pt.gz"}
+    assert contents(weights) == {name: files[name] for name in contents(weights) if name != MANIFEST} | \
+        {MANIFEST: (weights / MANIFEST).read_bytes()}
+    assert "specialists 91.50% (spec:selector at 1.25x); keeping the specialists" in capsys.readouterr().out
+    for path in published_paths(weights).values():
+        load_checkpoint(path, hint="")  # each file checked against the new manifest
+
+    both_pairs(tmp_path / "tie" / "weights", {"generalists": [0.91, 0.90], "spec:": [0.91, 0.91]})
+    publish.main(["--from", str(tmp_path / "tie" / "weights"), "--pair", "best", "--out", str(tmp_path / "kept")])
+    assert json.loads((tmp_path / "kept" / MANIFEST).read_text())["pair"] == "generalists"  # a tie: the generalists
+
+
+def test_keeping_a_pair_refuses_a_changed_file_or_a_missing_pair_and_leaves_the_folder_as_it_was(tmp_path, capsys):
+    weights = tmp_path / "bundle" / "weights"
+    files = both_pairs(weights, {"generalists": [0.9, 0.9], "spec:": [0.8, 0.8]})
+    spec = weights / "spec2-selector.pt.gz"
+    spec.write_bytes(files[spec.name][:-1])
+    before = contents(weights)
+    line = one_error_line(lambda: publish.main(["--from", str(weights), "--pair", "specialists", "--force"]), capsys)
+    assert line.startswith(f"error: {spec} was changed or truncated")
+    assert contents(weights) == before
+    publish.main(["--from", str(weights), "--pair", "generalists", "--out", str(tmp_path / "kept")])
+    line = one_error_line(lambda: publish.main(["--from", str(tmp_path / "kept"), "--pair", "specialists",
+                                                "--out", str(tmp_path / "again")]), capsys)
+    assert line == f"error: {tmp_path / 'kept'} holds no specialists with their selector (spec1..., spec_selector); " \
+                   "its networks: student1, student2, selector"
+    line = one_error_line(lambda: publish.main(["--from", str(weights), "--pair", "best"]), capsys)
+    assert line.startswith(f"error: {weights} already holds published weights; add --force")
+
+
 # ----------------------------------------------------------------------------- every entry point
 
 def test_inference_evaluates_published_weights_with_the_bundle_s_teacher_and_matches_the_manifest(published,
@@ -189,6 +241,25 @@ def test_predict_uses_the_newest_published_weights_and_needs_no_data(published, 
     shutil.rmtree(tmp_path / "results")
     assert one_error_line(lambda: predict.main([str(image), "--device", "cpu"]), capsys).startswith(
         "error: no published weights in results/published/*/weights/ and no trained checkpoints in checkpoints/")
+
+
+def test_a_folder_that_keeps_the_specialists_routes_them_as_its_students(published, tmp_path, capsys):
+    weights, data = published
+    kept = tmp_path / "bundle" / "kept"
+    publish.main(["--from", str(weights), "--pair", "specialists", "--out", str(kept)])
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    capsys.readouterr()
+    predict.main([str(image), "--weights", str(kept), "--device", "cpu"])
+    assert f"using the published weights {kept} (mcl specialists densenet121, googlenet and the selector" in \
+        capsys.readouterr().out
+    inference.main(["--weights", str(kept), "--device", "cpu", "--data-dir", str(data), "--partial-data",
+                    "--out", str(tmp_path / "results")])
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    manifest = json.loads((weights / MANIFEST).read_text())["networks"]
+    assert [net["path"] for net in results["networks"][1:4]] == [str(kept / manifest[k]["file"])
+                                                                 for k in ("spec1", "spec2", "spec_selector")]
+    assert all(acc["here"] == acc["manifest"] for acc in results["published_weights"]["test_accuracy"].values())
 
 
 def test_flip_tta_from_published_weights_gives_both_splits_and_its_cost(published, tmp_path, monkeypatch):

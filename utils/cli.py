@@ -43,6 +43,10 @@ def run(main):
         _undo()
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # what read the output has stopped (``| head``): stop too, quietly, as a pipe's writer
+        _undo()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would raise again
+        sys.exit(141)
     except BaseException as e:
         if not isinstance(e, SystemExit) or e.code not in (0, None):
             _undo()

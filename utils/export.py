@@ -8,18 +8,19 @@ from utils.checkpoint import weights_fingerprint
 from utils.data import make_splits
 from utils.networks import Network
 from utils.provenance import provenance
-from utils.published import FORMAT, SUFFIX
+from utils.published import FORMAT, PAIRS, SUFFIX
 from utils.routed import Ladder, fit_policy
 from utils.runtime import device_name
 from utils.weights import PRECISION, check_sizes, pack, published_record, rounded, sha256, upcast, write_folder
 
 SELECTOR_ACCURACY = "selector routing, at the threshold of best hold-out accuracy"
+SELECTORS = {selector: prefix for prefix, selector in PAIRS.values()}  # what each selector's students' ids begin with
 
 
 def file_name(k, arch):
-    """``student1-densenet121.pt.gz``: the file of network ``k`` (``teacher``, ``student1``..., ``selector``,
-    ``spec1``..., ``spec_selector``)."""
-    return f"{k}-{arch}{SUFFIX}"
+    """``student1-densenet121.pt.gz``, ``selector.pt.gz``: the file of network ``k`` (``teacher``, ``student1``...,
+    ``selector``, ``spec1``..., ``spec_selector``)."""
+    return f"{k}{SUFFIX}" if k in SELECTORS else f"{k}-{arch}{SUFFIX}"
 
 
 def as_published(network):
@@ -27,9 +28,6 @@ def as_published(network):
     model = upcast(rounded(network.checkpoint["model"]))
     checkpoint = {**network.checkpoint, "model": model, "weights_sha256": weights_fingerprint(model)}
     return Network(network.path, None, "", network.runtime, role=network.role, checkpoint=checkpoint)
-
-
-SELECTORS = {"selector": "student", "spec_selector": "spec"}  # each selector, and what its students' ids begin with
 
 
 def routed_students(published, selector):

@@ -17,6 +17,7 @@ FORMAT = "mskd-weights/1"
 MANIFEST = "manifest.json"
 SUFFIX = ".pt.gz"
 PUBLISHED_ROOT = RESULTS_ROOT / "published"
+PAIRS = {"generalists": ("student", "selector"), "specialists": ("spec", "spec_selector")}  # ids' prefix, selector
 FIX = "restore the folder as it was published (`git checkout -- FOLDER`), or write it again with `python publish.py`"
 
 

@@ -2,11 +2,11 @@
 what a GPU job hands back, loaded as data and checked file by file.
 
 A published folder is ``<bundle>/weights/`` (``utils/published.py`` finds them): ``manifest.json`` and one file per
-network, ``<id>-<arch>.pt.gz`` (``student1-densenet121.pt.gz``, ``selector-selector.pt.gz``, on request
-``teacher-resnet50.pt.gz``). Each is the gzip of a ``torch.save`` of a plain dict: the network's checkpoint
-record (``utils.trained``: kind, arch, num_classes, model_args, split, data fingerprint, classes, its config with
-its test-time views ``tta``, its provenance; a student's KD and teacher, a selector's students and cross-fitting),
-and
+network, ``<id>-<arch>.pt.gz`` (``student1-densenet121.pt.gz``, on request ``teacher-resnet50.pt.gz``), a
+selector's ``<id>.pt.gz`` (``selector.pt.gz``). Each is the gzip of a ``torch.save`` of a plain dict: the
+network's checkpoint record (``utils.trained``: kind, arch, num_classes, model_args, split, data fingerprint,
+classes, its config with its test-time views ``tta``, its provenance; a student's KD and teacher, a selector's
+students and cross-fitting), and
 
   model            its weights: floating tensors in bfloat16, integer buffers as they are (no optimizer, EMA
                    or resume state)
@@ -27,13 +27,14 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from utils.cli import UserError
-from utils.published import FIX, FORMAT, MANIFEST, is_published_file, read_manifest, refuse_existing
+from utils.published import FIX, FORMAT, MANIFEST, PAIRS, is_published_file, read_manifest, refuse_existing
 from utils.trained import NOT_RECORDED
 
 PRECISION = torch.bfloat16
@@ -80,12 +81,7 @@ def load_published(path):
     entry = next((e for e in read_manifest(folder)["networks"].values() if e["file"] == path.name), None)
     if entry is None:
         raise UserError(f"{path} is not listed in {folder / MANIFEST}; {fix}")
-    if not path.is_file():
-        raise UserError(f"{path} is missing (listed in {folder / MANIFEST}); {fix}")
-    data = path.read_bytes()
-    if sha256(data) != entry["sha256"]:
-        raise UserError(f"{path} was changed or truncated ({len(data)} bytes, and its sha256 is not the one "
-                        f"{MANIFEST} lists); {fix}")
+    data = checked_bytes(folder, entry)
     try:
         record = torch.load(io.BytesIO(gzip.decompress(data)), map_location="cpu", weights_only=True)
     except Exception as e:  # its sha256 is the manifest's: the manifest was written for another file
@@ -94,6 +90,42 @@ def load_published(path):
         if is_published_file(link["path"]):  # a link to a file of the same folder
             link["path"] = str(folder / link["path"])
     return {**record, "model": upcast(record["model"])}
+
+
+def checked_bytes(folder, entry):
+    """The bytes of the file of the manifest's ``entry``, refused in one line where it is missing or its sha256 is
+    not the manifest's."""
+    path = Path(folder) / entry["file"]
+    fix = FIX.replace("FOLDER", str(folder))
+    if not path.is_file():
+        raise UserError(f"{path} is missing (listed in {Path(folder) / MANIFEST}); {fix}")
+    data = path.read_bytes()
+    if sha256(data) != entry["sha256"]:
+        raise UserError(f"{path} was changed or truncated ({len(data)} bytes, and its sha256 is not the one "
+                        f"{MANIFEST} lists); {fix}")
+    return data
+
+
+def keep_pair(folder, pair, out, force=False):
+    """Write ``out``: the published folder ``folder`` with one pair of students and its selector (``PAIRS``), the
+    teacher too where it is published, listed as the ``student1``... and ``selector`` that every script routes. The
+    files are copied byte for byte under their names (a selector's file names its students' files), each checked
+    against the manifest first; ``out`` may be ``folder`` itself, with ``force``. Returns the new manifest."""
+    manifest = read_manifest(folder)
+    prefix, selector = PAIRS[pair]
+    kept = {}
+    for k, entry in manifest["networks"].items():
+        if re.fullmatch(prefix + r"\d+", k):
+            kept[f"student{k.removeprefix(prefix)}"] = entry
+        elif k in ("teacher", selector):
+            kept["selector" if k == selector else k] = entry
+    if "selector" not in kept or "student1" not in kept:
+        raise UserError(f"{folder} holds no {pair} with their selector ({prefix}1..., {selector}); its networks: "
+                        f"{', '.join(manifest['networks'])}")
+    files = {entry["file"]: checked_bytes(folder, entry) for entry in kept.values()}
+    kept_manifest = {**manifest, "networks": kept, "pair": pair}
+    write_folder(out, files, kept_manifest, force)
+    return kept_manifest
 
 
 def check_sizes(files, allowed=()):
