@@ -7,7 +7,9 @@ import tarfile
 import pytest
 
 from tests.conftest import REPO, write_tree
-from utils.bundle import MAX_FILE_BYTES, MAX_FILES
+from tests.test_published import BESIDE
+from utils.bundle import MAX_FILE_BYTES, MAX_FILES, bundle_sizes
+from utils.published import published_paths
 
 SCRIPT = REPO / "tools" / "gpu-run.sh"
 
@@ -37,6 +39,10 @@ def test_the_pipeline_hands_back_its_bundle_log_and_weights_within_the_limits(tm
     assert 0 < box < 3 - 0.4 and f"the pipeline gets the {box:.2f} minutes left of 3" in done.stdout  # 25 s outside
     assert "\r" not in log and "exit code 0 after" in log
     assert "commit dry-run" in machine and "torch" in machine
+    dest = tmp_path / "results" / "published" / "cpu-2026-12-03"
+    subprocess.run([str(SCRIPT), "publish", str(out), str(dest)], check=True, capture_output=True, timeout=120)
+    assert bundle_sizes(dest, besides=BESIDE)[1]  # within a published bundle's limits, its logs beside it
+    assert list(published_paths(dest / "weights"))[:3] == ["student1", "student2", "selector"]
 
 
 def test_a_failed_preflight_hands_back_its_log_and_runs_nothing_longer(tmp_path):

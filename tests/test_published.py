@@ -12,12 +12,13 @@ import utils.trained
 from tests.conftest import REPO
 from utils.bundle import bundle_sizes
 
+BESIDE = ("README.md", "reproduce.log", "preflight.log", "machine.txt")  # how and where it was made, its logs
 PUBLISHED = sorted(p for p in (REPO / "results" / "published").glob("*") if (p / "results.json").exists())
 
 
 @pytest.mark.parametrize("bundle", PUBLISHED, ids=[p.name for p in PUBLISHED])
 def test_a_published_bundle_gives_its_own_tables_again_from_its_logits(bundle, tmp_path, monkeypatch):
-    files, within = bundle_sizes(bundle, besides=("README.md", "reproduce.log"))  # where it was made; its log
+    files, within = bundle_sizes(bundle, besides=BESIDE)
     assert within, files
     readme = bundle / "README.md"
     assert readme.exists() and "reproduce.py" in readme.read_text()
