@@ -33,7 +33,7 @@ def test_the_pipeline_hands_back_its_bundle_log_and_weights_within_the_limits(tm
         preflight = tar.extractfile("gpu-run/preflight.log").read().decode()
     assert {"gpu-run/results.md", "gpu-run/logits.npz"} < set(names) and not any("weights" in n for n in names)
     assert preflight.startswith(f"$ python {REPO}/reproduce.py --preset smoke --device cuda --name preflight "
-                                "--with-specialists mcl")
+                                "--with-specialists mcl --force")
     box = float(log.split(" --minutes ")[1].split()[0])
     assert log.startswith(f"$ python {REPO}/reproduce.py --preset smoke --minutes {box:.2f} --with-specialists mcl")
     assert 0 < box < 3 - 0.4 and f"the pipeline gets the {box:.2f} minutes left of 3" in done.stdout  # 25 s outside

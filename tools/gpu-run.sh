@@ -56,7 +56,7 @@ pipeline)
     : "${MSKD_GIT_COMMIT:?set MSKD_GIT_COMMIT: the machine may keep an older .git}"
     work=$(mktemp -d)
     preflight=(python "$root/reproduce.py" --preset smoke --device cuda --name preflight --with-specialists mcl
-               --data-dir "$data" --out "$work/preflight" "$@")
+               --force --data-dir "$data" --out "$work/preflight" "$@")  # --force: a warm machine's retrained too
     status=0
     logged "$work/preflight.log" timeout -k 10 "$preflight_limit" "${preflight[@]}" || status=$?
     if [ "$status" != 0 ]; then
@@ -69,6 +69,7 @@ pipeline)
     limit=$(awk -v m="$minutes" -v s=$(( overrun - elapsed )) 'BEGIN { printf "%d", m * 60 + s }')
     echo "preflight passed; the pipeline gets the $box minutes left of $minutes"
     bundle=results/gpu-run
+    if [ -e "$bundle" ]; then mv "$bundle" "$bundle-before-$started"; fi  # a warm machine's earlier call's
     command=(python "$root/reproduce.py" --preset "${PRESET:-full}" --minutes "$box" --with-specialists mcl
              --data-dir "$data" --out "$bundle" "$@")
     status=0  # stopped (and its checkpoints saved) where it overruns the job's end, so that its log still comes back
