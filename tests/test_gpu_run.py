@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -33,10 +34,10 @@ def test_the_pipeline_hands_back_its_bundle_log_and_weights_within_the_limits(tm
         machine = tar.extractfile("gpu-run/machine.txt").read().decode()
         preflight = tar.extractfile("gpu-run/preflight.log").read().decode()
     assert {"gpu-run/results.md", "gpu-run/logits.npz"} < set(names) and not any("weights" in n for n in names)
-    assert preflight.startswith(f"$ python {REPO}/reproduce.py --preset smoke --device cuda --name preflight "
-                                "--with-specialists mcl --force")
+    assert preflight.startswith(f"$ python {REPO}/reproduce.py --preset smoke --device cuda --name preflight --force")
     box = float(log.split(" --minutes ")[1].split()[0])
-    assert log.startswith(f"$ python {REPO}/reproduce.py --preset smoke --minutes {box:.2f} --with-specialists mcl")
+    assert log.startswith(f"$ python {REPO}/reproduce.py --preset smoke --minutes {box:.2f} ")
+    assert "--with-specialists mcl --device cpu --partial-data\n" in log and preflight.count("--with-specialists mcl")
     assert 0 < box < 3 - 0.4 and f"the pipeline gets the {box:.2f} minutes left of 3" in done.stdout  # 25 s outside
     assert "\r" not in log and "exit code 0 after" in log
     assert "commit dry-run" in machine and "torch" in machine
@@ -57,6 +58,42 @@ def test_a_failed_preflight_hands_back_its_log_and_runs_nothing_longer(tmp_path)
     log = (out / "preflight.log").read_text()
     assert "--preset smoke --device cuda" in log and "argument --kd-loss: invalid choice" in log
     assert "exit code 2" in log and not (tmp_path / "results").exists()
+
+
+def fake_reproduce(tmp_path):
+    """The environment of a job whose ``python .../reproduce.py`` prints its flags and ends, in no time."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "python").write_text(f'#!/bin/sh\ncase "$1" in */reproduce.py) echo "reproduce $*"; exit 0;; esac\n'
+                                  f'exec {sys.executable} "$@"\n')
+    (shims / "python").chmod(0o755)
+    (tmp_path / "out").mkdir()
+    return {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+            "MSKD_GIT_COMMIT": "dry-run"}
+
+
+def test_a_bundles_epochs_replace_the_time_box_and_the_specialists_can_be_left_out(tmp_path):
+    env = {**fake_reproduce(tmp_path), "SPECIALISTS": ""}
+    done = subprocess.run([str(SCRIPT), "pipeline", "3", "--with-nokd", "--epochs-from", "results/published/run"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "the pipeline runs the epochs of results/published/run, stopped if not done in" in done.stdout
+    with tarfile.open(tmp_path / "out" / "bundle.tar") as tar:
+        preflight = tar.extractfile("gpu-run/preflight.log").read().decode().splitlines()[0]
+        log = tar.extractfile("gpu-run/reproduce.log").read().decode().splitlines()[0]
+    assert preflight.endswith("--with-nokd") and "--epochs-from" not in preflight  # the smoke preset's one epoch
+    assert log.startswith(f"$ python {REPO}/reproduce.py --preset full --epochs-from results/published/run ")
+    assert log.endswith("--with-nokd") and "--minutes" not in log and "--with-specialists" not in log + preflight
+
+
+def test_minutes_that_are_no_number_or_leave_the_pipeline_under_a_minute_are_refused(tmp_path):
+    env = fake_reproduce(tmp_path)
+    for minutes, says in [("9,4", "error: MINUTES is the job's length in minutes, such as 9.4; got '9,4'\n"),
+                          ("1.2", " of the 1.2 minutes to the pipeline, under 1: give more\n")]:  # 25 s outside
+        done = subprocess.run([str(SCRIPT), "pipeline", minutes], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2 and done.stderr.endswith(says), done.stderr
+    assert not (tmp_path / "results").exists() and not any((tmp_path / "out").iterdir())
 
 
 def test_publish_puts_the_handed_back_bundle_and_its_weights_together(tmp_path):

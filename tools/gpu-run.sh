@@ -4,9 +4,10 @@
 #   MSKD_GIT_COMMIT=<commit> OUT=<folder> tools/gpu-run.sh pipeline MINUTES [reproduce.py flags...]
 #       ends within MINUTES: the smoke preset on the GPU first (every stage's CUDA path in about a minute; where
 #       it fails, $OUT gets preflight.log and nothing longer runs), then the whole pipeline with the specialists
-#       (mcl) in a box of the minutes left, stopped 15 s past MINUTES if it overruns; the logs and the machine's
-#       versions go in the bundle, and $OUT gets bundle.tar (the bundle without its weights) and each published
-#       file (manifest.json and six networks: 8 files). Give the job MINUTES and 30 s.
+#       (SPECIALISTS, default mcl; empty for none) in a box of the minutes left, or with the epochs of the bundle
+#       that a flag --epochs-from BUNDLE names, stopped 15 s past MINUTES if it overruns; the logs and the
+#       machine's versions go in the bundle, and $OUT gets bundle.tar (the bundle without its weights) and each
+#       published file (manifest.json and six networks: 8 files). Give the job MINUTES and 30 s.
 #   OUT=<folder> tools/gpu-run.sh checks
 #       python -m pytest -m "cuda and not slow", then bench.py at batch 512 and 1024; $OUT gets checks.log and
 #       bench.json
@@ -52,11 +53,25 @@ case "${1:-}" in
 pipeline)
     minutes=${2:?MINUTES}
     shift 2
+    if ! awk -v m="$minutes" 'BEGIN { exit !(m ~ /^[0-9]*\.?[0-9]+$/ && m > 0) }'; then
+        echo "error: MINUTES is the job's length in minutes, such as 9.4; got '$minutes'" >&2
+        exit 2
+    fi
     out=${OUT:?set OUT to the folder handed back}
     : "${MSKD_GIT_COMMIT:?set MSKD_GIT_COMMIT: the machine may keep an older .git}"
+    specialists=${SPECIALISTS-mcl}
+    flags=() length=()  # the flags of both runs; the pipeline's length: a time box, or a bundle's epochs
+    while (( $# )); do
+        case $1 in
+        --epochs-from) length=(--epochs-from "${2:?--epochs-from BUNDLE}"); shift 2 ;;
+        --epochs-from=*) length=(--epochs-from "${1#*=}"); shift ;;
+        *) flags+=("$1"); shift ;;
+        esac
+    done
+    if [ -n "$specialists" ]; then flags=(--with-specialists "$specialists" "${flags[@]}"); fi
     work=$(mktemp -d)
-    preflight=(python "$root/reproduce.py" --preset smoke --device cuda --name preflight --with-specialists mcl
-               --force --data-dir "$data" --out "$work/preflight" "$@")  # --force: a warm machine's retrained too
+    preflight=(python "$root/reproduce.py" --preset smoke --device cuda --name preflight --force
+               --data-dir "$data" --out "$work/preflight" "${flags[@]}")  # --force: a warm machine's retrained too
     status=0
     logged "$work/preflight.log" timeout -k 10 "$preflight_limit" "${preflight[@]}" || status=$?
     if [ "$status" != 0 ]; then
@@ -67,11 +82,20 @@ pipeline)
     elapsed=$(( $(date +%s) - started ))
     box=$(awk -v m="$minutes" -v s=$(( elapsed + outside_box )) 'BEGIN { printf "%.2f", m - s / 60 }')
     limit=$(awk -v m="$minutes" -v s=$(( overrun - elapsed )) 'BEGIN { printf "%d", m * 60 + s }')
-    echo "preflight passed; the pipeline gets the $box minutes left of $minutes"
+    if awk -v b="$box" 'BEGIN { exit !(b < 1) }'; then
+        echo "error: the preflight left $box of the $minutes minutes to the pipeline, under 1: give more" >&2
+        exit 2
+    fi
+    if (( ${#length[@]} )); then
+        echo "preflight passed; the pipeline runs the epochs of ${length[1]}, stopped if not done in $limit s"
+    else
+        length=(--minutes "$box")
+        echo "preflight passed; the pipeline gets the $box minutes left of $minutes"
+    fi
     bundle=results/gpu-run
     if [ -e "$bundle" ]; then mv "$bundle" "$bundle-before-$started"; fi  # a warm machine's earlier call's
-    command=(python "$root/reproduce.py" --preset "${PRESET:-full}" --minutes "$box" --with-specialists mcl
-             --data-dir "$data" --out "$bundle" "$@")
+    command=(python "$root/reproduce.py" --preset "${PRESET:-full}" "${length[@]}" --data-dir "$data" --out "$bundle"
+             "${flags[@]}")
     status=0  # stopped (and its checkpoints saved) where it overruns the job's end, so that its log still comes back
     logged "$work/reproduce.log" timeout -k 10 "$limit" "${command[@]}" || status=$?
     mkdir -p "$bundle"
@@ -111,7 +135,7 @@ publish)
     du -h "$dest"/weights/*
     ;;
 *)
-    sed -n 2,19p "$0"
+    sed -n 2,20p "$0"
     exit 2
     ;;
 esac
