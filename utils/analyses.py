@@ -37,6 +37,14 @@ SIDE_BY_SIDE = (1.0, 1.25, 1.3, 1.5)  # the budgets at which the pairs stand sid
 TARGET = {"budget": 1.3, "points": 0.005}  # what routed specialists are to reach over the best generalist student
 
 
+GENERALISTS = "generalists"
+
+
+def key_prefix(key):
+    """The prefix of the identifiers of the pair that the results key by ``key`` (``Pair.key``)."""
+    return "" if key == GENERALISTS else key
+
+
 @dataclass
 class Pair:
     """Students routed together, with the selectors that route them: the generalists (``prefix`` "") or a method's
@@ -53,6 +61,11 @@ class Pair:
 
     def __post_init__(self):
         self.ladder = Ladder(self.students, self.selector)
+
+    @property
+    def key(self):
+        """The key of this pair's entries in the results: its prefix, or "generalists" (``key_prefix``)."""
+        return self.prefix or GENERALISTS
 
     def id(self, system):
         return self.prefix + system
@@ -132,10 +145,8 @@ def analyse(networks, router, budget):
         "calibration": {k: network_scores(*net.logits["test"], interval=False) for k, net in e.ids.items()
                         if net.checkpoint["kind"] != "selector"},
         "per_class": {k: per_class(c, e.labels) for k, c in correct.items()},
-        "routing_share_per_class": {pair.prefix or "generalists": {system: share_per_class(routings[pair.id(system)],
-                                                                                            e.labels)
-                                                                   for system in ("routed", "selector")}
-                                    for pair in e.pairs},
+        "routing_share_per_class": {pair.key: {system: share_per_class(routings[pair.id(system)], e.labels)
+                                               for system in ("routed", "selector")} for pair in e.pairs},
         "confusion_routed": torch.bincount(e.labels * len(CLASSES) + routings["routed"].prediction,
                                            minlength=len(CLASSES) ** 2).view(len(CLASSES), -1).tolist(),
     }
@@ -214,11 +225,9 @@ def labels(e):
     return {"systems": systems, "comparisons": comparisons, "networks": networks, "policies": policies,
             "roles": {k: net.role for k, net in e.ids.items()},
             "students": [f"student {k} ({s.arch})" for k, s in enumerate(e.students, 1)],
-            "pair_students": {pair.prefix or "generalists": [f"{'specialist' if pair.prefix else 'student'} {k} "
-                                                              f"({s.arch})" for k, s in enumerate(pair.students, 1)]
-                              for pair in e.pairs},
-            "pairs": {pair.prefix or "generalists": pair.title.removesuffix(": ") or "Generalists"
-                      for pair in e.pairs},
+            "pair_students": {pair.key: [f"{'specialist' if pair.prefix else 'student'} {k} ({s.arch})"
+                                         for k, s in enumerate(pair.students, 1)] for pair in e.pairs},
+            "pairs": {pair.key: pair.title.removesuffix(": ") or "Generalists" for pair in e.pairs},
             "short": short_labels(e)}
 
 
@@ -430,14 +439,14 @@ def pairs_at_equal_cost(e, correct):
             best = best_routing(e, pair, budget)
             if best is None:
                 continue
-            key = pair.prefix or "generalists"
+            key = pair.key
             right[key] = best[2].correct(e.labels)
             row[key] = {"policy": best[0], "holdout_accuracy": best[1].holdout_accuracy_,
                         "accuracy": right[key].double().mean().item(), "gflops": best[2].gflops,
                         "vs_best_student": compare(right[key], correct[best_student])}
         for key in row:
-            row[key]["vs_generalists"] = compare(right[key], right["generalists"]) \
-                if key != "generalists" and "generalists" in right else None
+            row[key]["vs_generalists"] = compare(right[key], right[GENERALISTS]) \
+                if key != GENERALISTS and GENERALISTS in right else None
         table[f"{budget:g}"] = row
     return {"best_student": best_student, "budgets": table, "target": specialists_target(e, table)}
 

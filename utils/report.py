@@ -8,7 +8,7 @@ so a table or plot can be made again from the JSON alone. Results are keyed by i
 import json
 import math
 
-from utils.analyses import cost_labels
+from utils.analyses import cost_labels, key_prefix
 from utils.plots import plot_accuracy_vs_flops, plot_confusion, plot_gain_table, plot_grouped_bars
 from utils.runs import write_atomically
 from utils.split import CLASSES
@@ -371,7 +371,7 @@ def class_lines(r):
     names = r["labels"]["systems"]
     lines = []
     for key, systems in r["routing_share_per_class"].items():
-        prefix = "" if key == "generalists" else key
+        prefix = key_prefix(key)
         students = r["labels"]["pair_students"][key]
         for system, per_class_shares in systems.items():
             lines += [f"## {names[prefix + system]}: share of each class's images each student ran on", "",
@@ -410,7 +410,7 @@ def write_plots(results, out):
     short, pairs = labels["short"], labels["pairs"]
     panels = {}
     for key in pairs:
-        prefix = "" if key == "generalists" else key
+        prefix = key_prefix(key)
         ids = [k for k in results["accuracy"] if k == "teacher" or (k.startswith("spec") if prefix
                                                                     else not k.startswith("spec"))]
         curves = {labels["policies"][p].removeprefix(f"{pairs[key]}: "): tuple(c) for p, c in results["curves"].items()
@@ -429,7 +429,7 @@ def write_plots(results, out):
                    f"{short['routed']}: confusion matrix (test set)")
     shares = {}
     for key, systems in results["routing_share_per_class"].items():
-        prefix = "" if key == "generalists" else key
+        prefix = key_prefix(key)
         for system, per_class in systems.items():
             title = short[prefix + system].removeprefix("specialists' ")
             shares[f"{pairs[key]}: {title}"] = {name: [s[k] for s in per_class]
