@@ -10,7 +10,7 @@ compile, so that a speed flag's gain shows as a ratio in the same run.
 Inference: the teacher, each student, both students on every image, and the two routed
 systems — the cascade (the cheaper student on every image, the other on --defer-share of them)
 and selector routing (the selector, then one student: the dearer on --defer-share) — timed
-exactly as inference.py times them (utils.routing: two passes, the second timed), on
+exactly as inference.py times them (utils.routed.timed: an untimed pass, then a timed one), on
 --steps batches of test images.
 
 Every network has random weights: speed does not depend on their values, only on the

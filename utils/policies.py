@@ -300,7 +300,7 @@ class Router:
 
     def needs(self, outputs, known):
         """The ``(N, S)`` networks to run, given the logits of those ``known`` to have run so far: what
-        ``utils.routing.run_routed`` runs, round after round, until nothing more is needed. Here: what
+        ``utils.routed.run_routed`` runs, round after round, until nothing more is needed. Here: what
         ``route`` runs, for routers whose choice does not depend on the networks' logits."""
         return self.route(outputs).ran
 
