@@ -60,11 +60,13 @@ def test_a_failed_preflight_hands_back_its_log_and_runs_nothing_longer(tmp_path)
     assert "exit code 2" in log and not (tmp_path / "results").exists()
 
 
-def fake_reproduce(tmp_path):
-    """The environment of a job whose ``python .../reproduce.py`` prints its flags and ends, in no time."""
+def fake_reproduce(tmp_path, pipeline_exit=0):
+    """The environment of a job whose ``python .../reproduce.py`` prints its flags and ends at once, the preflight
+    with exit code 0, the pipeline with ``pipeline_exit``."""
     shims = tmp_path / "bin"
     shims.mkdir()
-    (shims / "python").write_text(f'#!/bin/sh\ncase "$1" in */reproduce.py) echo "reproduce $*"; exit 0;; esac\n'
+    (shims / "python").write_text(f'#!/bin/sh\ncase "$*" in *" --name preflight "*) exit 0;;\n'
+                                  f'*/reproduce.py*) echo "reproduce $*"; exit {pipeline_exit};; esac\n'
                                   f'exec {sys.executable} "$@"\n')
     (shims / "python").chmod(0o755)
     (tmp_path / "out").mkdir()
@@ -84,6 +86,16 @@ def test_a_bundles_epochs_replace_the_time_box_and_the_specialists_can_be_left_o
     assert preflight.endswith("--with-nokd") and "--epochs-from" not in preflight  # the smoke preset's one epoch
     assert log.startswith(f"$ python {REPO}/reproduce.py --preset full --epochs-from results/published/run ")
     assert log.endswith("--with-nokd") and "--minutes" not in log and "--with-specialists" not in log + preflight
+
+
+def test_a_failed_pipeline_hands_back_its_log_with_its_exit_code(tmp_path):
+    env = fake_reproduce(tmp_path, pipeline_exit=124)  # as timeout(1) ends one that overruns the job
+    done = subprocess.run([str(SCRIPT), "pipeline", "3"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 124 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bundle.tar"]
+    with tarfile.open(tmp_path / "out" / "bundle.tar") as tar:
+        log = tar.extractfile("gpu-run/reproduce.log").read().decode().splitlines()
+    assert log[1].startswith("reproduce ") and log[-1].startswith("exit code 124 after ")
 
 
 def test_minutes_that_are_no_number_or_leave_the_pipeline_under_a_minute_are_refused(tmp_path):
