@@ -19,7 +19,7 @@ from pathlib import Path
 
 from utils.cli import UserError, add_data_args, add_device_args, add_routing_args, make_parser, parse, run
 from utils.published import PUBLISHED_ROOT, newest_published, published_paths, read_manifest, student_paths
-from utils.runs import default_checkpoint, default_students
+from utils.runs import default_checkpoint, default_students, experiments_holding
 
 
 def build_parser():
@@ -63,9 +63,10 @@ def main(argv=None):
 
     images = [read_image(path) for path in args.images]  # a bad file is found before the networks load
     if not args.weights and args.defaults and not all(Path(p).exists() for p in [*args.students, args.selector]):
+        others = experiments_holding(Path(args.selector).name)
         raise UserError(f"no published weights in {PUBLISHED_ROOT}/*/weights/ and no trained checkpoints in "
                         "checkpoints/; train them with `python reproduce.py` (publish.py publishes them), or give "
-                        "--weights FOLDER")
+                        "--weights FOLDER" + (f" (experiments with a selector: {others})" if others else ""))
     if args.weights:
         print(f"using the published weights {args.weights} ({describe_published(args.weights)})")
     runtime = setup_runtime(args, varying_shapes=True)

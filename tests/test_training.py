@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -392,6 +393,20 @@ def test_files_that_are_not_checkpoints_are_named_so_and_never_to_be_deleted(tmp
 def test_directory_given_as_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         load_checkpoint(tmp_path, hint=TEACHER_HINT)
+
+
+def test_a_missing_checkpoint_names_the_experiments_that_have_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for folder in ("checkpoints/smoke", "checkpoints/cpu/seed0", "elsewhere"):
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "teacher.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint("checkpoints/teacher.pt", hint=TEACHER_HINT)
+    assert str(e.value) == f"no checkpoint at checkpoints/teacher.pt; run `{TEACHER_HINT}` first (experiments that " \
+                           "have one: --name cpu/seed0, --name smoke)"
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint("elsewhere/selector.pt", hint=TEACHER_HINT)  # outside checkpoints/, and no experiment's
+    assert str(e.value).endswith("first")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")

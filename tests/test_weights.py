@@ -242,6 +242,10 @@ def test_predict_uses_the_newest_published_weights_and_needs_no_data(published, 
     shutil.rmtree(tmp_path / "results")
     assert one_error_line(lambda: predict.main([str(image), "--device", "cpu"]), capsys).startswith(
         "error: no published weights in results/published/*/weights/ and no trained checkpoints in checkpoints/")
+    (tmp_path / "checkpoints" / "smoke").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "smoke" / "selector.pt").write_bytes(b"")
+    assert one_error_line(lambda: predict.main([str(image), "--device", "cpu"]), capsys).endswith(
+        "--weights FOLDER (experiments with a selector: --name smoke)")
 
 
 def test_a_folder_that_keeps_the_specialists_routes_them_as_its_students(published, tmp_path, capsys):

@@ -10,6 +10,7 @@ import torchvision
 from models import build_model
 from utils.cli import UserError
 from utils.published import is_published_file
+from utils.runs import CHECKPOINT_ROOT, experiments_holding
 from utils.weights import load_published
 
 FORMAT = "mskd-checkpoint/2"
@@ -85,7 +86,9 @@ def _published(path):
 
 def _read(path, hint):
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; run `{hint}` first")
+        others = experiments_holding(path.name) if CHECKPOINT_ROOT in path.parents else ""
+        raise CheckpointError(f"no checkpoint at {path}; run `{hint}` first" +
+                              (f" (experiments that have one: {others})" if others else ""))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError as e:

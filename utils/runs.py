@@ -33,6 +33,14 @@ def default_checkpoint(name, stem):
     return str(CHECKPOINT_ROOT / name / f"{stem}.pt")
 
 
+def experiments_holding(filename):
+    """``--name smoke, --name cpu``: how to choose each experiment whose folder in ``checkpoints/`` holds a file
+    ``filename`` (``no --name`` for ``checkpoints/`` itself); "" where none does."""
+    folders = sorted({p.parent for p in CHECKPOINT_ROOT.glob(f"**/{filename}") if p.is_file()})
+    return ", ".join("no --name" if f == CHECKPOINT_ROOT else f"--name {f.relative_to(CHECKPOINT_ROOT).as_posix()}"
+                     for f in folders)
+
+
 def student_stem(arch, kd=True, specialise=None):
     """``student_densenet121`` (with KD), ``student_densenet121_nokd`` or, a specialist of a method,
     ``student_densenet121_mcl``."""
