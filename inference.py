@@ -107,12 +107,16 @@ def parse_args(argv=None):
 
 
 def check_out(args):
-    """Refuse an --out that is (or is inside) the bundle read, or that already holds results without --force; and
-    one that cannot be written."""
+    """Refuse a --bundle that is none, an --out that is (or is inside) the bundle read, or that already holds results
+    without --force; and one that cannot be written."""
     out = Path(args.out).resolve()
-    if args.bundle and (out == Path(args.bundle).resolve() or Path(args.bundle).resolve() in out.parents):
-        raise UserError(f"--out {args.out} is the bundle being re-analysed, and a re-analysis never writes into the "
-                        "bundle it reads; choose another --out")
+    if args.bundle:
+        from utils.bundle import check_bundle_folder  # numpy and torch: after the flags
+
+        bundle = check_bundle_folder(args.bundle).resolve()
+        if out == bundle or bundle in out.parents:
+            raise UserError(f"--out {args.out} is the bundle being re-analysed, and a re-analysis never writes into "
+                            "the bundle it reads; choose another --out")
     if not args.force and any((out / name).exists() for name in ("results.json", "results.md", "logits.npz")):
         raise UserError(f"{args.out} already holds results; add --force to replace them, or choose another --out")
     check_output_folder(args.out, "--out")

@@ -85,6 +85,14 @@ def test_a_reanalysis_never_writes_into_the_bundle_it_reads(tmp_path, capsys):
     assert snapshot(bundle) == before
 
 
+def test_a_folder_of_bundles_is_no_bundle_and_said_so_before_its_output_folder(tmp_path, capsys, monkeypatch):
+    shutil.copytree(PUBLISHED, tmp_path / "results" / "published" / "run")
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(lambda: inference.main(["--bundle", "results/"]), capsys)  # its --out would be inside it
+    assert line == "error: results is not a results bundle (it needs results.json and logits.npz, as reproduce.py " \
+                   "or inference.py write them)"
+
+
 @pytest.mark.slow
 def test_a_reanalysis_writes_a_folder_of_its_own_and_replaces_results_only_with_force(tmp_path, capsys,
                                                                                        monkeypatch):

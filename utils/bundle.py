@@ -50,15 +50,21 @@ def write_logits(networks, path):
     write_atomically(path, write)
 
 
+def check_bundle_folder(folder):
+    """``folder`` as a Path, refused in one line where it lacks a bundle's files."""
+    folder = Path(folder)
+    if not (folder / "results.json").is_file() or not (folder / LOGITS).is_file():
+        raise UserError(f"{folder} is not a results bundle (it needs results.json and {LOGITS}, as "
+                        "reproduce.py or inference.py write them)")
+    return folder
+
+
 def read_bundle(folder):
     """``(results, [Trained])`` of a bundle folder, each network with its logits; refused in one line, naming the file
     and what is wrong, when the folder is not a bundle, a file is damaged or its numbers do not fit (missing keys,
     labels outside the classes, logits of another shape, integer or non-finite logits)."""
-    folder = Path(folder)
+    folder = check_bundle_folder(folder)
     results_path, logits_path = folder / "results.json", folder / LOGITS
-    if not results_path.is_file() or not logits_path.is_file():
-        raise UserError(f"{folder} is not a results bundle (it needs results.json and {LOGITS}, as "
-                        "reproduce.py or inference.py write them)")
     results = _results(results_path)
     records = results["networks"]
     arrays = _arrays(logits_path)
