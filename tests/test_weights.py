@@ -316,6 +316,22 @@ def test_inference_refuses_a_local_teacher_of_another_split_beside_published_stu
                         str(data), "--partial-data", "--out", str(tmp_path / "r")])
 
 
+def test_a_folder_without_a_manifest_is_refused_with_the_advice_that_fits_it(tmp_path):
+    published, bundle, other = (tmp_path / k for k in ("published", "bundle", "other"))
+    published.mkdir()
+    (published / "student1-googlenet.pt.gz").write_bytes(b"")  # a published folder that lost its manifest
+    (bundle / "weights").mkdir(parents=True)
+    (bundle / "weights" / MANIFEST).write_text("{}")
+    other.mkdir()
+    for folder, advice in [(published, f"restore the folder as it was published (`git checkout -- {published}`)"),
+                           (bundle, f"give its weights folder, {bundle / 'weights'}"),
+                           (other, "give a folder that `python publish.py` writes, such as "
+                                   "results/published/<run>/weights")]:
+        with pytest.raises(UserError) as e:
+            published_paths(folder)
+        assert str(e.value).startswith(f"{folder} is not a published weights folder (no {MANIFEST}); {advice}")
+
+
 def test_published_paths_name_the_manifest_s_networks_in_its_order(published):
     weights, _ = published
     assert list(published_paths(weights)) == ["student1", "student2", "selector", "spec1", "spec2", "spec_selector"]

@@ -43,8 +43,11 @@ def read_manifest(folder):
     """The manifest of a published folder, refused in one line where there is none or it is not one."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise UserError(f"{folder} is not a published weights folder (no {MANIFEST}); "
-                        f"{FIX.replace('FOLDER', str(folder))}")
+        inner = Path(folder) / "weights"
+        advice = (FIX.replace("FOLDER", str(folder)) if any(Path(folder).glob(f"*{SUFFIX}")) else
+                  f"give its weights folder, {inner}" if (inner / MANIFEST).is_file() else
+                  f"give a folder that `python publish.py` writes, such as {PUBLISHED_ROOT}/<run>/weights")
+        raise UserError(f"{folder} is not a published weights folder (no {MANIFEST}); {advice}")
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, OSError) as e:
