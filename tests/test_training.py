@@ -370,7 +370,7 @@ def test_tampered_weights_are_detected(tmp_path):
         load_checkpoint(path, hint=TEACHER_HINT)
 
 
-@pytest.mark.parametrize("content", ["text", "README.md", "objects", "tensor", "dict"])
+@pytest.mark.parametrize("content", ["text", "README.md", "npz", "objects", "tensor", "dict"])
 def test_files_that_are_not_checkpoints_are_named_so_and_never_to_be_deleted(tmp_path, content):
     path = tmp_path / "teacher.pt"
     if content == "text":
@@ -378,6 +378,9 @@ def test_files_that_are_not_checkpoints_are_named_so_and_never_to_be_deleted(tmp
         expected = "is not a checkpoint (not a file torch.save writes)"
     elif content == "README.md":
         path = REPO / "README.md"
+        expected = "is not a checkpoint (not a file torch.save writes)"
+    elif content == "npz":  # a zip archive too, as torch.save's files are: a bundle's logits.npz
+        path = REPO / "results" / "published" / "h200-2026-11-28" / "logits.npz"
         expected = "is not a checkpoint (not a file torch.save writes)"
     elif content == "objects":  # another program's pickle: not to be loaded, nor deleted on our word
         torch.save(argparse.Namespace(epochs=3), path)

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -110,10 +111,17 @@ def _read(path, hint):
 
 
 def looks_saved_by_torch(path):
-    """Whether a file begins as ``torch.save`` begins its files: a zip archive, or a pickle (the legacy format)."""
+    """Whether ``torch.save`` could have written a file: a pickle (the legacy format), or a zip archive that holds a
+    ``data.pkl`` or whose directory, at its end, is gone (truncated). Other zip archives (numpy's ``.npz``) are not."""
     with open(path, "rb") as f:
         head = f.read(4)
-    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+    if head != b"PK\x03\x04":
+        return head[:1] == b"\x80"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(Path(name).name == "data.pkl" for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return True
 
 
 def model_from_checkpoint(checkpoint, path, hint):
