@@ -26,7 +26,7 @@ from utils.cli import UserError
 from utils.distill import load_teacher
 from utils.export import file_name
 from utils.networks import Network
-from utils.published import FORMAT, MANIFEST, published_paths
+from utils.published import FORMAT, MANIFEST, published_paths, refuse_existing
 from utils.runtime import Runtime
 from utils.weights import MAX_FILE_BYTES, pack, published_record, sha256, write_folder
 
@@ -152,6 +152,24 @@ def test_publish_refuses_to_replace_a_published_folder_before_reading_anything(s
     line = one_error_line(lambda: publish.main(["--name", "smoke", "--out", "results/smoke/bundle/weights"]), capsys)
     assert line == "error: results/smoke/bundle/weights already holds published weights; add --force to replace " \
                    "them, or choose another --out"
+
+
+def test_force_replaces_a_folder_of_published_weights_and_nothing_else(tmp_path):
+    weights, bundle, empty = (tmp_path / k for k in ("weights", "bundle", "empty"))
+    for folder, names in [(weights, [MANIFEST, "selector.pt.gz"]), (bundle, ["results.json", MANIFEST])]:
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_text("{}")
+    empty.mkdir()
+    for out, force in [(weights, True), (empty, False), (tmp_path / "new", False)]:
+        refuse_existing(out, force)  # no refusal
+    with pytest.raises(UserError, match="already holds published weights; add --force"):
+        refuse_existing(weights, force=False)
+    for out, held in [(bundle, "holds results.json, which is not published weights"), (weights / MANIFEST, "is a file")]:
+        with pytest.raises(UserError) as e:
+            refuse_existing(out, force=True)
+        assert str(e.value) == f"{out} {held}; publish.py replaces only a folder of published weights, even with " \
+                               "--force: choose another --out"
 
 
 def both_pairs(folder, holdout_accuracy):

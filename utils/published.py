@@ -22,8 +22,18 @@ FIX = "restore the folder as it was published (`git checkout -- FOLDER`), or wri
 
 
 def refuse_existing(out, force):
-    """Refuse to replace the published folder ``out`` without ``force``."""
-    if Path(out).exists() and not force:
+    """Refuse to replace the published folder ``out`` without ``force``, and any other folder or file even with it:
+    ``--force`` replaces what publish.py wrote, nothing else."""
+    out = Path(out)
+    if not out.exists():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name != MANIFEST and not is_published_file(p)) \
+        if out.is_dir() else None
+    if foreign != []:
+        held = f"holds {foreign[0]}, which is not published weights" if foreign else "is a file"
+        raise UserError(f"{out} {held}; publish.py replaces only a folder of published weights, even with --force: "
+                        "choose another --out")
+    if any(out.iterdir()) and not force:
         raise UserError(f"{out} already holds published weights; add --force to replace them, or choose another "
                         "--out")
 
