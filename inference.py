@@ -52,7 +52,7 @@ from utils.runs import (
     continue_command,
     default_checkpoint,
     default_students,
-    write_folder_atomically,
+    write_files_atomically,
 )
 
 
@@ -198,7 +198,7 @@ def analyse_bundle(args):
 
 def write(results, networks, out):
     """The results bundle in ``out``, all of it or none: results.md, results.json, the plots and every network's
-    logits."""
+    logits, beside anything else there (reproduce.py's bundles, published weights)."""
     from utils.bundle import LOGITS, write_logits
     from utils.report import write_report
 
@@ -206,7 +206,7 @@ def write(results, networks, out):
         write_report(results, folder)
         write_logits(networks, folder / LOGITS)
 
-    write_folder_atomically(out, write_bundle)
+    write_files_atomically(out, write_bundle)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {LOGITS} and the plots in {out}/")
 

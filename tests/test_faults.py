@@ -35,7 +35,7 @@ from tests.test_reliability import flags, tiny_flags
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cli import UserError, run
 from utils.data import load_cifar10
-from utils.runs import prepare_run, replaced_folder
+from utils.runs import prepare_run, replaced_folder, write_folder_atomically
 from utils.timebox import Costs, TimeBox, choose_epochs, plan_epochs
 
 PUBLISHED = REPO / "results" / "published" / "h200-2026-11-28"
@@ -121,6 +121,19 @@ def test_every_pipeline_run_has_a_bundle_folder_of_its_own(tmp_path, monkeypatch
                    "another --out"
 
 
+def test_results_written_into_an_experiment_s_folder_leave_its_bundles_and_weights_there(tmp_path, capsys):
+    out = tmp_path / "results" / "smoke"  # inference.py --name smoke's default: reproduce.py's and publish.py's too
+    kept = [out / "run-20261203-115008" / "results.md", out / "weights" / "manifest.json"]
+    for path in kept:
+        path.parent.mkdir(parents=True)
+        path.write_text("another command's\n")
+    for again in ([], ["--force"]):
+        inference.main(["--bundle", str(PUBLISHED), "--out", str(out), *again])
+    assert all(path.read_text() == "another command's\n" for path in kept)
+    assert (out / "results.md").is_file() and (out / "logits.npz").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["smoke"]  # no temporary folder left
+
+
 @pytest.mark.parametrize("before", [False, True], ids=["new folder", "results there, --force"])
 def test_results_are_written_all_or_none(tmp_path, monkeypatch, capsys, before):
     out = tmp_path / "out"
@@ -137,6 +150,26 @@ def test_results_are_written_all_or_none(tmp_path, monkeypatch, capsys, before):
     assert "No space left on device" in line
     assert (snapshot(out) == kept) if before else not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if before else [])  # no temporary folder left
+
+
+def test_a_folder_whose_replacement_cannot_take_its_place_is_put_back(tmp_path, monkeypatch):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("the old one\n")
+    replace, calls = os.replace, []
+
+    def second_fails(src, dst):  # the first moves the old folder aside, the second the new one into its place
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(UserError) as e:
+        write_folder_atomically(folder, lambda tmp: (tmp / "manifest.json").write_text("the new one\n"))
+    assert str(e.value) == f"could not write {folder} ({os.strerror(errno.EIO)}); the previous one is kept"
+    assert (folder / "manifest.json").read_text() == "the old one\n" and [p.name for p in tmp_path.iterdir()] == [
+        "weights"]
 
 
 # ----------------------------------------------------------------------------- --force undoes itself when refused

@@ -309,20 +309,49 @@ def write_atomically(path, write):
 
 def write_folder_atomically(folder, write):
     """``write(temporary folder)`` beside ``folder``, then put it in ``folder``'s place (the old one, if any, deleted
-    only after): a failure leaves the old folder or none, and is one line saying which."""
+    only after, and put back where the new one could not take its place): a failure leaves the old folder or none,
+    and is one line saying which. The caller makes sure that ``folder`` holds nothing else worth keeping."""
     folder = Path(folder)
-    tmp, old = (folder.with_name(f".{folder.name}.{os.getpid()}.{kind}") for kind in ("tmp", "old"))
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp, old = _beside(folder, "tmp"), _beside(folder, "old")
     try:
+        tmp.mkdir(parents=True)
         write(tmp)
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
     except OSError as e:
-        kept = "the previous ones are kept" if folder.exists() else "nothing was written"
-        raise UserError(f"could not write the results in {folder} ({e.strerror or e}); {kept}") from None
+        if old.exists() and not folder.exists():
+            os.replace(old, folder)
+        kept = "the previous one is kept" if folder.exists() else "nothing was written"
+        raise UserError(f"could not write {folder} ({e.strerror or e}); {kept}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_files_atomically(folder, write):
+    """``write(temporary folder)`` beside ``folder``, then move each file it wrote into ``folder``, replacing those of
+    the same names and no other entry of ``folder`` (other runs' folders, published weights): a failure while
+    writing leaves ``folder`` as it was, and is one line saying so."""
+    folder = Path(folder)
+    tmp, moved = _beside(folder, "tmp"), 0
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, folder / path.name)
+            moved += 1
+    except OSError as e:
+        done = f"{moved} of its files had taken their place" if moved else "nothing there was replaced"
+        raise UserError(f"could not write the results in {folder} ({e.strerror or e}); {done}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _beside(folder, kind):
+    """A hidden folder beside ``folder`` for this process, emptied: the same file system, so a rename is atomic."""
+    folder = folder.resolve()  # "." has no name to put beside
+    path = folder.with_name(f".{folder.name}.{os.getpid()}.{kind}")
+    shutil.rmtree(path, ignore_errors=True)
+    return path

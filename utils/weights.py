@@ -26,15 +26,14 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
 from utils.cli import UserError
 from utils.published import FIX, FORMAT, MANIFEST, PAIRS, is_published_file, read_manifest, refuse_existing
+from utils.runs import write_folder_atomically
 from utils.trained import NOT_RECORDED
 
 PRECISION = torch.bfloat16
@@ -142,27 +141,14 @@ def check_sizes(files, allowed=()):
 
 
 def write_folder(out, files, manifest, force=False):
-    """Write the published folder ``out`` (``files``: ``{name: bytes}``, and ``manifest.json``) into a temporary
-    folder beside it, then rename: never half-written. An existing folder is replaced only with ``force``."""
-    out = Path(out)
+    """Write the published folder ``out`` (``files``: ``{name: bytes}``, and ``manifest.json``), never half-written
+    (``write_folder_atomically``). An existing folder of published weights is replaced only with ``force``, any
+    other never."""
     refuse_existing(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (out.with_name(f".{out.name}.{os.getpid()}.{what}") for what in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+
+    def write(tmp):
         for name, data in files.items():
             (tmp / name).write_bytes(data)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except OSError as e:
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise UserError(f"could not write {out} ({e.strerror or e}); "
-                        f"{'the previous folder is kept' if out.exists() or old.exists() else 'nothing was written'}"
-                        ) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+
+    write_folder_atomically(out, write)
