@@ -20,7 +20,6 @@ routing shares, which are set by the flags.
     python bench.py --device cpu --limit 64 --batch-size 8 --ref-batch-size 8 --steps 2 --workers 0 --infer-batch-size 8
 """
 
-import json
 from pathlib import Path
 
 from utils.choices import CLASSIFIERS
@@ -37,6 +36,7 @@ from utils.cli import (
     run,
 )
 from utils.recipes import STUDENTS, TEACHER
+from utils.runs import check_output_file
 from utils.train_flags import add_split_args, check_split_flags
 
 STUDENT_ARCHS = tuple(STUDENTS.values())
@@ -67,6 +67,7 @@ def build_parser():
                    help="also time the engine at batch 512 without compile, for the side-by-side ratio of the speed "
                         "flags given")
     g.add_argument("--out", default=None, help="also write every figure to this JSON file")
+    g.add_argument("--force", action="store_true", help="replace the file --out names where it exists")
     add_device_args(parser)
     return parser
 
@@ -82,6 +83,8 @@ def parse_args(argv=None):
         if sizes is not None and batch > sizes[split]:
             parser.error(f"{flag} {batch} is larger than the {split} split ({sizes[split]} images); lower it, "
                          "or raise --limit")
+    if args.out:
+        check_output_file(args.out, args.force)
     return args
 
 
@@ -91,6 +94,7 @@ def main(argv=None):
 
     from utils import benchmark
     from utils.data import load_cifar10, make_splits
+    from utils.report import write_json
     from utils.runtime import device_name, setup_runtime
     from utils.split import Split
 
@@ -111,13 +115,11 @@ def main(argv=None):
     together = benchmark.students_loop(train_images, train_labels, args, runtime)
     speeds = benchmark.inference_table(test_images, args, runtime)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({
-            "device": device_name(runtime.device), "torch": str(torch.__version__), "config": vars(args),
-            "training": training, "students_together": together, "inference_images_per_s": speeds},
-            indent=2) + "\n")
-        print(f"wrote {out}")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.out, {"device": device_name(runtime.device), "torch": str(torch.__version__),
+                              "config": vars(args), "training": training, "students_together": together,
+                              "inference_images_per_s": speeds})
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

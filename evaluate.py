@@ -18,7 +18,7 @@ from pathlib import Path
 
 from utils.choices import TTA
 from utils.cli import NON_NEGATIVE_INT, UserError, add_data_args, add_device_args, make_parser, parse, run
-from utils.runs import check_output_folder
+from utils.runs import check_output_file
 
 HINT = "python teacherTrain.py (or StudentTrain.py)"
 
@@ -35,6 +35,7 @@ def build_parser():
                         help="timed passes over the split for each network's images/s, after an untimed one (the "
                              "median is reported); 0 measures no speed")
     parser.add_argument("--out", default=None, help="also write every figure to this JSON file")
+    parser.add_argument("--force", action="store_true", help="replace the file --out names where it exists")
     add_data_args(parser)
     add_device_args(parser, compile=False, seed=False)
     return parser
@@ -43,9 +44,7 @@ def build_parser():
 def main(argv=None):
     args = parse(build_parser(), argv)
     if args.out:
-        if Path(args.out).is_dir():
-            raise UserError(f"--out {args.out} is a folder; give a file, such as {Path(args.out) / 'evaluation.json'}")
-        check_output_folder(Path(args.out).parent, "--out")
+        check_output_file(args.out, args.force)
     from utils.analyses import network_scores  # after the flags: --help and a refused flag need no torch
     from utils.checkpoint import load_checkpoint
     from utils.data import CLASSES, load_cifar10

@@ -8,7 +8,7 @@ import torch
 
 import bench
 from models import build_model
-from tests.conftest import write_tree
+from tests.conftest import one_error_line, write_tree
 from tests.test_flags_act import recorded, unread
 from utils.benchmark import router_at_share
 from utils.cli import UserError
@@ -22,6 +22,16 @@ INFERENCE_ROWS = {"teacher": "teacher resnet50", "densenet121": "student densene
                   "cascade": "cascade (dearer student on 15%)",
                   "selector_routing": "selector + 1 student (15% to the dearer)"}
 NUMBER = r"(\d+\.\d+)"
+
+
+def test_an_existing_out_is_refused_before_any_data_is_read_unless_forced(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    out.write_text("an earlier run's figures\n")
+    line = one_error_line(lambda: bench.main(["--data-dir", str(tmp_path / "none"), "--out", str(out)]), capsys)
+    assert line == f"error: --out {out} already exists; add --force to replace it, or choose another --out"
+    line = one_error_line(lambda: bench.main(["--data-dir", str(tmp_path / "none"), "--out", str(out), "--force"]),
+                          capsys)
+    assert line.startswith("error: no CIFAR-10 found at") and out.read_text() == "an earlier run's figures\n"
 
 
 @pytest.mark.slow

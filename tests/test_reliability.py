@@ -490,7 +490,7 @@ def read_only(monkeypatch):
         folder.chmod(0o755)
 
 
-@pytest.mark.parametrize("where", ["a file in the way", "a folder given", "a read-only folder"])
+@pytest.mark.parametrize("where", ["a file in the way", "a folder given", "a read-only folder", "a file there"])
 def test_an_unwritable_evaluate_out_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, read_only, where):
     import evaluate
 
@@ -499,8 +499,8 @@ def test_an_unwritable_evaluate_out_is_one_line_before_any_work(tmp_path, monkey
     folder.mkdir()
     out, needle = {"a file in the way": (blocker / "x.json", f"{blocker} is a file"),
                    "a folder given": (folder, f"--out {folder} is a folder"),
-                   "a read-only folder": (folder / "new" / "x.json", f"cannot create the output folder {folder}/new")
-                   }[where]
+                   "a read-only folder": (folder / "new" / "x.json", f"cannot create the output folder {folder}/new"),
+                   "a file there": (blocker, f"--out {blocker} already exists; add --force to replace it")}[where]
     read_only(folder)
     before = sorted(tmp_path.rglob("*"))
 

@@ -161,6 +161,17 @@ def check_output_folder(folder, flag):
     _remove_empty(make_output_folder(folder, flag))
 
 
+def check_output_file(path, force, flag="--out"):
+    """Refuse in one line, before any work, an output file that is a folder, exists without ``force``, or cannot be
+    written (``check_output_folder``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file, such as {path / 'figures.json'}")
+    if path.exists() and not force:
+        raise UserError(f"{flag} {path} already exists; add --force to replace it, or choose another {flag}")
+    check_output_folder(path.parent, flag)
+
+
 def check_free_space(folder, needed_bytes):
     free = shutil.disk_usage(folder).free
     if free < needed_bytes:
