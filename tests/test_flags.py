@@ -122,6 +122,13 @@ def test_a_name_that_leaves_the_checkpoint_folder_is_refused_before_anything_is_
     assert line.startswith("error: argument --name: must be a relative name") and repr(name) in line, line
 
 
+@pytest.mark.parametrize("script", ["teacherTrain.py", "StudentTrain.py", "trainSelector.py"])
+def test_a_checkpoint_path_ends_in_pt_so_that_no_other_file_is_taken_for_a_run(script, tmp_path, monkeypatch, capsys):
+    line = command_line(tmp_path, monkeypatch, capsys, script, "--checkpoint", "notes.txt", "--force")
+    assert line.startswith("error: argument --checkpoint: must be a path that ends in .pt, such as "
+                           "checkpoints/teacher.pt, not 'notes.txt'"), line  # notes.txt was replaced with --force
+
+
 # ----------------------------------------------------------------------------- checks across flags
 
 TRAINERS = ["teacherTrain.py", "StudentTrain.py"]
@@ -177,6 +184,7 @@ def command_line(tmp_path, monkeypatch, capsys, script, *argv):
 
 
 ISSUE_COMMANDS = [
+    ("reproduce.py --seeds 0 1 0", "--seeds repeats seed 0: give each seed once"),
     ("StudentTrain.py --temperature 0", "argument --temperature: must be a number > 0, not '0'"),
     ("inference.py --batch-size 0", "argument --batch-size: must be an integer >= 1, not '0'"),
     ("teacherTrain.py --batch-size 0", "argument --batch-size: must be an integer >= 1, not '0'"),

@@ -104,6 +104,16 @@ UNIT_INTERVAL = Number(float, 0, 1, high_open=True)  # [0, 1): momentum, EMA dec
 SEED = Number(int, 0, 2**63 - 1)  # what torch's generators take
 
 
+def checkpoint_path(text):
+    """An argparse ``type=`` for ``--checkpoint``: a path that ends in ``.pt``, as every checkpoint's does (its run's
+    other files are named after it, ``<stem>.last.pt``, ...), so that a run never takes another kind of file for an
+    unfinished run of its own, nor replaces it with ``--force``."""
+    if not text.endswith(".pt"):
+        raise argparse.ArgumentTypeError(f"must be a path that ends in .pt, such as checkpoints/teacher.pt, not "
+                                         f"{text!r}")
+    return text
+
+
 def experiment_name(text):
     """An argparse ``type=`` for ``--name``: a path inside ``checkpoints/`` and ``results/``, made of plain
     names (letters, digits, ``_ . + -``) separated by ``/``, such as ``cpu`` or ``NAME/seed0``.

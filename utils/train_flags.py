@@ -15,6 +15,7 @@ from utils.cli import (
     PROBABILITY,
     SEED,
     UNIT_INTERVAL,
+    checkpoint_path,
     experiment_name,
 )
 from utils.recipes import RECIPES, WARMUP_EPOCHS, apply_recipe, recipe_values
@@ -134,9 +135,9 @@ def _add_output_args(g, stem):
     g.add_argument("--name", default="", type=experiment_name,
                    help="experiment name: every stage reads and writes its checkpoints in checkpoints/NAME/ "
                         "(default: checkpoints/)")
-    g.add_argument("--checkpoint", default=None,
-                   help=f"output path of the best weights (default: checkpoints/[NAME/]{stem}.pt); beside it "
-                        "<stem>.last.pt (resume state), .metrics.jsonl, .curves.png and .config.json")
+    g.add_argument("--checkpoint", default=None, type=checkpoint_path,
+                   help=f"output path of the best weights, a .pt file (default: checkpoints/[NAME/]{stem}.pt); "
+                        "beside it <stem>.last.pt (resume state), .metrics.jsonl, .curves.png and .config.json")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run saved at --checkpoint")
     g.add_argument("--force", action="store_true", help="replace an existing run at --checkpoint")
     g.add_argument("--time-budget", type=NON_NEGATIVE, default=None,
