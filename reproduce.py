@@ -130,7 +130,11 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    args = parse(build_parser(), argv)
+    parser = build_parser()
+    args = parse(parser, argv)
+    repeated = sorted({seed for seed in args.seeds or () if args.seeds.count(seed) > 1})
+    if repeated:
+        parser.error(f"--seeds repeats seed {repeated[0]}: give each seed once (the summary's spread is over runs)")
     preset = PRESETS[args.preset]
     args.name = preset["name"] if args.name is None else args.name
     args.device = args.device or preset["device"]
