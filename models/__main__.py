@@ -7,6 +7,7 @@ from torchvision import models as tvm
 from models import build_model, model_stats
 from models.pretrained import HEADS
 from utils.choices import CLASSIFIERS, MODEL_NAMES
+from utils.cli import make_parser
 from utils.recipes import TEACHER
 
 
@@ -16,7 +17,8 @@ def imagenet_gflops(name):
     return model_stats(tvm.get_model(name, weights=None, num_classes=10, **kwargs), image_size=224)["flops"] / 1e9
 
 
-def main():
+def main(argv=None):
+    make_parser(__doc__, "python -m models").parse_args(argv)  # no flags: --help says what it prints, others are refused
     stats = {name: model_stats(build_model(name, 2 if name == "selector" else 10)) for name in MODEL_NAMES}
     original = {name: imagenet_gflops(name) for name in CLASSIFIERS if name in HEADS}
     teacher = stats[TEACHER]["flops"] / 1e9

@@ -47,11 +47,14 @@ def test_students_cost_less_than_the_teacher_as_in_the_original():
 def test_models_table_lists_every_network_with_its_cost_against_the_teacher(capsys):
     from models.__main__ import main
 
-    main()
+    main([])
     rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()[2:]}
     assert set(rows) == set(MODEL_NAMES)
     assert "| 0.904 | 0.35 | 4x4 | 2.99 | 0.37 |" in rows["googlenet"]
     assert "| 1.777 | 0.68 | 4x4 | 5.67 | 0.69 |" in rows["densenet121"]
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m models [-h]")
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
