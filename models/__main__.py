@@ -18,7 +18,7 @@ def imagenet_gflops(name):
 
 
 def main(argv=None):
-    make_parser(__doc__, "python -m models").parse_args(argv)  # no flags: --help says what it prints, others are refused
+    make_parser(__doc__, "python -m models").parse_args(argv)  # no flags: --help says what it prints
     stats = {name: model_stats(build_model(name, 2 if name == "selector" else 10)) for name in MODEL_NAMES}
     original = {name: imagenet_gflops(name) for name in CLASSIFIERS if name in HEADS}
     teacher = stats[TEACHER]["flops"] / 1e9

@@ -165,7 +165,8 @@ def test_force_replaces_a_folder_of_published_weights_and_nothing_else(tmp_path)
         refuse_existing(out, force)  # no refusal
     with pytest.raises(UserError, match="already holds published weights; add --force"):
         refuse_existing(weights, force=False)
-    for out, held in [(bundle, "holds results.json, which is not published weights"), (weights / MANIFEST, "is a file")]:
+    for out, held in [(bundle, "holds results.json, which is not published weights"),
+                      (weights / MANIFEST, "is a file")]:
         with pytest.raises(UserError) as e:
             refuse_existing(out, force=True)
         assert str(e.value) == f"{out} {held}; publish.py replaces only a folder of published weights, even with " \
