@@ -72,9 +72,9 @@ def build_parser():
                              "a published teacher (or --teacher), the teacher's logits are those of the bundle "
                              "FOLDER sits in")
     parser.add_argument("--out", default=None,
-                        help="folder for results.md, results.json, the plots and logits.npz (default: results/[NAME/], "
-                             "or with --bundle or --weights results/reanalysed/<the bundle folder's name>); never "
-                             "the bundle read")
+                        help="folder for results.md, results.json, the plots and logits.npz, beside anything else "
+                             "there (default: results/[NAME/], or with --bundle or --weights results/reanalysed/<the "
+                             "bundle folder's name>); never the bundle read")
     parser.add_argument("--force", action="store_true", help="replace the results already in --out")
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=1024, help="images per forward pass")
     parser.add_argument("--timed-passes", type=NON_NEGATIVE_INT, default=None,

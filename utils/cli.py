@@ -180,8 +180,8 @@ def add_data_args(parser):
 def add_routing_args(parser):
     """The experiment, its checkpoints and the routed system's policy: what inference.py and predict.py share."""
     parser.add_argument("--name", default="", type=experiment_name,
-                        help="experiment name: read checkpoints/NAME/, write results/NAME/ (default: checkpoints/, "
-                             "results/)")
+                        help="experiment name: its checkpoints are read in checkpoints/NAME/ (default: "
+                             "checkpoints/)")
     parser.add_argument("--students", nargs="+", default=None,
                         help="student checkpoints, in the order the selector was trained for (default: "
                              "checkpoints/[NAME/]student_densenet121.pt and student_googlenet.pt)")
