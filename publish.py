@@ -5,8 +5,8 @@ Weights only, floating tensors in bfloat16, gzipped, each file at most 15 MiB, a
 sha256, each network's architecture, split, data fingerprint, test-time views and provenance, and its hold-out and
 test accuracy measured here in the published precision (the rounded weights, in float32 on a CPU or under bf16
 autocast on CUDA). The teacher (ResNet50, about 45 MiB in 16 bits) is over that size: it is written only on request,
-to use on your own machines. The folder is written beside itself, then renamed; an existing one is replaced only
-with --force.
+to use on your own machines. The folder is written beside itself, then renamed; an existing folder of published
+weights is replaced only with --force, and a folder that holds anything else never.
 
 With --from FOLDER --pair it writes instead a copy of a published folder that keeps one pair and its selector (the
 teacher too, where published), as the students and the selector every script routes: what a repository that keeps
@@ -55,7 +55,8 @@ def build_parser():
                         help="publish the teacher too (over the size of a published file: for your own machines)")
     parser.add_argument("--out", default=None,
                         help="the published folder (default: results/[NAME/]weights, beside inference.py's bundle)")
-    parser.add_argument("--force", action="store_true", help="replace the published folder --out if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the published folder --out if it exists (a folder of published weights only)")
     parser.add_argument("--from", dest="source", default=None, metavar="FOLDER",
                         help="a published folder to copy with one pair only (--pair), instead of publishing "
                              "checkpoints (--out defaults to FOLDER itself, which needs --force)")
