@@ -235,6 +235,41 @@ def test_a_signal_between_batches_of_logits_stops_with_one_line_and_the_command_
     assert own_handlers[1] == []  # the signal asked the work to stop; nothing else saw it
 
 
+def test_a_signal_as_the_run_ends_stops_the_process_after_the_run_is_saved(
+        tree, tmp_path, monkeypatch, capsys, own_handlers):
+    checkpoint = tmp_path / "teacher.pt"
+    plot_history = utils.engine.plot_history
+
+    def signalled_while_plotting(*args, **kwargs):  # after the test evaluation, its last check of the signal
+        os.kill(os.getpid(), signal.SIGINT)
+        return plot_history(*args, **kwargs)
+
+    monkeypatch.setattr(utils.engine, "plot_history", signalled_while_plotting)
+    with pytest.raises(SystemExit) as e:
+        teacherTrain.main(flags(tree, checkpoint))
+    assert e.value.code == 128 + signal.SIGINT and own_handlers[1] == []
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line == f"SIGINT: stopped as the run ended, complete: {checkpoint}"
+    assert load(checkpoint)["complete"] is True and checkpoint.with_suffix(".curves.png").exists()
+
+
+def test_a_signal_after_the_last_batch_of_logits_stops_as_the_work_ends(capsys, own_handlers):
+    from utils.runtime import Runtime, batched_logits, stoppable
+
+    def model(x):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during the last batch: no batch follows to see it
+        return x.flatten(1)[:, :10]
+
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(SystemExit) as e:
+        with stoppable("labelling the selector's examples", "python trainSelector.py --name x"):
+            batched_logits(model, images, Runtime(torch.device("cpu")), batch_size=2)
+        raise AssertionError("the work after the stoppable one ran")  # what would run after it, had it gone unseen
+    assert e.value.code == 128 + signal.SIGTERM and own_handlers[1] == []
+    assert capsys.readouterr().out.strip() == ("SIGTERM: stopped after labelling the selector's examples; continue "
+                                               "with: python trainSelector.py --name x")
+
+
 def test_resuming_on_other_pixels_is_refused_in_one_line(tree, tmp_path, capsys):
     checkpoint = tmp_path / "teacher.pt"
     with pytest.raises(SystemExit):

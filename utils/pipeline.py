@@ -149,7 +149,7 @@ def run_stage(stage, state, flags, command, wall, share=None):
             stage.module.main([*stage.argv, *flags])
     except SystemExit:
         wall[stage.title] = time.time() - start
-        print(f"{stage.title} stopped before its end; run the same command again to go on")
+        print(f"stopped in the {stage.title} stage; run the same command again to go on")
         print_wall(wall)
         raise
     return time.time() - start

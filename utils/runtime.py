@@ -107,12 +107,16 @@ def device_name(device):
 
 
 class StopSignal:
-    """While active, SIGINT and SIGTERM only ask the loop to stop; a second signal acts as usual."""
+    """While active, SIGINT and SIGTERM only ask the work to stop; a second signal acts as usual.
+
+    A signal that came too late for the work to act on it (after its last check) is not lost: as the work ends,
+    the process prints ``ended`` (what was done; where to go on) and exits with 128 + the signal's number.
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.signum, self.previous = None, {}
+    def __init__(self, ended="stopped as the work under way ended"):
+        self.signum, self.previous, self.ended = None, {}, ended
 
     def __enter__(self):
         try:
@@ -126,9 +130,12 @@ class StopSignal:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if exc_type is None and self.signum is not None:
+            print(f"\n{signal.Signals(self.signum).name}: {self.ended}")
+            raise SystemExit(128 + self.signum)
 
 
 class Stopped(Exception):
@@ -142,7 +149,7 @@ _STOP = contextvars.ContextVar("stop", default=None)
 def stoppable(what, command):
     """Within it, SIGINT or SIGTERM stops the work after the current batch of ``batched_logits``: one line saying
     what was stopped and the command that continues (``command``), and exit code 128 + the signal's number."""
-    with StopSignal() as stop:
+    with StopSignal(ended=f"stopped after {what}; continue with: {command}") as stop:
         token = _STOP.set(stop)
         try:
             yield
