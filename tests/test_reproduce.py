@@ -25,7 +25,7 @@ from tests.conftest import write_tree
 from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from utils.cli import UserError
 from utils.data import load_cifar10
-from utils.runs import default_checkpoint
+from utils.runs import continue_command, default_checkpoint
 
 NAME = "exp"
 BUNDLE = Path("results") / NAME / "bundle"  # where run_pipeline writes its results in these tests
@@ -340,6 +340,17 @@ def test_another_seed_on_an_existing_experiment_is_refused(copy_of, monkeypatch)
     plan_of(monkeypatch, teacher_stage(tree, "--seed", "5"), student_stage(tree, "--seed", "5"))
     with pytest.raises(UserError, match="the teacher stage .* is stale \\(trained with other flags: --seed\\)"):
         reproduce.run_pipeline(pipeline_args(), NAME, 5, fingerprint, BUNDLE)
+
+
+def test_inference_and_publishing_stopped_in_a_pipeline_advise_the_pipeline_again(copy_of, monkeypatch):
+    tree, fingerprint = copy_of
+    plan_of(monkeypatch, teacher_stage(tree), student_stage(tree))  # both complete: skipped
+    advised = []
+    monkeypatch.setattr(inference, "main", lambda argv: advised.append(continue_command("python inference.py")))
+    monkeypatch.setattr(publish, "main", lambda argv: advised.append(continue_command("python publish.py")))
+    args = pipeline_args()
+    reproduce.run_pipeline(args, NAME, 0, fingerprint, BUNDLE)
+    assert advised == [args.command, args.command]
 
 
 def test_a_pipeline_stopped_by_its_time_budget_exits_75_and_goes_on_when_run_again(trained, tmp_path, monkeypatch,

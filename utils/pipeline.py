@@ -126,13 +126,14 @@ def run_pipeline(args, name, plan, common, shares, finish, fingerprint, out, sta
         to_run.remove(stage.title)
         wall[stage.title] = run_stage(stage, state, flags, continue_pipeline_command(args.command), wall, share)
     inference_main, publish_main = finish
-    start = time.time()
-    inference_main([*common, "--out", str(out)])
-    wall["inference"] = time.time() - start
-    start = time.time()
-    publish_main([*common, "--out", str(out / WEIGHTS), "--force",
-                  *(["--with-teacher"] if args.with_teacher_weights else [])])
-    wall["published weights"] = time.time() - start
+    with continued_by(continue_pipeline_command(args.command)):  # what a stop in them advises: this pipeline again
+        start = time.time()
+        inference_main([*common, "--out", str(out)])
+        wall["inference"] = time.time() - start
+        start = time.time()
+        publish_main([*common, "--out", str(out / WEIGHTS), "--force",
+                      *(["--with-teacher"] if args.with_teacher_weights else [])])
+        wall["published weights"] = time.time() - start
     finish_bundle(out, plan, wall, args, time.time() - started)
     print_wall(wall)
     return wall
