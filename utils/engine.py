@@ -448,8 +448,8 @@ def fit(members, splits, args, runtime, teacher=None, augment=True, time_box=Non
     trainees = [Trainee(m, net, runtime, len(loaders.train), epochs, plan) for m, net in zip(members, nets)]
     start_epoch, start_step, loop = _start(trainees, args, runtime, states)
     startup_seconds = time_box.elapsed()
-    with StopSignal(ended="stopped as the run ended, complete: " + ", ".join(str(m.files.best) for m in members)) \
-            as stop:
+    complete = "stopped as the run ended, complete: " + ", ".join(str(m.files.best) for m in members)
+    with StopSignal(ended=complete if runtime.is_main else "") as stop:
         for epoch in range(start_epoch, epochs):
             first_step = start_step if epoch == start_epoch else 0
             if epoch != start_epoch:

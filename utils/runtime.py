@@ -110,7 +110,8 @@ class StopSignal:
     """While active, SIGINT and SIGTERM only ask the work to stop; a second signal acts as usual.
 
     A signal that came too late for the work to act on it (after its last check) is not lost: as the work ends,
-    the process prints ``ended`` (what was done; where to go on) and exits with 128 + the signal's number.
+    the process prints ``ended`` (what was done; where to go on; nothing where empty) and exits with 128 + the
+    signal's number.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -134,7 +135,8 @@ class StopSignal:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         if exc_type is None and self.signum is not None:
-            print(f"\n{signal.Signals(self.signum).name}: {self.ended}")
+            if self.ended:
+                print(f"\n{signal.Signals(self.signum).name}: {self.ended}")
             raise SystemExit(128 + self.signum)
 
 
