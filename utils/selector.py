@@ -157,7 +157,8 @@ def label(students, images, labels, args, runtime, teacher=None):
     with stoppable("labelling the selector's examples (nothing of it is saved)",
                    continue_command(args.command, saved=False)):
         logits = student_logits(students, examples, runtime)
-        teacher_logits = batched_logits(teacher, examples, runtime).cpu() if teacher is not None else None
+        teacher_logits = batched_logits(teacher, examples, runtime, desc=f"teacher on {len(examples)} examples").cpu() \
+            if teacher is not None else None
     assignment = None
     if args.target == "assignment":
         assignment = specialist_assignment(students, logits, example_labels, teacher_logits)
