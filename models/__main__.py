@@ -7,7 +7,7 @@ from torchvision import models as tvm
 from models import build_model, model_stats
 from models.pretrained import HEADS
 from utils.choices import CLASSIFIERS, MODEL_NAMES
-from utils.cli import make_parser
+from utils.cli import make_parser, run
 from utils.recipes import TEACHER
 
 
@@ -33,4 +33,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

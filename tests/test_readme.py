@@ -106,3 +106,16 @@ def relative_links(page):
 def test_every_relative_link_points_at_a_file(page):
     missing = [target for target in relative_links(page) if not (page.parent / target).exists()]
     assert not missing, f"{name(page)} links to what does not exist: {missing}"
+
+
+def test_the_recipe_table_of_the_docs_is_the_one_the_recipes_print(capsys):
+    from utils.recipes import main
+
+    main([])
+    printed = capsys.readouterr().out.splitlines()
+    lines = (REPO / "docs" / "training.md").read_text().splitlines()
+    start = lines.index(printed[0])
+    assert lines[start:start + len(printed)] == printed
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m utils.recipes [-h]")

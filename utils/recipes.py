@@ -5,11 +5,13 @@ README's table follows from this file. A flag given on the command line override
 The values are reasoned from published CIFAR-10 recipes (SGD with Nesterov momentum, batch 512,
 4-pixel translation with reflect padding and flips, 12-pixel Cutout, label smoothing 0.1); the
 epochs follow from the time budget of one GPU session. They have not yet been tuned on the
-hold-out split of this repository's data (see the README's "Recipe" section for the ablation
-commands that do it).
+hold-out split of this repository's data (docs/results.md, "Recipe ablation", has the commands
+that do it).
 
 ``python -m utils.recipes`` prints them as a table.
 """
+
+from utils.cli import make_parser, run
 
 TEACHER = "resnet50"
 STUDENTS = {"1": "densenet121", "2": "googlenet"}  # StudentTrain.py --model 1 | 2, in this order everywhere
@@ -61,7 +63,9 @@ def _text(value):
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def main():
+def main(argv=None):
+    make_parser("Every network's recipe, the defaults of its training flags, as a markdown table.",
+                "python -m utils.recipes").parse_args(argv)  # no flags: --help says what it prints
     keys = list(RECIPES["resnet50"])
     print("| Flag | " + " | ".join(RECIPES) + " |")
     print("|---|" + "---|" * len(RECIPES))
@@ -70,4 +74,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
