@@ -71,7 +71,14 @@ def fake_reproduce(tmp_path, pipeline_exit=0):
     (shims / "python").chmod(0o755)
     (tmp_path / "out").mkdir()
     return {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
-            "MSKD_GIT_COMMIT": "dry-run"}
+            "MSKD_GIT_COMMIT": "dry-run", "TMPDIR": str(own_tmpdir(tmp_path))}
+
+
+def own_tmpdir(tmp_path):
+    """A TMPDIR of the job's own: its working folders (mktemp's tmp.*) must be gone from it when the job ends."""
+    folder = tmp_path / "tmpdir"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def test_a_bundles_epochs_replace_the_time_box_and_the_specialists_can_be_left_out(tmp_path):
@@ -86,6 +93,7 @@ def test_a_bundles_epochs_replace_the_time_box_and_the_specialists_can_be_left_o
     assert preflight.endswith("--with-nokd") and "--epochs-from" not in preflight  # the smoke preset's one epoch
     assert log.startswith(f"$ python {REPO}/reproduce.py --preset full --epochs-from results/published/run ")
     assert log.endswith("--with-nokd") and "--minutes" not in log and "--with-specialists" not in log + preflight
+    assert not list(own_tmpdir(tmp_path).glob("tmp.*"))
 
 
 def test_a_failed_pipeline_hands_back_its_log_with_its_exit_code(tmp_path):
@@ -96,6 +104,7 @@ def test_a_failed_pipeline_hands_back_its_log_with_its_exit_code(tmp_path):
     with tarfile.open(tmp_path / "out" / "bundle.tar") as tar:
         log = tar.extractfile("gpu-run/reproduce.log").read().decode().splitlines()
     assert log[1].startswith("reproduce ") and log[-1].startswith("exit code 124 after ")
+    assert not list(own_tmpdir(tmp_path).glob("tmp.*"))
 
 
 def test_minutes_that_are_no_number_or_leave_the_pipeline_under_a_minute_are_refused(tmp_path):
@@ -118,8 +127,10 @@ def test_publish_puts_the_handed_back_bundle_and_its_weights_together(tmp_path):
     with tarfile.open(files / "bundle.tar", "w") as tar:
         tar.add(work / "gpu-run", "gpu-run")
     dest = tmp_path / "results" / "published" / "h200-2026-12-10"
-    done = subprocess.run([str(SCRIPT), "publish", str(files), str(dest)], capture_output=True, text=True)
+    env = {**os.environ, "TMPDIR": str(own_tmpdir(tmp_path))}
+    done = subprocess.run([str(SCRIPT), "publish", str(files), str(dest)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert not list(own_tmpdir(tmp_path).glob("tmp.*"))
     assert sorted(p.name for p in (dest / "weights").iterdir()) == sorted([*weights, "manifest.json"])
     assert (dest / "results.json").is_file()  # both pairs kept: they fit beside the tracked tree
     again = subprocess.run([str(SCRIPT), "publish", str(files), str(dest)], capture_output=True, text=True)

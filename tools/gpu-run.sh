@@ -70,6 +70,7 @@ pipeline)
     done
     if [ -n "$specialists" ]; then flags=(--with-specialists "$specialists" "${flags[@]}"); fi
     work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
     preflight=(python "$root/reproduce.py" --preset smoke --device cuda --name preflight --force
                --data-dir "$data" --out "$work/preflight" "${flags[@]}")  # --force: a warm machine's retrained too
     status=0
@@ -120,6 +121,7 @@ publish)
     dest=${3:?DEST: results/published/<gpu>-<yyyy-mm-dd>}
     if [ -e "$dest" ]; then echo "error: $dest exists; choose another DEST, or remove it first" >&2; exit 2; fi
     work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
     tar -xf "$files/bundle.tar" -C "$work"
     mkdir "$work/gpu-run/weights"
     cp "$files/manifest.json" "$files"/*.pt.gz "$work/gpu-run/weights/"
