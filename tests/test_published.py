@@ -3,6 +3,7 @@ made and the command's log ``reproduce.log`` beside it): small enough for git, m
 ``results.md`` the very figures that ``inference.py --bundle`` recomputes from its logits on the CPU."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,17 @@ def test_published_bundles_live_in_folders_named_by_gpu_and_date():
     for bundle in PUBLISHED:
         name = Path(bundle).name
         assert name.count("-") >= 3 and name[-10:-6].isdigit(), name  # e.g. h100-2026-11-28
+
+
+def test_every_figure_of_the_readmes_results_tables_is_in_the_results_of_the_bundles_it_cites():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
+    cited = sorted({REPO / "results" / "published" / name
+                    for name in re.findall(r"results/published/([\w.-]+)/", section)})
+    assert cited and all(bundle in PUBLISHED for bundle in cited)
+    measured = "\n".join((bundle / "results.md").read_text() for bundle in cited)
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.endswith("---|")]
+    cells = [cell.strip() for row in rows[1:] for cell in row.strip("|").split("|")[1:]]  # not the names
+    figures = [cell.replace("−", "-") if "[" in cell else cell.replace(",", "")  # 55,423 images/s: 55423 there
+               for cell in cells if re.fullmatch(r"[-+−]?[\d,.]+%?( \[.*\])?", cell)]
+    assert len(figures) > 20 and [f for f in figures if f not in measured] == []
