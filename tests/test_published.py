@@ -1,6 +1,7 @@
 """Every published bundle (``results/published/<gpu>-<date>/``, with a ``README.md`` saying how and where it was
 made and the command's log ``reproduce.log`` beside it): small enough for git, made on a GPU, and its
-``results.md`` the very figures that ``inference.py --bundle`` recomputes from its logits on the CPU."""
+``results.md`` the very figures that ``inference.py --bundle`` recomputes from its logits on the CPU, and the
+figures that the README and docs/results.md quote from it as they stand there."""
 
 import json
 import re
@@ -43,15 +44,21 @@ def test_published_bundles_live_in_folders_named_by_gpu_and_date():
         assert name.count("-") >= 3 and name[-10:-6].isdigit(), name  # e.g. h100-2026-11-28
 
 
-def test_every_figure_of_the_readmes_results_tables_is_in_the_results_of_the_bundles_it_cites():
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
+def results_section(page):
+    """The part of ``page`` that reports published runs: the README's Results section, or all of docs/results.md."""
+    text = (REPO / page).read_text()
+    return text.split("\n## Results\n", 1)[1].split("\n## ", 1)[0] if page == "README.md" else text
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/results.md"])
+def test_every_figure_of_a_pages_results_tables_is_in_the_results_of_the_bundles_it_cites(page):
+    section = results_section(page)
     cited = sorted({REPO / "results" / "published" / name
-                    for name in re.findall(r"results/published/([\w.-]+)/", section)})
+                    for name in re.findall(r"results/published/([\w.-]+)", section)})
     assert cited and all(bundle in PUBLISHED for bundle in cited)
     measured = "\n".join((bundle / "results.md").read_text() for bundle in cited)
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.endswith("---|")]
-    cells = [cell.strip() for row in rows[1:] for cell in row.strip("|").split("|")[1:]]  # not the names
+    cells = [cell.strip() for row in rows for cell in row.strip("|").split("|")[1:]]  # not the rows' names
     figures = [cell.replace("−", "-") if "[" in cell else cell.replace(",", "")  # 55,423 images/s: 55423 there
                for cell in cells if re.fullmatch(r"[-+−]?[\d,.]+%?( \[.*\])?", cell)]
     assert len(figures) > 20 and [f for f in figures if f not in measured] == []
