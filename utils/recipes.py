@@ -11,8 +11,6 @@ that do it).
 ``python -m utils.recipes`` prints them as a table.
 """
 
-from utils.cli import make_parser, run
-
 TEACHER = "resnet50"
 STUDENTS = {"1": "densenet121", "2": "googlenet"}  # StudentTrain.py --model 1 | 2, in this order everywhere
 WARMUP_EPOCHS = 2.0  # linear warm-up of the learning rate, unless --warmup-epochs says otherwise
@@ -64,6 +62,8 @@ def _text(value):
 
 
 def main(argv=None):
+    from utils.cli import make_parser  # only here: the recipes themselves are plain data, importing nothing
+
     make_parser("Every network's recipe, the defaults of its training flags, as a markdown table.",
                 "python -m utils.recipes").parse_args(argv)  # no flags: --help says what it prints
     keys = list(RECIPES["resnet50"])
@@ -74,4 +74,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from utils.cli import run
+
     run(main)
