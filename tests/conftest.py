@@ -1,6 +1,7 @@
 """Shared fixtures: a small synthetic CIFAR-10 image tree, the real archive when present, and one smoke pipeline."""
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,21 @@ def no_unsaved_run_outlives_its_test():
 
 
 SMOKE_FLAGS = ["--preset", "smoke", "--minutes", "3", "--with-specialists", "mcl", "--partial-data"]
+
+
+@pytest.fixture
+def own_handlers():
+    """SIGINT and SIGTERM handlers owned by the test: a signal that training lets through is
+    recorded instead of ending pytest, and training must hand these back when it ends."""
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield handler, received
+    for s, h in previous.items():
+        signal.signal(s, h)
 
 
 @pytest.fixture(scope="session")

@@ -634,6 +634,37 @@ def test_a_rerun_reuses_complete_fold_runs_resumes_an_interrupted_one_and_force_
     assert len(fits) == 3
 
 
+def test_a_signal_as_a_fold_selector_ends_names_the_fold_and_the_command_that_goes_on(selector_setup, monkeypatch,
+                                                                                      capsys, own_handlers):
+    import shlex
+    import signal
+
+    import trainSelector
+    import utils.engine
+
+    argv, fits = selector_setup
+    plot_history = utils.engine.plot_history
+
+    def signalled_while_plotting(*args, **kwargs):  # after fold 1's last check of the signal
+        os.kill(os.getpid(), signal.SIGTERM)
+        return plot_history(*args, **kwargs)
+
+    monkeypatch.setattr(utils.engine, "plot_history", signalled_while_plotting)
+    with pytest.raises(SystemExit) as stop:
+        trainSelector.main([*argv, "--epochs", "1"])
+    assert stop.value.code == 128 + signal.SIGTERM and own_handlers[1] == [] and len(fits) == 1
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    complete, command = last_line.split("; continue with: ")
+    assert complete == "SIGTERM: stopped as the run ended, complete: checkpoints/selector.folds/fold1.pt"
+    python, script, *rest = shlex.split(command)
+    assert (python, script) == ("python", "trainSelector.py")
+
+    monkeypatch.setattr(utils.engine, "plot_history", plot_history)
+    trainSelector.main(rest)  # the printed command, as the user would paste it
+    assert "== fold 1/2: checkpoints/selector.folds/fold1.pt complete, reused" in capsys.readouterr().out
+    assert [f["path"] for f in fits[1:]] == ["checkpoints/selector.folds/fold2.pt", "checkpoints/selector.pt"]
+
+
 def test_folds_that_some_class_cannot_fill_are_refused_in_one_line_naming_the_fix(tmp_path, capsys):
     import trainSelector
 

@@ -125,21 +125,6 @@ def uninterrupted(tree, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- pre-emption
 
-@pytest.fixture
-def own_handlers():
-    """SIGINT and SIGTERM handlers owned by the test: a signal that training lets through is
-    recorded instead of ending pytest, and training must hand these back when it ends."""
-    received = []
-
-    def handler(signum, frame):
-        received.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield handler, received
-    for s, h in previous.items():
-        signal.signal(s, h)
-
-
 def signal_during_step(monkeypatch, signum, call):
     """The ``call``-th training step of the run (counted from 1) receives ``signum`` as it starts."""
     train_step, calls = utils.engine.train_step, []

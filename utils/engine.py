@@ -43,7 +43,7 @@ from utils.cli import UserError, progress
 from utils.data import DeviceLoader, pad_batch
 from utils.plots import plot_history
 from utils.provenance import provenance, write_config
-from utils.runs import RunFiles, check_free_space, config_changes, continue_command, run_saved
+from utils.runs import RunFiles, check_free_space, config_changes, continue_command, outer_command, run_saved
 from utils.runtime import StopSignal, device_name, prepare_model
 from utils.timebox import Costs, TimeBox, evaluated_epoch, plan_epochs
 
@@ -449,6 +449,8 @@ def fit(members, splits, args, runtime, teacher=None, augment=True, time_box=Non
     start_epoch, start_step, loop = _start(trainees, args, runtime, states)
     startup_seconds = time_box.elapsed()
     complete = "stopped as the run ended, complete: " + ", ".join(str(m.files.best) for m in members)
+    if outer_command():  # the run is a part of a larger work, which is not complete
+        complete += f"; continue with: {outer_command()}"
     with StopSignal(ended=complete if runtime.is_main else "") as stop:
         for epoch in range(start_epoch, epochs):
             first_step = start_step if epoch == start_epoch else 0

@@ -86,10 +86,15 @@ def continued_by(command):
         _OUTER_COMMAND.reset(token)
 
 
+def outer_command():
+    """The command of the larger work this runs within (``continued_by``), or None."""
+    return _OUTER_COMMAND.get()
+
+
 def continue_command(command, saved=True):
     """The command that continues work stopped in ``command``: the pipeline's that runs it (``continued_by``), or its
     own: with ``--resume`` where the work ``saved`` what a resume needs, as it is where it saved nothing."""
-    return _OUTER_COMMAND.get() or (resume_command(command) if saved else command)
+    return outer_command() or (resume_command(command) if saved else command)
 
 
 @dataclass(frozen=True)

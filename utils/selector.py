@@ -27,7 +27,7 @@ from utils.distill import specialists
 from utils.engine import Member, fit
 from utils.losses import kd_terms
 from utils.trained import student_record
-from utils.runs import RunFiles, config_changes, continue_command, prepare_run
+from utils.runs import RunFiles, config_changes, continue_command, continued_by, prepare_run
 from utils.runtime import batched_logits, prepare_model, stoppable
 from utils.split import CLASSES, check_folds
 from utils.timebox import TimeBox, share
@@ -338,7 +338,8 @@ class CrossFit:
             print(f"== fold {k + 1}/{folds} -> {run.files.best}: trains on {int((~held_out).sum())} hold-out "
                   f"images, scores the {int(held_out.sum())} of its fold" + (" (resuming)" if run.state == "partial"
                                                                                else ""))
-            final = self.fit(run, ~held_out, {**self.meta, "fold": {"index": k + 1, "of": folds}})
+            with continued_by(continue_command(self.args.command)):  # the stage goes on after its folds
+                final = self.fit(run, ~held_out, {**self.meta, "fold": {"index": k + 1, "of": folds}})
         self.folds_made.append(final)
         return scores_of(final, self.labelled.images[held_out], self.runtime)
 
