@@ -665,6 +665,44 @@ def test_a_signal_as_a_fold_selector_ends_names_the_fold_and_the_command_that_go
     assert [f["path"] for f in fits[1:]] == ["checkpoints/selector.folds/fold2.pt", "checkpoints/selector.pt"]
 
 
+def test_a_stage_taken_up_after_a_complete_fold_trains_the_selectors_an_unbroken_one_does(selector_setup, tmp_path,
+                                                                                         monkeypatch, capsys):
+    import shutil
+
+    import trainSelector
+    from utils.checkpoint import load_checkpoint
+
+    argv, _ = selector_setup
+    trainSelector.main([*argv, "--epochs", "1"])
+    later = ("checkpoints/selector.folds/fold2.pt", "checkpoints/selector.pt")
+    unbroken = {path: load_checkpoint(path, hint="")["model"] for path in later}
+    again = tmp_path / "again" / "checkpoints" / "selector.folds"
+    again.mkdir(parents=True)
+    for done in (tmp_path / "checkpoints" / "selector.folds").glob("fold1.*"):  # a stage stopped after fold 1
+        shutil.copy(done, again)
+    monkeypatch.chdir(tmp_path / "again")
+    trainSelector.main([*argv, "--epochs", "1"])
+    assert "fold1.pt complete, reused" in capsys.readouterr().out
+    for path in later:
+        taken_up = load_checkpoint(path, hint="")["model"]
+        assert all(torch.equal(taken_up[k], v) for k, v in unbroken[path].items()), path
+
+
+def test_the_out_of_fold_scores_average_the_views_the_selector_is_evaluated_with(selector_setup):
+    import trainSelector
+    from utils.checkpoint import load_checkpoint
+    from utils.networks import Network
+    from utils.runtime import Runtime, batched_logits
+    from utils.selector import scores_of
+
+    argv, _ = selector_setup
+    trainSelector.main([*argv, "--epochs", "1", "--tta", "flip"])
+    runtime, path = Runtime(torch.device("cpu")), "checkpoints/selector.folds/fold1.pt"
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    as_routed = batched_logits(Network(path, "selector", "", runtime), images, runtime)
+    assert torch.allclose(scores_of(load_checkpoint(path, hint=""), images, runtime), as_routed, atol=1e-6)
+
+
 def test_folds_that_some_class_cannot_fill_are_refused_in_one_line_naming_the_fix(tmp_path, capsys):
     import trainSelector
 
@@ -756,3 +794,4 @@ def test_inference_stopped_by_a_signal_prints_a_command_that_continues_it(smoke_
     monkeypatch.setattr(utils.networks, "batched_logits", real)
     inference.main(shlex.split(command)[2:])
     assert (root / "again" / "results.md").exists()
+

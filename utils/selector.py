@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from utils.augment import random_translate_flip
+from utils.augment import predict, random_translate_flip
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cli import UserError
 from utils.data import stratified_folds, stratified_indices
@@ -278,6 +278,7 @@ def fit_selector(run, part, labelled, args, runtime, time_box, meta):
     clean_targets = labelled.targets[:len(part)]
     splits = {"train": (labelled.examples[keep], labelled.targets[keep]),
               "holdout": (labelled.images[val], clean_targets[val])}
+    torch.manual_seed(args.seed)  # its first weights are --seed's, whichever selectors this process trained before
     selector = build_model("selector", labelled.targets.shape[1])
     (final,) = fit([Member(selector, selector_loss, run.args, meta, run.files, metric=routed_metric)], splits,
                    run.args, runtime, augment=False, time_box=time_box)
@@ -285,10 +286,12 @@ def fit_selector(run, part, labelled, args, runtime, time_box, meta):
 
 
 def scores_of(checkpoint, images, runtime):
-    """``(N, S)``: the logits of the selector of ``checkpoint`` on uint8 ``images``, on the CPU."""
+    """``(N, S)``: the logits of the selector of ``checkpoint`` on uint8 ``images``, averaged over the test-time
+    views it is evaluated with, on the CPU."""
     selector = build_model("selector", checkpoint["num_classes"])
     selector.load_state_dict(checkpoint["model"])
-    return batched_logits(prepare_model(selector.eval(), runtime), images, runtime).cpu()
+    model, views = prepare_model(selector.eval(), runtime), checkpoint.get("config", {}).get("tta", "none")
+    return batched_logits(lambda x: predict(model, x, views), images, runtime).cpu()
 
 
 class CrossFit:
