@@ -135,7 +135,7 @@ def main(argv=None):
     from utils.runtime import device_name, setup_runtime, stoppable
     from utils.speed import measure_speed
 
-    split = students_split(args.students)
+    split = students_split(args.students, args.name)
     runtime = setup_runtime(args, varying_shapes=True)
     print_config(args, "inference.py")
     data = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data)

@@ -104,7 +104,7 @@ def main(argv=None):
     from utils.networks import Network
     from utils.runtime import setup_runtime
 
-    split = students_split(args.students)
+    split = students_split(args.students, args.name)
     runtime = setup_runtime(args)
     networks = {}
     if args.with_teacher:
@@ -125,10 +125,12 @@ def main(argv=None):
 
 
 def keep_one_pair(args):
+    from utils.published import read_manifest
     from utils.weights import keep_pair  # after the flags: --help and a refused flag need no torch
 
     pair = args.pair
     if pair == "best":
+        read_manifest(args.source)  # a published folder, before its bundle is read
         best = best_routing_per_pair(Path(args.source).resolve().parent / "results.json")
         pair = max(best, key=lambda p: (best[p][0], p == "generalists"))
         print("best routed system of each pair on the hold-out split: " + "; ".join(

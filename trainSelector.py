@@ -112,7 +112,7 @@ def parse_args(argv=None):
     args.students = args.students or default_students(args.name, args.specialists)
     from utils.experiment import students_split  # reads checkpoints: after the flags, as torch is imported
 
-    split = students_split(args.students)
+    split = students_split(args.students, args.name)
     args.split = split.as_dict()
     method = args.specialists or specialists_of(args.students)
     args.target = args.target or ("assignment" if method else "right")

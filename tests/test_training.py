@@ -21,6 +21,7 @@ import teacherTrain
 import utils.checkpoint
 import utils.distill
 import utils.engine
+import utils.lock
 import utils.losses
 from models import build_model
 from tests.conftest import REPO, one_error_line, write_tree
@@ -412,6 +413,16 @@ def test_a_missing_checkpoint_names_the_experiments_that_have_one(tmp_path, monk
     assert str(e.value).endswith("first")
 
 
+@pytest.mark.parametrize("script", ["trainSelector", "inference", "publish"])
+def test_the_students_missing_from_an_experiment_are_to_be_trained_in_it(script, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(lambda: importlib.import_module(script).main(["--name", "nosuch"]), capsys)
+    assert line == "error: no checkpoint at checkpoints/nosuch/student_densenet121.pt; run `python StudentTrain.py " \
+                   "--model 1 2 --name nosuch` first"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_cuda_requested_without_cuda(tree, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -450,6 +461,32 @@ def test_torchrun_two_processes_on_cpu(tree, tmp_path):
     assert final["complete"] is True and final["epoch"] == 1 and final["test_acc"] is not None
     assert not [k for k in final["model"] if k.startswith(("module.", "_orig_mod."))]
     model_from_checkpoint(final, checkpoint, TEACHER_HINT)
+
+
+@pytest.mark.slow
+def test_a_torchrun_run_resumes_exactly_with_each_process_s_own_dropout_masks(tree, tmp_path):
+    load_cifar10(tree, verbose=False, allow_partial=True)
+
+    def torchrun(checkpoint, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                   "teacherTrain.py", *teacher_flags(tree, checkpoint, *extra, epochs=2)]
+        return subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=500)
+
+    stopped, straight = tmp_path / "stopped" / "teacher.pt", tmp_path / "straight" / "teacher.pt"
+    result = torchrun(stopped, "--time-budget", "0")
+    assert result.returncode != 0 and "continue with: python teacherTrain.py" in result.stdout
+    assert "exitcode  : -15" not in result.stderr and not stopped.with_suffix(".lock").exists()  # rank 0 ended well
+    state = torch.load(stopped.with_suffix(".last.pt"), map_location="cpu", weights_only=True)
+    (rank_1, _), = state["rank_rngs"]
+    assert state["epoch"] == 1 and not torch.equal(state["rng"], rank_1)  # GoogLeNet's dropout differs by process
+    with pytest.raises(UserError, match="was saved by a run of 2 process.*torchrun --nproc_per_node 2"):
+        teacherTrain.main(teacher_flags(tree, stopped, "--resume", epochs=2))
+    utils.lock.release_all()  # as that refused run's process would end
+    for result in (torchrun(stopped, "--resume"), torchrun(straight)):
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    resumed, reference = (torch.load(c.with_suffix(".last.pt"), map_location="cpu", weights_only=True)["model"]
+                          for c in (stopped, straight))
+    assert [k for k in reference if not torch.equal(resumed[k], reference[k])] == []
 
 
 def test_resume_after_an_epoch_without_evaluation(tree, tmp_path):

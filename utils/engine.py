@@ -322,12 +322,18 @@ class Trainee:
                 **{f"train_{k}": v / images for k, v in totals.items() if k != "correct"},
                 "train_acc": totals["correct"] / images, "images_per_s": images / seconds}
 
-    def resume_state(self, loop, epoch, step):
-        """What ``--resume`` needs to go on after ``step`` steps of epoch ``epoch`` (0: at its start)."""
+    def streams(self):
+        """This member's random stream in every process, by rank (one collective under ``torchrun``)."""
+        return self.runtime.all_gather(self.rng or _rng_states(self.runtime))
+
+    def resume_state(self, loop, epoch, step, streams=None):
+        """What ``--resume`` needs to go on after ``step`` steps of epoch ``epoch`` (0: at its start); ``streams``:
+        every process's random stream (``streams()``), this process's alone if not given."""
         mid_epoch = step > 0
-        rng, cuda_rng = self.rng or _rng_states(self.runtime)
+        (rng, cuda_rng), *other_ranks = streams or [self.rng or _rng_states(self.runtime)]
         return {**self.meta, "model": clean_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "rng": rng, "cuda_rng": cuda_rng,
+                "rank_rngs": other_ranks,
                 "epoch": epoch, "step": step,
                 "sums": {k: v.detach().cpu() for k, v in self.sums.items()} if mid_epoch else {},
                 "history": self.history, "elapsed": loop.elapsed(),
@@ -339,13 +345,13 @@ class Trainee:
                 "holdout_acc": self.best_acc if self.best_acc >= 0 else None, "test_acc": None, "complete": False,
                 **extra}
 
-    def save(self, loop, epoch, step=0):
-        """Write the resume state, and the best weights if they changed since they were last written; the run
-        this one replaces (``--force``) is then deleted."""
+    def save(self, loop, epoch, step, streams):
+        """Write the resume state (``streams``: every process's random stream), and the best weights if they
+        changed since they were last written; the run this one replaces (``--force``) is then deleted."""
         if not self.best_saved:
             save_checkpoint(self.files.best, self.best_checkpoint())
             self.best_saved = True
-        save_checkpoint(self.files.last, self.resume_state(loop, epoch, step))
+        save_checkpoint(self.files.last, self.resume_state(loop, epoch, step, streams))
         run_saved(self.files)
 
     def restore(self, state):
@@ -362,11 +368,16 @@ class Trainee:
             k = changed[0]
             raise UserError(f"{files.last} was started with --{k.replace('_', '-')} {state['config'][k]}, not "
                             f"{self.config[k]}; resume with the same flags, or start afresh with --force")
+        streams = [(state["rng"], state.get("cuda_rng")), *state.get("rank_rngs", [])]
+        if len(streams) != self.runtime.world_size:
+            raise UserError(f"{files.last} was saved by a run of {len(streams)} process(es), this one has "
+                            f"{self.runtime.world_size}; resume it with torchrun --nproc_per_node {len(streams)}, "
+                            "or start afresh with --force")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema:
             self.ema.load_state_dict(state["ema"])
-        self.rng = state["rng"], state.get("cuda_rng")
+        self.rng = streams[self.runtime.rank]
         self.sums = {k: v.to(self.runtime.device) for k, v in state.get("sums", {}).items()}
         self.history = state["history"]
         self.meta["timing"] = state.get("timing")
@@ -449,8 +460,8 @@ def fit(members, splits, args, runtime, teacher=None, augment=True, time_box=Non
     start_epoch, start_step, loop = _start(trainees, args, runtime, states)
     startup_seconds = time_box.elapsed()
     complete = "stopped as the run ended, complete: " + ", ".join(str(m.files.best) for m in members)
-    if outer_command():  # the run is a part of a larger work, which is not complete
-        complete += f"; continue with: {outer_command()}"
+    if outer := outer_command():  # the run is a part of a larger work, which is not complete
+        complete += f"; continue with: {outer}"
     with StopSignal(ended=complete if runtime.is_main else "") as stop:
         for epoch in range(start_epoch, epochs):
             first_step = start_step if epoch == start_epoch else 0
@@ -473,7 +484,7 @@ def run_epoch(trainees, loaders, epoch, first_step, loop, args, runtime, teacher
     out_of_time = args.time_budget is not None and loop.elapsed() - loop.elapsed_before > 60 * args.time_budget
     stopping = not last and _agreed(out_of_time or stop.signum is not None, runtime)
     end_of_epoch(trainees, loaders.holdout, epoch, first_step, loop, runtime,
-                 save=last or stopping or loop.save_due(args.save_every))
+                 save=last or stopping or _agreed(loop.save_due(args.save_every), runtime))
     if stopping:
         _stop(trainees, loop, args, runtime, stop.signum, epoch + 1)
 
@@ -604,9 +615,9 @@ def _start(trainees, args, runtime, states):
             raise UserError(f"these runs stopped at different points ({where}); resume each on its own")
         loop = Loop(elapsed_before=elapsed)
         loop.epoch_started -= epoch_seconds
-    else:  # every member draws what it would draw in a run of its own, from --seed
+    else:  # every member draws what it would draw in a run of its own, from --seed; each process its own masks
         for t in trainees:
-            t.rng = _seeded_rng(runtime, args.seed)
+            t.rng = _seeded_rng(runtime, args.seed + runtime.rank)
     if len(trainees) == 1:  # one member: its stream is the process's
         _set_rng(runtime, trainees[0].rng)
         trainees[0].rng = None
@@ -684,6 +695,7 @@ def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime, sav
         if holdout_loader is None or record.get("holdout_acc", -1.0) > t.best_acc:
             t.best_acc, t.best_epoch = record.get("holdout_acc", t.best_acc), epoch + 1
             t.best_state, t.best_saved = clean_state_dict(t.eval_model), False
+        streams = t.streams() if save else None
         if not runtime.is_main:
             continue
         prefix = f"{t.files.best.stem}: " if len(trainees) > 1 else ""
@@ -695,7 +707,7 @@ def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime, sav
         with open(t.files.log, "a") as f:
             f.write(json.dumps(record) + "\n")
         if save:
-            t.save(loop, epoch + 1)
+            t.save(loop, epoch + 1, 0, streams)
     if save:
         loop.saved = time.time()
 
@@ -705,16 +717,18 @@ def _stop(trainees, loop, args, runtime, signum, epoch, step=0):
     has saved its own), say how to continue, then exit with 128 + the signal's number, or
     ``EXIT_TIME_BUDGET`` when ``--time-budget`` ran out."""
     steps = trainees[0].steps_per_epoch
+    streams = [t.streams() for t in trainees] if step else None
     if runtime.is_main:
         if step:
-            for t in trainees:
-                t.save(loop, epoch, step)
+            for t, each in zip(trainees, streams):
+                t.save(loop, epoch, step, each)
         epochs = trainees[0].epochs
         where = f"at epoch {epoch + 1}/{epochs}, step {step}/{steps}" if step else f"after epoch {epoch}/{epochs}"
         why = signal.Signals(signum).name if signum else f"time budget of {args.time_budget:g} min spent"
         print(f"\n{why}: stopped {where}; saved {', '.join(str(t.files.last) for t in trainees)}\n"
               f"continue with: {continue_command(args.command)}")
-    raise SystemExit(128 + signum if signum else EXIT_TIME_BUDGET)
+    # torchrun stops every process once one exits with an error: only rank 0 does, once it has saved and said so
+    raise SystemExit((128 + signum if signum else EXIT_TIME_BUDGET) if runtime.is_main else 0)
 
 
 def _finish(trainee, test_loader, time_box, startup_seconds, stop):

@@ -95,10 +95,10 @@ def specialist_method(args):
     return found[0] if found else None
 
 
-def students_split(paths):
+def students_split(paths, name=""):
     """The ``Split`` the students share; refused if they differ, or if they were trained on different data (other
-    CIFAR-10 pixels: their hold-out logits would not be of the same images)."""
-    checkpoints = [load_checkpoint(path, hint=STUDENT_HINT, kind="student") for path in paths]
+    CIFAR-10 pixels: their hold-out logits would not be of the same images). ``name``: the experiment, for errors."""
+    checkpoints = [load_checkpoint(path, hint=named(STUDENT_HINT, name), kind="student") for path in paths]
     splits = [Split.of(checkpoint) for checkpoint in checkpoints]
     for path, split, checkpoint in zip(paths[1:], splits[1:], checkpoints[1:]):
         if split != splits[0]:

@@ -46,6 +46,14 @@ class Runtime:
             dist.all_reduce(tensor)
         return tensor
 
+    def all_gather(self, obj):
+        """``obj`` of every process, by rank (one collective under ``torchrun``); ``[obj]`` with one process."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def all_min(self, value):
         """The smallest of a number over every process: what they all agree on."""
         if self.world_size == 1:

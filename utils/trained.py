@@ -14,7 +14,7 @@ from utils.policies import fit_temperature
 from utils.split import Split
 
 # What a checkpoint holds besides its record: its weights, the hold-out logits it carries, an unfinished run's state.
-NOT_RECORDED = ("model", "optimizer", "ema", "rng", "cuda_rng", "sums", "history", "holdout_logits",
+NOT_RECORDED = ("model", "optimizer", "ema", "rng", "cuda_rng", "rank_rngs", "sums", "history", "holdout_logits",
                 "holdout_labels")
 
 
