@@ -269,10 +269,11 @@ def main(argv=None):
     args = parse_args(argv)
     out = output_folder(args)
     check_plan(args)
-    print_config(args, "reproduce.py")
-    from utils.data import load_cifar10  # after the flags: --help and a refused flag need no torch
+    from utils.data import check_source, load_cifar10  # after the flags: --help and a refused flag need no torch
     from utils.pipeline import summarise
 
+    check_source(args.data_dir, args.download)
+    print_config(args, "reproduce.py")
     fingerprint = load_cifar10(args.data_dir, args.download, allow_partial=args.partial_data).fingerprint
     if not args.seeds:
         run_pipeline(args, args.name, args.seed, fingerprint, out, started)

@@ -92,6 +92,7 @@ def test_a_bundles_epochs_replace_the_time_box_and_the_specialists_can_be_left_o
         log = tar.extractfile("gpu-run/reproduce.log").read().decode().splitlines()[0]
     assert preflight.endswith("--with-nokd") and "--epochs-from" not in preflight  # the smoke preset's one epoch
     assert log.startswith(f"$ python {REPO}/reproduce.py --preset full --epochs-from results/published/run ")
+    assert " --name gpu-run " in log  # its own experiment: a dry run beside the quick start's smoke one works
     assert log.endswith("--with-nokd") and "--minutes" not in log and "--with-specialists" not in log + preflight
     assert not list(own_tmpdir(tmp_path).glob("tmp.*"))
 
@@ -135,6 +136,10 @@ def test_publish_puts_the_handed_back_bundle_and_its_weights_together(tmp_path):
     assert (dest / "results.json").is_file()  # both pairs kept: they fit beside the tracked tree
     again = subprocess.run([str(SCRIPT), "publish", str(files), str(dest)], capture_output=True, text=True)
     assert again.returncode == 2 and again.stderr == f"error: {dest} exists; choose another DEST, or remove it first\n"
+    nothing = subprocess.run([str(SCRIPT), "publish", str(work), str(tmp_path / "elsewhere")], capture_output=True,
+                             text=True)
+    assert nothing.returncode == 2 and nothing.stderr == f"error: {work} holds no bundle.tar: give the folder that a " \
+                                                          "pipeline job handed back\n"
 
 
 def test_without_a_mode_it_prints_its_usage_and_refuses():

@@ -64,6 +64,16 @@ USER_FLAGS = ["--preset", "smoke", "--seed", "3", "--epochs", "2", "--device", "
               "--with-nokd"]
 
 
+def test_a_data_dir_without_cifar10_is_refused_in_one_line_before_the_configuration_is_shown(tmp_path, capsys):
+    from utils.cli import run
+
+    with pytest.raises(SystemExit) as refused:
+        run(lambda: reproduce.main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]))
+    out, err = capsys.readouterr()
+    assert refused.value.code == 2 and out == ""
+    assert err.startswith(f"error: no CIFAR-10 found at {tmp_path / 'nowhere'}") and err.count("\n") == 1
+
+
 def test_user_flags_reach_every_training_stage_and_win_over_the_preset():
     args = reproduce.parse_args(USER_FLAGS)
     plan, common = reproduce.stages(args, "mine", 3)
@@ -441,6 +451,20 @@ def test_summary_is_mean_and_sample_std_per_row(tmp_path, monkeypatch):
                          "| Teacher | 91.00 ± 1.41 | 90.00 | 92.00 |",
                          "| Student googlenet | 81.50 ± 2.12 | 80.00 | 83.00 |",
                          "| KD gain: googlenet | 3.00 ± 1.41 | 2.00 | 4.00 |"]
+
+
+def test_a_row_that_one_seed_lacks_stands_under_the_seeds_that_have_it(tmp_path):
+    out = tmp_path / "results" / NAME
+    fake_results(out / "seed0", {"Teacher": 0.90}, {})
+    fake_results(out / "seed1", {"Teacher": 0.92, "Routed": 0.85}, {})
+    fake_results(out / "seed2", {"Teacher": 0.94, "Routed": 0.87}, {})
+
+    pipeline.summarise(out, {0: out / "seed0", 1: out / "seed1", 2: out / "seed2"})
+
+    rows = json.loads((out / "seeds.json").read_text())["rows"]
+    assert rows["Routed"]["values"] == [None, pytest.approx(85.0), pytest.approx(87.0)]
+    assert rows["Routed"]["mean"] == pytest.approx(86.0) and rows["Routed"]["std"] == pytest.approx(2 ** 0.5)
+    assert "| Routed | 86.00 ± 1.41 | — | 85.00 | 87.00 |" in (out / "seeds.md").read_text()
 
 
 @pytest.fixture

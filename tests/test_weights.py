@@ -223,6 +223,9 @@ def test_keeping_a_pair_refuses_a_changed_file_or_a_missing_pair_and_leaves_the_
                    "its networks: student1, student2, selector"
     line = one_error_line(lambda: publish.main(["--from", str(weights), "--pair", "best"]), capsys)
     assert line.startswith(f"error: {weights} already holds published weights; add --force")
+    for pair in ("best", "generalists"):  # not a published folder, whichever pair is asked for
+        line = one_error_line(lambda: publish.main(["--from", str(tmp_path / "nowhere"), "--pair", pair]), capsys)
+        assert line.startswith(f"error: {tmp_path / 'nowhere'} is not a published weights folder (no manifest.json)")
 
 
 # ----------------------------------------------------------------------------- every entry point

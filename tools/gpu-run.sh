@@ -96,7 +96,7 @@ pipeline)
     bundle=results/gpu-run
     if [ -e "$bundle" ]; then mv "$bundle" "$bundle-before-$started"; fi  # a warm machine's earlier call's
     command=(python "$root/reproduce.py" --preset "${PRESET:-full}" "${length[@]}" --data-dir "$data" --out "$bundle"
-             "${flags[@]}")
+             --name gpu-run "${flags[@]}")  # its own experiment: never one an earlier run of another command left
     status=0  # stopped (and its checkpoints saved) where it overruns the job's end, so that its log still comes back
     logged "$work/reproduce.log" timeout -k 10 "$limit" "${command[@]}" || status=$?
     mkdir -p "$bundle"
@@ -119,6 +119,10 @@ checks)
 publish)
     files=${2:?FILES: the folder the pipeline job handed back}
     dest=${3:?DEST: results/published/<gpu>-<yyyy-mm-dd>}
+    if [ ! -f "$files/bundle.tar" ]; then
+        echo "error: $files holds no bundle.tar: give the folder that a pipeline job handed back" >&2
+        exit 2
+    fi
     if [ -e "$dest" ]; then echo "error: $dest exists; choose another DEST, or remove it first" >&2; exit 2; fi
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT

@@ -187,28 +187,34 @@ def print_wall(wall):
 
 def summarise(out, bundles):
     """``out/seeds.md`` and ``.json``: each system's test accuracy and each KD gain, their mean and standard
-    deviation over the seeds' bundles (``{seed: folder}``), keyed by identifier, with the label each is shown by."""
-    runs = {seed: json.loads((folder / "results.json").read_text()) for seed, folder in bundles.items()}
+    deviation over the seeds' bundles (``{seed: folder}``) that have the row, keyed by identifier, with the label
+    each is shown by; a row's ``values`` follow ``seeds``, None where a seed's bundle has no such row."""
+    seeds = list(bundles)
     rows = {}
-    for results in runs.values():
+    for seed, folder in bundles.items():
+        results = json.loads((folder / "results.json").read_text())
         names = results.get("labels", {}).get("systems", {})
         for k, acc in results["accuracy"].items():
-            rows.setdefault(k, {"label": names.get(k, k), "values": []})["values"].append(100 * acc)
+            rows.setdefault(k, {"label": names.get(k, k), "values": {}})["values"][seed] = 100 * acc
         for arch, gain in results.get("kd_gain", {}).items():
-            rows.setdefault(f"kd_gain:{arch}", {"label": f"KD gain: {arch}", "values": []})["values"].append(
-                100 * gain["difference"])
-    summary = {k: {"label": row["label"], "mean": statistics.mean(row["values"]),
-                   "std": statistics.stdev(row["values"]) if len(row["values"]) > 1 else 0.0, "values": row["values"]}
-               for k, row in rows.items()}
-    seeds = list(bundles)
+            rows.setdefault(f"kd_gain:{arch}", {"label": f"KD gain: {arch}", "values": {}})["values"][seed] = \
+                100 * gain["difference"]
+    summary = {}
+    for k, row in rows.items():
+        present = list(row["values"].values())
+        summary[k] = {"label": row["label"], "mean": statistics.mean(present),
+                      "std": statistics.stdev(present) if len(present) > 1 else 0.0,
+                      "values": [row["values"].get(seed) for seed in seeds]}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "seeds.json", {"seeds": seeds, "rows": summary})
     lines = [f"# Results over seeds {', '.join(map(str, seeds))}", "",
-             "Test accuracy in %, mean ± sample standard deviation over the seeds (one full pipeline per seed).", "",
+             "Test accuracy in %, mean ± sample standard deviation over the seeds (one full pipeline per seed); "
+             "a row some seed's bundle lacks (—) is over the others.", "",
              "| Row | Mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|---|---|" + "---|" * len(seeds),
-             *[f"| {s['label']} | {s['mean']:.2f} ± {s['std']:.2f} | " + " | ".join(f"{v:.2f}" for v in s["values"])
-               + " |" for s in summary.values()], ""]
+             *[f"| {s['label']} | {s['mean']:.2f} ± {s['std']:.2f} | "
+               + " | ".join("—" if v is None else f"{v:.2f}" for v in s["values"]) + " |" for s in summary.values()],
+             ""]
     write_atomically(out / "seeds.md", lambda tmp: tmp.write_text("\n".join(lines)))
     print("\n".join(lines))
     print(f"wrote {out / 'seeds.md'} and {out / 'seeds.json'}")
