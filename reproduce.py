@@ -27,7 +27,7 @@ With --seeds S1 S2 ..., the pipeline runs once per seed (experiment NAME/seed<S>
 <out>/seed<S>/) and a table of each row's mean and standard deviation over the seeds is written to
 <out>/seeds.md.
 Exit codes: 0 done; 2 a refusal (one line saying why); 75 a training stage stopped by
---time-budget; 130/143 stopped by SIGINT/SIGTERM. Run the same command again to go on.
+--time-budget; 130/143 stopped by SIGINT/SIGTERM. The command it prints then goes on.
 """
 
 import time

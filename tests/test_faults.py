@@ -468,9 +468,17 @@ def test_folds_the_hold_out_split_cannot_fill_are_refused_before_anything_trains
 
 # ----------------------------------------------------------------------------- commands that continue
 
-def test_a_pipeline_s_continue_command_retrains_nothing_again():
-    from utils.pipeline import continue_pipeline_command
+def test_a_pipeline_s_continue_command_retrains_nothing_again(capsys):
+    from types import SimpleNamespace
+
+    from utils.pipeline import continue_pipeline_command, run_stage
 
     assert continue_pipeline_command("python reproduce.py --force --minutes 8") == "python reproduce.py --minutes 8"
     assert continue_pipeline_command("python reproduce.py --retrain-from students --seed 1") == \
         "python reproduce.py --seed 1"
+    stopped = SimpleNamespace(title="students", paths=["checkpoints/student.pt"], argv=[],
+                              module=SimpleNamespace(main=lambda argv: sys.exit(75)))
+    with pytest.raises(SystemExit):
+        run_stage(stopped, "stale", [], continue_pipeline_command("python reproduce.py --retrain-from students"), {})
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line == "stopped in the students stage; continue with: python reproduce.py"

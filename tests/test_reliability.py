@@ -589,6 +589,27 @@ def test_the_logits_of_a_read_only_checkpoint_are_cached_per_user(tree, uninterr
     assert list(cache.iterdir()) == []
 
 
+def test_a_damaged_logits_cache_is_computed_again_with_a_note(tree, uninterrupted, tmp_path, capsys):
+    import evaluate
+
+    checkpoint = tmp_path / "teacher.pt"
+    shutil.copy(uninterrupted, checkpoint)
+    argv = [str(checkpoint), "--data-dir", str(tree), "--partial-data", "--device", "cpu", "--out",
+            str(tmp_path / "evaluation.json"), "--force"]
+    evaluate.main(argv)
+    first = json.loads((tmp_path / "evaluation.json").read_text())
+    cache = tmp_path / "teacher.logits.pt"
+    cached = load(cache)
+    cached["test"] = torch.full_like(cached["test"], 30.0)  # same size, other values: torch.load cannot tell
+    torch.save(cached, cache)
+    capsys.readouterr()
+    evaluate.main(argv)
+    assert f"note: {cache} does not match its fingerprint (changed or damaged); the logits are computed again" in \
+        capsys.readouterr().out
+    assert json.loads((tmp_path / "evaluation.json").read_text()) == first
+    assert not (load(cache)["test"] == 30.0).all()  # and written again
+
+
 def test_a_full_disk_is_one_line_before_training(tree, tmp_path, monkeypatch, capsys):
     free = 5 * 2**20
     usage = shutil.disk_usage(tmp_path)
@@ -773,3 +794,35 @@ def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
         prepare_run(Namespace(checkpoint=str(tmp_path / "teacher.pt"), resume=False, force=False))
     assert f"{lock} is held by process 1 on some-other-host; if no run is writing there, delete it" in str(e.value)
     assert lock.read_text() == "1 some-other-host\n"
+
+
+# ----------------------------------------------------------------------------- members saved together
+
+class Killed(BaseException):
+    """The process killed outright: nothing after it runs."""
+
+
+def test_a_kill_while_members_save_leaves_them_at_one_point_and_the_run_resumes(tree, tmp_path, monkeypatch):
+    import StudentTrain
+
+    argv = ["--data-dir", str(tree), "--holdout", "0", "--limit", "2", "--batch-size", "2", "--epochs", "2",
+            "--device", "cpu", "--partial-data", "--save-every", "0", "--no-kd", "--model", "googlenet", "resnet18",
+            "--name", "pair"]
+    torch_save, written = torch.save, []
+
+    def killed_at_the_second_member_s_second_state(checkpoint, path):  # a hidden temporary file's
+        written.append(Path(path).name)
+        if sum(".last.pt." in name for name in written) == 4:  # epoch 2's, the second member's
+            raise Killed
+        return torch_save(checkpoint, path)
+
+    monkeypatch.setattr(utils.checkpoint.torch, "save", killed_at_the_second_member_s_second_state)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Killed):
+        StudentTrain.main(argv)
+    monkeypatch.setattr(utils.checkpoint.torch, "save", torch_save)
+    states = [load(f"checkpoints/pair/student_{arch}_nokd.last.pt") for arch in ("googlenet", "resnet18")]
+    assert [s["epoch"] for s in states] == [1, 1]  # the first member's epoch 2 was not renamed in alone
+    utils.lock.release_all()  # as the killed process's lock goes with it
+    StudentTrain.main([*argv, "--resume"])
+    assert all(load(f"checkpoints/pair/student_{arch}_nokd.last.pt")["complete"] for arch in ("googlenet", "resnet18"))

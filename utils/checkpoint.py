@@ -41,21 +41,31 @@ def clean_state_dict(model):
 
 def save_checkpoint(path, checkpoint):
     """Write ``checkpoint`` to a temporary file beside ``path``, then rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoints([(path, checkpoint)])
+
+
+def save_checkpoints(writes):
+    """Write each ``(path, checkpoint)`` of ``writes`` to a temporary file beside its path, then rename them all:
+    none half-written, and none renamed unless every one was written."""
     versions = {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
-    checkpoint = {"format": FORMAT, "versions": versions, **checkpoint}
-    if "model" in checkpoint:
-        checkpoint["weights_sha256"] = weights_fingerprint(checkpoint["model"])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staged = []
     try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        for path, checkpoint in writes:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint = {"format": FORMAT, "versions": versions, **checkpoint}
+            if "model" in checkpoint:
+                checkpoint["weights_sha256"] = weights_fingerprint(checkpoint["model"])
+            staged.append((path.with_name(f".{path.name}.{os.getpid()}.tmp"), path))
+            torch.save(checkpoint, staged[-1][0])
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a full disk shows as either, by where torch.save notices it
         raise CheckpointError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); "
                               f"{'the previous file is kept' if path.exists() else 'nothing was written'}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, hint, kind=None, arch=None):

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from utils.augment import Augmentation, predict
-from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint, save_checkpoints
 from utils.cli import UserError, progress
 from utils.data import DeviceLoader, pad_batch
 from utils.plots import plot_history
@@ -345,14 +345,11 @@ class Trainee:
                 "holdout_acc": self.best_acc if self.best_acc >= 0 else None, "test_acc": None, "complete": False,
                 **extra}
 
-    def save(self, loop, epoch, step, streams):
-        """Write the resume state (``streams``: every process's random stream), and the best weights if they
-        changed since they were last written; the run this one replaces (``--force``) is then deleted."""
-        if not self.best_saved:
-            save_checkpoint(self.files.best, self.best_checkpoint())
-            self.best_saved = True
-        save_checkpoint(self.files.last, self.resume_state(loop, epoch, step, streams))
-        run_saved(self.files)
+    def writes(self, loop, epoch, step, streams):
+        """What a save writes: the best weights if they changed since they were last written, and the resume state
+        (``streams``: every process's random stream), as ``(path, checkpoint)``."""
+        best = [] if self.best_saved else [(self.files.best, self.best_checkpoint())]
+        return [*best, (self.files.last, self.resume_state(loop, epoch, step, streams))]
 
     def restore(self, state):
         """Go on from the resume state ``state`` (``read_resume_state``): the model, optimizer, EMA and random
@@ -679,7 +676,8 @@ def train_one_epoch(trainees, loader, epoch, first_step, args, runtime, teacher,
 
 def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime, save):
     """For each member: the divergence check, the epoch's record and hold-out evaluation, the best
-    weights so far, the log line, and (with ``save``) its resume state and best weights on disk."""
+    weights so far, the log line; then (with ``save``) every member's resume state and best weights on disk."""
+    streams = []
     for t in trainees:
         args = t.args
         t.check_finite(epoch, first_step, t.steps_per_epoch - 1)
@@ -695,7 +693,7 @@ def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime, sav
         if holdout_loader is None or record.get("holdout_acc", -1.0) > t.best_acc:
             t.best_acc, t.best_epoch = record.get("holdout_acc", t.best_acc), epoch + 1
             t.best_state, t.best_saved = clean_state_dict(t.eval_model), False
-        streams = t.streams() if save else None
+        streams.append(t.streams() if save else None)
         if not runtime.is_main:
             continue
         prefix = f"{t.files.best.stem}: " if len(trainees) > 1 else ""
@@ -706,10 +704,20 @@ def end_of_epoch(trainees, holdout_loader, epoch, first_step, loop, runtime, sav
                   "this epoch: the specialists are collapsing onto one student")
         with open(t.files.log, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if save:
-            t.save(loop, epoch + 1, 0, streams)
     if save:
+        if runtime.is_main:
+            save_together(trainees, loop, epoch + 1, 0, streams)
         loop.saved = time.time()
+
+
+def save_together(trainees, loop, epoch, step, streams):
+    """Every member's writes (``streams``: each member's random streams), renamed together once all are written,
+    so that no kill leaves the members stopped at different points; the runs they replace (``--force``) are then
+    deleted."""
+    save_checkpoints([w for t, each in zip(trainees, streams) for w in t.writes(loop, epoch, step, each)])
+    for t in trainees:
+        t.best_saved = True
+        run_saved(t.files)
 
 
 def _stop(trainees, loop, args, runtime, signum, epoch, step=0):
@@ -720,8 +728,7 @@ def _stop(trainees, loop, args, runtime, signum, epoch, step=0):
     streams = [t.streams() for t in trainees] if step else None
     if runtime.is_main:
         if step:
-            for t, each in zip(trainees, streams):
-                t.save(loop, epoch, step, each)
+            save_together(trainees, loop, epoch, step, streams)
         epochs = trainees[0].epochs
         where = f"at epoch {epoch + 1}/{epochs}, step {step}/{steps}" if step else f"after epoch {epoch}/{epochs}"
         why = signal.Signals(signum).name if signum else f"time budget of {args.time_budget:g} min spent"

@@ -33,14 +33,20 @@ import torch
 
 from models import model_stats
 from utils.augment import predict
-from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    weights_fingerprint,
+)
 from utils.cli import UserError
 from utils.data import make_splits
 from utils.published import is_published_file, stem
 from utils.runtime import batched_logits, prepare_model
 from utils.trained import Trained
 
-FORMAT = "mskd-logits/1"
+FORMAT = "mskd-logits/2"
 
 
 def logits_path(checkpoint_path, views=""):
@@ -127,7 +133,8 @@ class Network(Trained):
         if self.runtime.is_main:
             arrays = {name: logits for name, (logits, _) in self.logits.items()}
             labels = {f"{name}_labels": labels for name, (_, labels) in self.logits.items()}
-            _write_cache(self.cache_paths(), {**key, **arrays, **labels})
+            _write_cache(self.cache_paths(), {**key, **arrays, **labels,
+                                              "logits_sha256": weights_fingerprint({**arrays, **labels})})
         return self.logits
 
     def compute_logits(self, splits, batch_size=1024):
@@ -175,5 +182,9 @@ def _read_cache(path, key):
     except Exception:  # unreadable: computed again
         return None
     if not all(cached.get(k) == v for k, v in key.items()):
+        return None
+    tensors = {k: v for k, v in cached.items() if k.startswith(("holdout", "test"))}
+    if weights_fingerprint(tensors) != cached.get("logits_sha256"):
+        print(f"note: {path} does not match its fingerprint (changed or damaged); the logits are computed again")
         return None
     return {name: (cached[name], cached[f"{name}_labels"]) for name in ("holdout", "test")}

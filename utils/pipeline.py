@@ -150,8 +150,8 @@ def run_stage(stage, state, flags, command, wall, share=None):
             stage.module.main([*stage.argv, *flags])
     except SystemExit:
         wall[stage.title] = time.time() - start
-        print(f"stopped in the {stage.title} stage; run the same command again to go on")
         print_wall(wall)
+        print(f"stopped in the {stage.title} stage; continue with: {command}")
         raise
     return time.time() - start
 
