@@ -45,6 +45,10 @@ STEPS = 4  # steps per epoch of `flags`: 8 training images in batches of 2
 TIMING = ("images_per_s", "elapsed_s")  # the only metrics that differ between two runs of one command
 
 
+class Killed(BaseException):
+    """The process killed outright: nothing after it runs."""
+
+
 def flags(tree, checkpoint, *extra, epochs=2, limit=8, holdout=10):
     """Every epoch saved (--save-every 0), as a run saves when minutes pass between its epochs."""
     return ["--data-dir", str(tree), "--arch", "googlenet", "--holdout", str(holdout), "--limit", str(limit),
@@ -386,6 +390,31 @@ def test_an_unresumable_partial_run_is_restarted_with_force_only(tmp_path):
         assert "--force" in message and "add --resume" not in message and "without --resume" not in message
     prepare_run(Namespace(**{**vars(args), "force": True}))
     assert not checkpoint.exists()
+
+
+def test_a_kill_while_a_replaced_run_is_deleted_never_brings_part_of_it_back(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "teacher.pt"
+    for name, content in (("teacher.pt", b"old best"), ("teacher.last.pt", b"old state")):
+        (tmp_path / name).write_bytes(content)
+    args = Namespace(checkpoint=str(checkpoint), resume=False, force=True)
+    files = prepare_run(args)  # the old run waits aside
+    for path, content in ((files.best, b"new best"), (files.last, b"new state")):
+        path.write_bytes(content)
+    rmtree = shutil.rmtree
+
+    def killed_halfway(folder, **kwargs):
+        if kwargs.get("ignore_errors"):
+            return rmtree(folder, **kwargs)
+        (Path(folder) / "teacher.last.pt").unlink()  # one file of the old run deleted, the other not yet
+        raise Killed
+
+    monkeypatch.setattr(utils.runs.shutil, "rmtree", killed_halfway)
+    with pytest.raises(Killed):
+        utils.runs.run_saved(files)
+    monkeypatch.setattr(utils.runs.shutil, "rmtree", rmtree)
+    utils.lock.release_all()
+    prepare_run(Namespace(**{**vars(args), "force": False, "resume": True}))  # the next command on these files
+    assert (files.best.read_bytes(), files.last.read_bytes()) == (b"new best", b"new state")
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -797,10 +826,6 @@ def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
 
 
 # ----------------------------------------------------------------------------- members saved together
-
-class Killed(BaseException):
-    """The process killed outright: nothing after it runs."""
-
 
 def test_a_kill_while_members_save_leaves_them_at_one_point_and_the_run_resumes(tree, tmp_path, monkeypatch):
     import StudentTrain

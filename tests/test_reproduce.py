@@ -514,3 +514,17 @@ def test_seed_and_seeds_together_are_one_error_line(capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
     assert "argument --seeds: not allowed with argument --seed " in lines[0]
+
+
+def test_a_damaged_training_log_is_refused_in_one_line_naming_the_stage_to_retrain(tmp_path):
+    from types import SimpleNamespace
+
+    stage = SimpleNamespace(title="students", step="students")
+    log = tmp_path / "student_googlenet.metrics.jsonl"
+    log.write_text('{"epoch": 1, "lr": 0.1}\n{"epoch": 2, "l')  # cut short
+    with pytest.raises(UserError, match=r"student_googlenet.metrics.jsonl is damaged \(.*\); the bundle's training "
+                                        r"logs need it: retrain the students stage with --retrain-from students$"):
+        pipeline.training_log(log, stage)
+    log.write_text('{"epoch": 1, "lr": 0.1}\n')
+    assert pipeline.training_log(log, stage) == [{"epoch": 1, "lr": 0.1}]
+    assert pipeline.training_log(tmp_path / "none.metrics.jsonl", stage) == []

@@ -163,8 +163,8 @@ def _leftovers(stage):
 
 def finish_bundle(out, plan, wall, args, total_seconds):
     """Add to the bundle every stage's training log (``metrics.jsonl``) and the pipeline's wall times."""
-    lines = [json.dumps({"run": str(path), **json.loads(line)}) + "\n" for stage in plan for path in stage.paths
-             for line in (RunFiles.of(path).log.read_text().splitlines() if RunFiles.of(path).log.exists() else [])]
+    lines = [json.dumps({"run": str(path), **record}) + "\n" for stage in plan for path in stage.paths
+             for record in training_log(RunFiles.of(path).log, stage)]
     write_atomically(out / METRICS, lambda tmp: tmp.write_text("".join(lines)))
     results = json.loads((out / "results.json").read_text())
     results["pipeline"] = {"command": args.command, "minutes": args.minutes, "stages": wall,
@@ -175,6 +175,17 @@ def finish_bundle(out, plan, wall, args, total_seconds):
         print(f"warning: the bundle {out} and its weights are more than a GPU job can hand back (8 files, each at "
               "most 16 MiB, 64 MiB in all): " + ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in files))
     print(f"the results bundle of this run: {out}/")
+
+
+def training_log(log, stage):
+    """The records of a run's ``metrics.jsonl`` (none where it has none), refused in one line where damaged."""
+    if not log.exists():
+        return []
+    try:
+        return [json.loads(line) for line in log.read_text().splitlines()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{log} is damaged ({e}); the bundle's training logs need it: retrain the {stage.title} "
+                        f"stage with --retrain-from {stage.step}") from None
 
 
 def print_wall(wall):

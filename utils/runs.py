@@ -259,7 +259,10 @@ def run_saved(files):
     if unsaved is None:
         return
     if unsaved.aside and unsaved.aside.exists():
-        shutil.rmtree(unsaved.aside)
+        deleted = unsaved.aside.with_name(unsaved.aside.name + ".deleted")  # a kill while deleting leaves no part
+        shutil.rmtree(deleted, ignore_errors=True)  # of it where _put_back would take it for a run to put back
+        os.replace(unsaved.aside, deleted)
+        shutil.rmtree(deleted)
     if unsaved.part_of is not None:
         run_saved(unsaved.part_of)
 
