@@ -441,10 +441,14 @@ def fit(members, splits, args, runtime, teacher=None, augment=True, time_box=Non
     nets = [training_net(m, runtime) for m in members]
     if runtime.cuda:  # after the models are on the device: before CUDA's first use it is an invalid device
         torch.cuda.reset_peak_memory_stats(runtime.device)
-    if runtime.is_main:  # best + last (weights, momentum, EMA) + the temporary copy of the largest
+    if runtime.is_main:  # every member's best and last (weights, momentum, EMA), and their temporary copies at once
+        needed = {}
         for m in members:
             weight_bytes = sum(v.numel() * v.element_size() for v in m.model.state_dict().values())
-            check_free_space(m.files.best.parent, weight_bytes * (6 if m.args.ema else 4))
+            folder = m.files.best.parent
+            needed[folder] = needed.get(folder, 0) + weight_bytes * 2 * (4 if m.args.ema else 3)
+        for folder, needed_bytes in needed.items():
+            check_free_space(folder, needed_bytes)
     states = [read_resume_state(m) for m in members] if args.resume else None
     epochs, plan = args.epochs, None
     if states and args.minutes is not None:  # a time-boxed run goes on with the epochs it chose
