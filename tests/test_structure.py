@@ -1,9 +1,14 @@
 """The layout's guarantees: no module imports one that imports it back, and ``utils/`` and ``models/``, which every
-script shares, import no script. Imports are read from the code (inside functions too), not run."""
+script shares, import no script. Imports are read from the code (inside functions too), not run. And the suite's
+own: a passed test leaves nothing on the disk."""
 
 import ast
+import json
+from pathlib import Path
 
 from tests.conftest import REPO
+
+pytest_plugins = ["pytester"]
 
 SCRIPTS = {path.stem for path in REPO.glob("*.py")}
 
@@ -38,3 +43,23 @@ def test_utils_and_models_import_no_script():
     graph = project_modules()
     shared = {name: imports & SCRIPTS for name, imports in graph.items() if name.startswith(("utils", "models"))}
     assert {name: imports for name, imports in shared.items() if imports} == {}
+
+
+def test_a_passed_test_s_folder_is_deleted_as_it_ends_and_a_failed_one_s_is_kept(pytester):
+    # The suite writes gigabytes of checkpoints: kept, they once filled CI's disk halfway through the slow tests.
+    pytester.makeini((REPO / "pytest.ini").read_text())
+    pytester.makepyfile("""
+        import json, pathlib
+        def test_passes(tmp_path):
+            (tmp_path / "weights.pt").write_bytes(b"0" * 1000)
+            pathlib.Path("folders.json").write_text(json.dumps({"passed": str(tmp_path)}))
+        def test_fails(tmp_path):
+            (tmp_path / "weights.pt").write_bytes(b"0" * 1000)
+            folders = json.loads(pathlib.Path("folders.json").read_text())
+            assert not pathlib.Path(folders["passed"]).exists()
+            pathlib.Path("folders.json").write_text(json.dumps({**folders, "failed": str(tmp_path)}))
+            assert False
+    """)
+    pytester.runpytest().assert_outcomes(passed=1, failed=1)
+    folders = json.loads((pytester.path / "folders.json").read_text())
+    assert (Path(folders["failed"]) / "weights.pt").is_file()
