@@ -46,7 +46,7 @@ def test_utils_and_models_import_no_script():
 
 
 def test_a_passed_test_s_folder_is_deleted_as_it_ends_and_a_failed_one_s_is_kept(pytester):
-    # The suite writes gigabytes of checkpoints: kept, they once filled CI's disk halfway through the slow tests.
+    # The suite writes gigabytes of checkpoints: kept, they fill a small disk before the slow tests end.
     pytester.makeini((REPO / "pytest.ini").read_text())
     pytester.makepyfile("""
         import json, pathlib
