@@ -33,7 +33,7 @@ from utils.cli import (
 )
 from utils.choices import SPECIALISATIONS
 from utils.published import PAIRS, refuse_existing
-from utils.runs import RESULTS_ROOT, check_output_folder, default_checkpoint, default_students
+from utils.runs import RESULTS_ROOT, check_output_folder, continue_command, default_checkpoint, default_students
 
 
 def build_parser():
@@ -102,7 +102,7 @@ def main(argv=None):
     )
     from utils.export import export_weights
     from utils.networks import Network
-    from utils.runtime import setup_runtime
+    from utils.runtime import setup_runtime, stoppable
 
     split = students_split(args.students, args.name)
     runtime = setup_runtime(args)
@@ -120,7 +120,8 @@ def main(argv=None):
         networks.update({f"spec{k}": s for k, s in enumerate(specialists, 1)})
         networks["spec_selector"] = load_selector(paths["selector"], specialists, runtime, name=args.name)
     data = load_cifar10(args.data_dir, args.download, verbose=False, allow_partial=args.partial_data)
-    manifest = export_weights(networks, data, args.out, args.command, args.force, args.batch_size)
+    with stoppable("measuring the published weights (nothing was written)", continue_command(args.command, False)):
+        manifest = export_weights(networks, data, args.out, args.command, args.force, args.batch_size)
     print_manifest(manifest, args.out)
 
 

@@ -4,11 +4,12 @@ stage's wall time.
 The students (and, with --with-nokd, their no-KD twins) train together in one loop on the same
 batches. The selector is trained twice: as itself, and on shuffled labels as a control
 (selector_shuffled.pt). The results bundle (utils/bundle.py) goes to a folder of its own, --out or
-results/[NAME/]run-<date>-<time>/ (never one that holds anything): results.md, results.json, the plots,
-logits.npz and metrics.jsonl; the published weights of the students and the selector (publish.py) to
-its weights/ folder, the teacher's too with --with-teacher-weights (about 45 MiB: more than a GPU job
-can hand back beside the rest). With --with-specialists METHOD a pair of specialists trains in the
-students' loop too, with its own selector and control, and is routed and published beside them.
+results/[NAME/]run-<date>-<time>/ (never one that holds anything; built in <folder>.unfinished/ and
+moved there once complete): results.md, results.json, the plots, logits.npz and metrics.jsonl; the
+published weights of the students and the selector (publish.py) to its weights/ folder, the
+teacher's too with --with-teacher-weights (about 45 MiB: more than a GPU job can hand back beside
+the rest). With --with-specialists METHOD a pair of specialists trains in the students' loop too,
+with its own selector and control, and is routed and published beside them.
 
 A stage whose checkpoints are complete and up to date is skipped; an interrupted one resumes. A
 stale one (trained from another teacher, other students, other data or other flags, another
@@ -27,9 +28,12 @@ With --seeds S1 S2 ..., the pipeline runs once per seed (experiment NAME/seed<S>
 <out>/seed<S>/) and a table of each row's mean and standard deviation over the seeds is written to
 <out>/seeds.md.
 Exit codes: 0 done; 2 a refusal (one line saying why); 75 a training stage stopped by
---time-budget; 130/143 stopped by SIGINT/SIGTERM. The command it prints then goes on.
+--time-budget; 130/143 stopped by SIGINT/SIGTERM. The command it prints then goes on, in the same
+--out (with --seeds, keeping the seeds' bundles it finished).
 """
 
+import json
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +58,7 @@ from utils.cli import (
     run,
 )
 from utils.recipes import STUDENTS
-from utils.runs import RESULTS_ROOT, selector_stem, student_stem
+from utils.runs import RESULTS_ROOT, continue_pipeline_command, selector_stem, student_stem
 from utils.split import Split, check_folds, stratified_counts
 
 PRESETS = {
@@ -107,7 +111,8 @@ def build_parser():
                              "students' loop, and their selector and its control, routed beside the generalists")
     parser.add_argument("--out", default=None,
                         help="folder of the results bundle (with --seeds: of each seed's bundle and the summary), "
-                             "refused if it holds anything (default: results/[NAME/]run-<date>-<time>/)")
+                             "refused if it holds anything but what this command left when it stopped (default: "
+                             "results/[NAME/]run-<date>-<time>/)")
     retrain = parser.add_mutually_exclusive_group()
     retrain.add_argument("--force", action="store_true",
                          help="retrain every stage, replacing what is there, even complete and current checkpoints")
@@ -231,11 +236,11 @@ def run_pipeline(args, name, seed, fingerprint, out, started=None):
 
 
 def output_folder(args):
-    """Where this command writes: --out, or a new ``results/[NAME/]run-<date>-<time>/``; refused if it holds
-    anything (a bundle is never replaced)."""
+    """Where this command writes: --out, or a new ``results/[NAME/]run-<date>-<time>/``. An --out that holds anything
+    is refused (a bundle is never replaced), but what this command goes on from after a stop (``goes_on_from``)."""
     if args.out:
         out = Path(args.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.exists() and (not out.is_dir() or not all(goes_on_from(entry, args) for entry in out.iterdir())):
             raise UserError(f"--out {out} already holds something; a bundle is written into a new folder: choose "
                             "another --out")
         return out
@@ -244,6 +249,25 @@ def output_folder(args):
     while out.exists():  # two runs in one second
         out, k = RESULTS_ROOT / args.name / f"{stamp}-{k + 1}", k + 1
     return out
+
+
+def goes_on_from(entry, args):
+    """Whether ``entry`` of --out is what a --seeds command left when it stopped, for it to go on from: a seed's
+    bundle it finished, one it was building, or the summary."""
+    bundles = {f"seed{seed}" for seed in args.seeds or ()}
+    return entry.name in {"seeds.md", "seeds.json", *(f"{b}.unfinished" for b in bundles)} or \
+        entry.name in bundles and finished(entry, args)
+
+
+def finished(bundle, args):
+    """Whether ``bundle`` is one that this command wrote, to be kept: not with --force or --retrain-from, which train
+    its stages again."""
+    try:
+        command = json.loads((bundle / "results.json").read_text())["pipeline"]["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return not (args.force or args.retrain_from) and \
+        continue_pipeline_command(command) == continue_pipeline_command(args.command)
 
 
 def check_plan(args):
@@ -268,6 +292,8 @@ def main(argv=None):
     started = time.time()
     args = parse_args(argv)
     out = output_folder(args)
+    if not args.out:  # the command that goes on after a stop writes there too
+        args.command = shlex.join([*shlex.split(args.command), "--out", str(out)])
     check_plan(args)
     from utils.data import check_source, load_cifar10  # after the flags: --help and a refused flag need no torch
     from utils.pipeline import summarise
@@ -279,6 +305,9 @@ def main(argv=None):
         run_pipeline(args, args.name, args.seed, fingerprint, out, started)
         return
     for seed in args.seeds:
+        if finished(out / f"seed{seed}", args):
+            print(f"\n######## seed {seed}: its bundle {out / f'seed{seed}'}/ is complete, kept")
+            continue
         print(f"\n######## seed {seed}")
         run_pipeline(args, str(Path(args.name) / f"seed{seed}"), seed, fingerprint, out / f"seed{seed}")
     summarise(out, {seed: out / f"seed{seed}" for seed in args.seeds})

@@ -12,6 +12,7 @@ from PIL import Image
 from utils.data import CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
+PUBLISHED = REPO / "results" / "published" / "h200-2026-11-28"  # the first published run's bundle
 SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 

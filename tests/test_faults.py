@@ -30,15 +30,13 @@ import teacherTrain
 import utils.data
 import utils.runs
 import utils.timebox
-from tests.conftest import REPO, one_error_line, write_tree
+from tests.conftest import PUBLISHED, REPO, one_error_line, write_tree
 from tests.test_reliability import flags, tiny_flags
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cli import UserError, run
 from utils.data import load_cifar10
 from utils.runs import prepare_run, replaced_folder, write_folder_atomically
 from utils.timebox import Costs, TimeBox, choose_epochs, plan_epochs
-
-PUBLISHED = REPO / "results" / "published" / "h200-2026-11-28"
 
 
 @pytest.fixture(scope="module")
@@ -471,7 +469,8 @@ def test_folds_the_hold_out_split_cannot_fill_are_refused_before_anything_trains
 def test_a_pipeline_s_continue_command_retrains_nothing_again(capsys):
     from types import SimpleNamespace
 
-    from utils.pipeline import continue_pipeline_command, run_stage
+    from utils.pipeline import run_stage
+    from utils.runs import continue_pipeline_command
 
     assert continue_pipeline_command("python reproduce.py --force --minutes 8") == "python reproduce.py --minutes 8"
     assert continue_pipeline_command("python reproduce.py --retrain-from students --seed 1") == \

@@ -60,13 +60,14 @@ def test_a_failed_preflight_hands_back_its_log_and_runs_nothing_longer(tmp_path)
     assert "exit code 2" in log and not (tmp_path / "results").exists()
 
 
-def fake_reproduce(tmp_path, pipeline_exit=0):
+def fake_reproduce(tmp_path, pipeline_exit=0, pipeline_does=":"):
     """The environment of a job whose ``python .../reproduce.py`` prints its flags and ends at once, the preflight
-    with exit code 0, the pipeline with ``pipeline_exit``."""
+    with exit code 0, the pipeline with ``pipeline_exit`` after the shell command ``pipeline_does``."""
     shims = tmp_path / "bin"
     shims.mkdir()
     (shims / "python").write_text(f'#!/bin/sh\ncase "$*" in *" --name preflight "*) exit 0;;\n'
-                                  f'*/reproduce.py*) echo "reproduce $*"; exit {pipeline_exit};; esac\n'
+                                  f'*/reproduce.py*) echo "reproduce $*"; {pipeline_does}; exit {pipeline_exit};;\n'
+                                  'esac\n'
                                   f'exec {sys.executable} "$@"\n')
     (shims / "python").chmod(0o755)
     (tmp_path / "out").mkdir()
@@ -97,13 +98,16 @@ def test_a_bundles_epochs_replace_the_time_box_and_the_specialists_can_be_left_o
     assert not list(own_tmpdir(tmp_path).glob("tmp.*"))
 
 
-def test_a_failed_pipeline_hands_back_its_log_with_its_exit_code(tmp_path):
-    env = fake_reproduce(tmp_path, pipeline_exit=124)  # as timeout(1) ends one that overruns the job
+def test_a_failed_pipeline_hands_back_its_log_and_unfinished_bundle_with_its_exit_code(tmp_path):
+    env = fake_reproduce(tmp_path, pipeline_exit=124,  # as timeout(1) ends one that overruns the job
+                         pipeline_does="mkdir results/gpu-run.unfinished && echo x > results/gpu-run.unfinished/a.md")
+    (tmp_path / "results").mkdir()
     done = subprocess.run([str(SCRIPT), "pipeline", "3"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 124 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bundle.tar"]
     with tarfile.open(tmp_path / "out" / "bundle.tar") as tar:
         log = tar.extractfile("gpu-run/reproduce.log").read().decode().splitlines()
+        assert tar.extractfile("gpu-run/a.md").read() == b"x\n"  # what the stopped pipeline had built
     assert log[1].startswith("reproduce ") and log[-1].startswith("exit code 124 after ")
     assert not list(own_tmpdir(tmp_path).glob("tmp.*"))
 

@@ -7,7 +7,9 @@ tests replace only the plan and the inference stage, so no full pipeline runs he
 
 import json
 import os
+import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ import teacherTrain
 import trainSelector
 import utils.pipeline as pipeline
 from models import build_model
-from tests.conftest import write_tree
+from tests.conftest import PUBLISHED, write_tree
 from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from utils.cli import UserError
 from utils.data import load_cifar10
@@ -297,7 +299,7 @@ def test_a_stale_stage_stops_the_pipeline_and_deletes_nothing_without_force(copy
     assert student["weights_sha256"] != old_student and student["teacher"]["weights_sha256"] == sha(TEACHER)
     assert pipeline.stage_state(student_stage(tree), fingerprint) == ("complete", "")
     assert set(wall) == {"teacher", "student", "inference", "published weights"}
-    assert calls == [["--name", NAME, "--specialists", "none", "--out", str(BUNDLE)]]
+    assert calls == [["--name", NAME, "--specialists", "none", "--out", str(pipeline.unfinished(BUNDLE))]]
 
 
 def test_a_stale_stage_is_retrained_with_the_stages_after_it_and_none_before(copy_of, monkeypatch):
@@ -363,6 +365,35 @@ def test_inference_and_publishing_stopped_in_a_pipeline_advise_the_pipeline_agai
     assert advised == [args.command, args.command]
 
 
+def test_a_pipeline_stopped_as_it_publishes_leaves_its_out_empty_for_its_command_to_finish_the_bundle_there(
+        copy_of, monkeypatch):
+    tree, fingerprint = copy_of
+    finish_bundle = pipeline.finish_bundle
+    plan_of(monkeypatch, teacher_stage(tree), student_stage(tree))  # both complete: skipped
+    monkeypatch.setattr(pipeline, "finish_bundle", finish_bundle)
+
+    def bundle(argv):  # what inference.py writes
+        out = Path(value(argv, "--out"))
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(PUBLISHED / "results.json", out)
+
+    monkeypatch.setattr(inference, "main", bundle)
+    monkeypatch.setattr(publish, "main", lambda argv: sys.exit(143))  # as a SIGTERM while publishing
+    args = pipeline_args("--out", str(BUNDLE))
+    with pytest.raises(SystemExit):
+        reproduce.run_pipeline(args, NAME, 0, fingerprint, BUNDLE)
+    assert not BUNDLE.exists()
+    (pipeline.unfinished(BUNDLE) / "a_stopped_run_s.png").write_bytes(b"")
+    again = reproduce.parse_args(shlex.split(args.command)[2:])  # the command it printed
+    assert reproduce.output_folder(again) == BUNDLE
+
+    monkeypatch.setattr(publish, "main", lambda argv: None)
+    reproduce.run_pipeline(again, NAME, 0, fingerprint, BUNDLE)
+    assert sorted(p.name for p in BUNDLE.iterdir()) == ["metrics.jsonl", "results.json", "results.md"]
+    assert json.loads((BUNDLE / "results.json").read_text())["pipeline"]["command"] == args.command
+    assert not pipeline.unfinished(BUNDLE).exists()
+
+
 def test_a_pipeline_stopped_by_its_time_budget_exits_75_and_goes_on_when_run_again(trained, tmp_path, monkeypatch,
                                                                                     capsys):
     _, tree, fingerprint = trained
@@ -417,12 +448,14 @@ def test_a_selector_of_a_changed_student_is_stale(trained, tmp_path):
 
 # ----------------------------------------------------------------------------- --seeds
 
-def fake_results(folder, accuracy, kd_gain):
-    """A bundle's results.json: ``accuracy`` by label (the label is the identifier here), ``kd_gain`` by arch."""
+def fake_results(folder, accuracy, kd_gain, command="python reproduce.py"):
+    """A bundle's results.json: ``accuracy`` by label (the label is the identifier here), ``kd_gain`` by arch, as
+    ``command`` wrote it."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(
         {"accuracy": accuracy, "labels": {"systems": {k: k for k in accuracy}},
-         "kd_gain": {arch: {"difference": d, "low": d - 1, "high": d + 1} for arch, d in kd_gain.items()}}))
+         "kd_gain": {arch: {"difference": d, "low": d - 1, "high": d + 1} for arch, d in kd_gain.items()},
+         "pipeline": {"command": command}}))
 
 
 def test_summary_is_mean_and_sample_std_per_row(tmp_path, monkeypatch):
@@ -475,10 +508,11 @@ def seeds_run(tmp_path, monkeypatch):
 
     def fake_pipeline(args, name, seed, fingerprint, out, started=None):
         plan, _ = reproduce.stages(args, name, seed)
-        calls.append((name, seed, {value(stage.argv, "--seed") for stage in plan}, fingerprint, str(out)))
+        calls.append((name, seed, {value(stage.argv, "--seed") for stage in plan}, fingerprint, str(out),
+                      args.command))
         if seed in stop_at:
             raise SystemExit(143)  # a stage stopped by SIGTERM
-        fake_results(out, {"Teacher": 0.5 + seed / 100}, {})
+        fake_results(out, {"Teacher": 0.5 + seed / 100}, {}, args.command)
         return {}
 
     monkeypatch.setattr(reproduce, "run_pipeline", fake_pipeline)
@@ -491,8 +525,9 @@ def test_seeds_run_one_pipeline_per_seed_then_summarise(seeds_run, tmp_path):
     fingerprint = load_cifar10(tree, allow_partial=True, verbose=False).fingerprint
     (out,) = (tmp_path / "results" / "smoke").glob("run-*")  # a folder of its own
     out = out.relative_to(tmp_path)
-    assert calls == [(os.path.join("smoke", "seed0"), 0, {"0"}, fingerprint, str(out / "seed0")),
-                     (os.path.join("smoke", "seed1"), 1, {"1"}, fingerprint, str(out / "seed1"))]
+    assert [call[:-1] for call in calls] == [
+        (os.path.join("smoke", "seed0"), 0, {"0"}, fingerprint, str(out / "seed0")),
+        (os.path.join("smoke", "seed1"), 1, {"1"}, fingerprint, str(out / "seed1"))]
     summary = json.loads((out / "seeds.json").read_text())
     assert summary["rows"]["Teacher"]["values"] == pytest.approx([50.0, 51.0])
     assert "| Teacher | 50.50 ± 0.71 | 50.00 | 51.00 |" in (out / "seeds.md").read_text()
@@ -505,6 +540,25 @@ def test_seeds_stop_at_a_stopped_pipeline_without_a_summary(seeds_run, tmp_path)
         reproduce.main(["--preset", "smoke", "--seeds", "0", "1", "--data-dir", str(tree), "--partial-data"])
     assert stop.value.code == 143 and [seed for _, seed, *_ in calls] == [0]
     assert not list((tmp_path / "results").rglob("seeds.md"))
+
+
+def test_a_stopped_seeds_run_goes_on_in_its_folder_keeping_the_bundles_it_finished(seeds_run, tmp_path, capsys):
+    tree, calls, stop_at = seeds_run
+    stop_at.append(1)
+    with pytest.raises(SystemExit):
+        reproduce.main(["--preset", "smoke", "--seeds", "0", "1", "--data-dir", str(tree), "--partial-data"])
+    (out,) = (tmp_path / "results" / "smoke").glob("run-*")
+    (out / "seed1.unfinished").mkdir()  # what seed 1 was building when it stopped
+    command = shlex.split(calls[-1][-1])  # the command it printed
+    assert command[-2:] == ["--out", str(out.relative_to(tmp_path))]
+    calls.clear(), stop_at.clear()
+    reproduce.main(command[2:])
+    assert [seed for _, seed, *_ in calls] == [1] and "seed 0: its bundle " in capsys.readouterr().out
+    assert json.loads((out / "seeds.json").read_text())["rows"]["Teacher"]["values"] == pytest.approx([50.0, 51.0])
+
+    for refused in (["--force"], ["--seeds", "0", "2"]):  # seed 0's bundle would be another command's
+        with pytest.raises(UserError, match=f"--out {out.relative_to(tmp_path)} already holds something"):
+            reproduce.main([*command[2:], *refused])
 
 
 def test_seed_and_seeds_together_are_one_error_line(capsys):

@@ -24,7 +24,7 @@ import utils.engine
 import utils.lock
 import utils.losses
 from models import build_model
-from tests.conftest import REPO, one_error_line, write_tree
+from tests.conftest import PUBLISHED, REPO, one_error_line, write_tree
 from utils.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -381,7 +381,7 @@ def test_files_that_are_not_checkpoints_are_named_so_and_never_to_be_deleted(tmp
         path = REPO / "README.md"
         expected = "is not a checkpoint (not a file torch.save writes)"
     elif content == "npz":  # a zip archive too, as torch.save's files are: a bundle's logits.npz
-        path = REPO / "results" / "published" / "h200-2026-11-28" / "logits.npz"
+        path = PUBLISHED / "logits.npz"
         expected = "is not a checkpoint (not a file torch.save writes)"
     elif content == "objects":  # another program's pickle: not to be loaded, nor deleted on our word
         torch.save(argparse.Namespace(epochs=3), path)

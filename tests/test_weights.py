@@ -3,6 +3,7 @@ entry point takes them, that a changed file or one that would mix is refused, an
 small enough to travel."""
 
 import json
+import os
 import shutil
 import subprocess
 from argparse import Namespace
@@ -19,7 +20,7 @@ import publish
 import trainSelector
 import utils.data
 from models import build_model
-from tests.conftest import REPO, one_error_line
+from tests.conftest import PUBLISHED, REPO, one_error_line
 from utils.bundle import handed_back
 from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from utils.cli import UserError
@@ -94,7 +95,7 @@ def test_published_weights_load_as_the_network_rounded_to_bf16(arch, num_classes
 
 def test_densenet121_googlenet_and_the_selector_fit_a_published_file_and_a_gpu_job_s_hand_back(tmp_path):
     bundle = tmp_path / "bundle"
-    shutil.copytree(REPO / "results" / "published" / "h200-2026-11-28", bundle)
+    shutil.copytree(PUBLISHED, bundle)
     checkpoints = {"student1": random_checkpoint("densenet121"), "student2": random_checkpoint("googlenet"),
                    "selector": random_checkpoint("selector", "selector", 2)}
     files = publish_checkpoints(bundle / "weights", checkpoints)
@@ -152,6 +153,30 @@ def test_publish_refuses_to_replace_a_published_folder_before_reading_anything(s
     line = one_error_line(lambda: publish.main(["--name", "smoke", "--out", "results/smoke/bundle/weights"]), capsys)
     assert line == "error: results/smoke/bundle/weights already holds published weights; add --force to replace " \
                    "them, or choose another --out"
+
+
+def test_a_signal_while_publishing_writes_nothing_and_prints_the_command_that_goes_on(smoke_run, capsys,
+                                                                                        monkeypatch):
+    import signal
+
+    import utils.networks
+
+    root, data = smoke_run
+    monkeypatch.chdir(root)
+    real = utils.networks.batched_logits
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(utils.networks, "batched_logits", interrupted)
+    argv = ["--name", "smoke", "--data-dir", str(data), "--partial-data", "--device", "cpu", "--out", "stopped"]
+    with pytest.raises(SystemExit) as stop:
+        publish.main(argv)
+    assert stop.value.code == 128 + signal.SIGTERM and not (root / "stopped").exists()
+    assert capsys.readouterr().out.rstrip().endswith("SIGTERM: stopped while measuring the published weights "
+                                                     "(nothing was written); continue with: python publish.py "
+                                                     + " ".join(argv))
 
 
 def test_force_replaces_a_folder_of_published_weights_and_nothing_else(tmp_path):

@@ -99,6 +99,7 @@ pipeline)
              --name gpu-run "${flags[@]}")  # its own experiment: never one an earlier run of another command left
     status=0  # stopped (and its checkpoints saved) where it overruns the job's end, so that its log still comes back
     logged "$work/reproduce.log" timeout -k 10 "$limit" "${command[@]}" || status=$?
+    if [ ! -e "$bundle" ] && [ -d "$bundle.unfinished" ]; then mv "$bundle.unfinished" "$bundle"; fi  # stopped
     mkdir -p "$bundle"
     { echo "\$ ${command[*]}"; cat "$work/reproduce.log"
       echo "exit code $status after $(( $(date +%s) - started )) s of the job"; } > "$bundle/reproduce.log"

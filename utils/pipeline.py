@@ -7,7 +7,8 @@ script: ``reproduce.py`` hands its stages in.
 
 import contextlib
 import json
-import shlex
+import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -16,16 +17,8 @@ from utils.bundle import METRICS, WEIGHTS, handed_back
 from utils.checkpoint import load_checkpoint
 from utils.cli import UserError
 from utils.report import write_json, write_results
-from utils.runs import RunFiles, config_changes, continued_by, write_atomically
+from utils.runs import RunFiles, config_changes, continue_pipeline_command, continued_by, write_atomically
 from utils.timebox import pipeline_share, weighted_minutes
-
-
-def continue_pipeline_command(command):
-    """The command that continues a pipeline stopped in a stage: its own, without what retrains stages again."""
-    words = shlex.split(command)
-    kept = [w for k, w in enumerate(words) if w != "--force" and w != "--retrain-from"
-            and (k == 0 or words[k - 1] != "--retrain-from")]
-    return shlex.join(kept)
 
 
 def _peek(path):
@@ -82,10 +75,10 @@ def stage_state(stage, fingerprint, time_boxed=False):
 
 def run_pipeline(args, name, plan, common, shares, finish, fingerprint, out, started=None):
     """Train every stage of ``plan`` that needs it, then run inference into the results bundle ``out`` and publish
-    the students' and the selector's weights beside it (``finish``: the ``main`` of inference.py and of publish.py,
-    given the flags ``common``; the teacher's too with ``args.with_teacher_weights``); returns the stage wall
-    times. ``shares``: each stage's share of a time box (``--minutes``) when it starts, of the time left among the
-    stages still to run.
+    the students' and the selector's weights in it (``finish``: the ``main`` of inference.py and of publish.py,
+    given the flags ``common``; the teacher's too with ``args.with_teacher_weights``), all built beside ``out``
+    (``unfinished``) and moved there once complete; returns the stage wall times. ``shares``: each stage's share
+    of a time box (``--minutes``) when it starts, of the time left among the stages still to run.
 
     A stage stopped early (a signal, --time-budget) ends the process with its exit code, after the wall times.
     """
@@ -126,17 +119,27 @@ def run_pipeline(args, name, plan, common, shares, finish, fingerprint, out, sta
         to_run.remove(stage.title)
         wall[stage.title] = run_stage(stage, state, flags, continue_pipeline_command(args.command), wall, share)
     inference_main, publish_main = finish
+    staged = unfinished(out)
+    shutil.rmtree(staged, ignore_errors=True)  # a stopped run's: built again from the checkpoints
     with continued_by(continue_pipeline_command(args.command)):  # what a stop in them advises: this pipeline again
         start = time.time()
-        inference_main([*common, "--out", str(out)])
+        inference_main([*common, "--out", str(staged)])
         wall["inference"] = time.time() - start
         start = time.time()
-        publish_main([*common, "--out", str(out / WEIGHTS), "--force",
+        publish_main([*common, "--out", str(staged / WEIGHTS), "--force",
                       *(["--with-teacher"] if args.with_teacher_weights else [])])
         wall["published weights"] = time.time() - start
-    finish_bundle(out, plan, wall, args, time.time() - started)
+    finish_bundle(staged, out, plan, wall, args, time.time() - started)
     print_wall(wall)
     return wall
+
+
+def unfinished(out):
+    """Where the bundle ``out`` is built, to take its place once complete: a stop leaves ``out`` empty, so the
+    command that goes on can write it."""
+    out = Path(out)
+    out = out.resolve() if out.name in ("", "..") else out  # "." and ".." have no name to add to
+    return out.with_name(out.name + ".unfinished")
 
 
 def run_stage(stage, state, flags, command, wall, share=None):
@@ -161,15 +164,23 @@ def _leftovers(stage):
     return any(path.exists() for p in stage.paths for path in RunFiles.of(p))
 
 
-def finish_bundle(out, plan, wall, args, total_seconds):
-    """Add to the bundle every stage's training log (``metrics.jsonl``) and the pipeline's wall times."""
+def finish_bundle(staged, out, plan, wall, args, total_seconds):
+    """Add to the bundle built in ``staged`` every stage's training log (``metrics.jsonl``) and the pipeline's wall
+    times, then put it in ``out``'s place (missing or empty)."""
     lines = [json.dumps({"run": str(path), **record}) + "\n" for stage in plan for path in stage.paths
              for record in training_log(RunFiles.of(path).log, stage)]
-    write_atomically(out / METRICS, lambda tmp: tmp.write_text("".join(lines)))
-    results = json.loads((out / "results.json").read_text())
+    write_atomically(staged / METRICS, lambda tmp: tmp.write_text("".join(lines)))
+    results = json.loads((staged / "results.json").read_text())
     results["pipeline"] = {"command": args.command, "minutes": args.minutes, "stages": wall,
                            "total_seconds": total_seconds}
-    write_results(results, out)
+    write_results(results, staged)
+    try:
+        if out.exists():
+            out.rmdir()
+        os.replace(staged, out)
+    except OSError as e:
+        raise UserError(f"could not move the bundle to {out} ({e.strerror or e}); it is complete in {staged}/") \
+            from None
     files, within = handed_back(out)
     if not within:
         print(f"warning: the bundle {out} and its weights are more than a GPU job can hand back (8 files, each at "

@@ -73,6 +73,14 @@ def resume_command(command):
     return shlex.join(words + ["--resume"] * ("--resume" not in words))
 
 
+def continue_pipeline_command(command):
+    """The command that continues a pipeline stopped in a stage: its own, without what retrains stages again."""
+    words = shlex.split(command)
+    kept = [w for k, w in enumerate(words) if w not in ("--force", "--retrain-from")
+            and not w.startswith("--retrain-from=") and (k == 0 or words[k - 1] != "--retrain-from")]
+    return shlex.join(kept)
+
+
 _OUTER_COMMAND = contextvars.ContextVar("outer_command", default=None)
 
 
