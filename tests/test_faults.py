@@ -113,10 +113,12 @@ def test_every_pipeline_run_has_a_bundle_folder_of_its_own(tmp_path, monkeypatch
     second = reproduce.output_folder(args)
     assert first != second and first.parent == second.parent == Path("results") / "smoke"
     (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "results.md").write_text("another run's\n")
-    line = one_error_line(lambda: reproduce.main(["--preset", "smoke", "--out", "taken"]), capsys)
-    assert line == "error: --out taken already holds something; a bundle is written into a new folder: choose " \
-                   "another --out"
+    for name in ("results.md", "seeds.md"):  # a summary over seeds is kept beside their bundles only
+        (tmp_path / "taken" / name).write_text("another run's\n")
+        line = one_error_line(lambda: reproduce.main(["--preset", "smoke", "--out", "taken"]), capsys)
+        assert line == "error: --out taken already holds something; a bundle is written into a new folder: " \
+                       "choose another --out"
+        (tmp_path / "taken" / name).unlink()
 
 
 def test_results_written_into_an_experiment_s_folder_leave_its_bundles_and_weights_there(tmp_path, capsys):
