@@ -255,8 +255,8 @@ def goes_on_from(entry, args):
     """Whether ``entry`` of --out is what a --seeds command left when it stopped, for it to go on from: a seed's
     bundle it finished, one it was building, or the summary."""
     bundles = {f"seed{seed}" for seed in args.seeds or ()}
-    return bool(bundles) and entry.name in {"seeds.md", "seeds.json", *(f"{b}.unfinished" for b in bundles)} or \
-        entry.name in bundles and finished(entry, args)
+    kept = {"seeds.md", "seeds.json", *(f"{b}.unfinished" for b in bundles)}
+    return (bool(bundles) and entry.name in kept) or (entry.name in bundles and finished(entry, args))
 
 
 def finished(bundle, args):
