@@ -52,6 +52,8 @@ from utils.runs import (
     continue_command,
     default_checkpoint,
     default_students,
+    final_command,
+    final_path,
     write_files_atomically,
 )
 
@@ -153,7 +155,7 @@ def main(argv=None):
         results["published_weights"] = against_manifest(networks, results, args.weights)
     results.update(
         describe(networks, split), test_images=len(labels), device=device_name(runtime.device),
-        torch=str(torch.__version__), batch_size=args.batch_size, command=args.command,
+        torch=str(torch.__version__), batch_size=args.batch_size, command=final_command(args.command),
         data=f"data fingerprint {data.fingerprint}" + (f", stratified --limit {split.limit}" if split.limit else ""))
     write(results, networks, Path(args.out))
     if args.weights:
@@ -208,7 +210,8 @@ def write(results, networks, out):
 
     write_files_atomically(out, write_bundle)
     print((out / "results.md").read_text())
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {LOGITS} and the plots in {out}/")
+    shown = final_path(out)
+    print(f"wrote {shown / 'results.md'}, {shown / 'results.json'}, {LOGITS} and the plots in {shown}/")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,15 @@ from utils.cli import (
 )
 from utils.choices import SPECIALISATIONS
 from utils.published import PAIRS, refuse_existing
-from utils.runs import RESULTS_ROOT, check_output_folder, continue_command, default_checkpoint, default_students
+from utils.runs import (
+    RESULTS_ROOT,
+    check_output_folder,
+    continue_command,
+    default_checkpoint,
+    default_students,
+    final_command,
+    final_path,
+)
 
 
 def build_parser():
@@ -121,8 +129,9 @@ def main(argv=None):
         networks["spec_selector"] = load_selector(paths["selector"], specialists, runtime, name=args.name)
     data = load_cifar10(args.data_dir, args.download, verbose=False, allow_partial=args.partial_data)
     with stoppable("measuring the published weights (nothing was written)", continue_command(args.command, False)):
-        manifest = export_weights(networks, data, args.out, args.command, args.force, args.batch_size)
-    print_manifest(manifest, args.out)
+        manifest = export_weights(networks, data, args.out, final_command(args.command), args.force,
+                                  args.batch_size)
+    print_manifest(manifest, final_path(args.out))
 
 
 def keep_one_pair(args):

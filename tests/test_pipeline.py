@@ -48,6 +48,10 @@ def test_smoke_pipeline_writes_every_result(smoke_run):
     assert "## Random routing" in table and "the accuracy of 200 draws" in table
     for k in (1, 2):  # the smoke preset's --folds 2
         assert (root / "checkpoints" / "smoke" / "selector.folds" / f"fold{k}.pt").exists()
+    manifest = json.loads((results / "weights" / "manifest.json").read_text())
+    assert json.loads((results / "results.json").read_text())["command"].endswith("--out results/smoke/bundle")
+    assert manifest["command"].endswith("--out results/smoke/bundle/weights --force")  # not the folder built in
+    assert "unfinished" not in table
 
 
 def strict_json(text):

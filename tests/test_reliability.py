@@ -653,6 +653,24 @@ def test_a_full_disk_is_one_line_before_training(tree, tmp_path, monkeypatch, ca
     assert checkpoints(tmp_path) == [] and hidden(tmp_path) == []
 
 
+def test_members_trained_together_need_the_free_space_of_all_their_checkpoints(tree, tmp_path, monkeypatch, capsys):
+    import StudentTrain
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(utils.runs.shutil, "disk_usage", lambda path: usage._replace(free=0))
+    monkeypatch.chdir(tmp_path)
+
+    def needed_mib(*archs):
+        argv = ["--data-dir", str(tree), "--holdout", "0", "--limit", "2", "--batch-size", "2", "--epochs", "1",
+                "--device", "cpu", "--partial-data", "--no-kd", "--model", *archs, "--name", "-".join(archs)]
+        line = one_error_line(lambda: StudentTrain.main(argv), capsys)
+        return int(re.fullmatch(r"error: only 0 MiB free in .*, and this run's checkpoints need about (\d+) MiB; .*",
+                                line).group(1))
+
+    alone = needed_mib("googlenet") + needed_mib("resnet18")
+    assert alone > 0 and abs(needed_mib("googlenet", "resnet18") - alone) <= 1  # one folder: the sum, to rounding
+
+
 def test_a_save_failing_on_a_full_disk_keeps_the_previous_checkpoint(tree, tmp_path, monkeypatch, capsys):
     checkpoint = tmp_path / "teacher.pt"
     real_save, writes, before = torch.save, [], {}

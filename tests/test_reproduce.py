@@ -27,7 +27,7 @@ from tests.conftest import PUBLISHED, write_tree
 from utils.checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from utils.cli import UserError
 from utils.data import load_cifar10
-from utils.runs import continue_command, default_checkpoint
+from utils.runs import continue_command, default_checkpoint, final_command, final_path
 
 NAME = "exp"
 BUNDLE = Path("results") / NAME / "bundle"  # where run_pipeline writes its results in these tests
@@ -363,6 +363,25 @@ def test_inference_and_publishing_stopped_in_a_pipeline_advise_the_pipeline_agai
     args = pipeline_args()
     reproduce.run_pipeline(args, NAME, 0, fingerprint, BUNDLE)
     assert advised == [args.command, args.command]
+
+
+def test_inference_and_publishing_in_a_pipeline_record_and_print_the_bundle_s_own_folder(copy_of, monkeypatch):
+    tree, fingerprint = copy_of
+    plan_of(monkeypatch, teacher_stage(tree), student_stage(tree))  # both complete: skipped
+    shown = []
+
+    def recorded(script):
+        return lambda argv: shown.append((final_command(shlex.join(["python", script, *argv])),
+                                          final_path(value(argv, "--out"))))
+
+    monkeypatch.setattr(inference, "main", recorded("inference.py"))
+    monkeypatch.setattr(publish, "main", recorded("publish.py"))
+    reproduce.run_pipeline(pipeline_args(), NAME, 0, fingerprint, BUNDLE)
+    (inference_command, inference_out), (publish_command, publish_out) = shown
+    assert inference_out == BUNDLE and publish_out == BUNDLE / "weights"
+    assert inference_command.endswith(f"--out {BUNDLE}")
+    assert f"--out {BUNDLE / 'weights'} --force" in publish_command
+    assert final_path(pipeline.unfinished(BUNDLE)) == pipeline.unfinished(BUNDLE)  # outside the pipeline: as it is
 
 
 def test_a_pipeline_stopped_as_it_publishes_leaves_its_out_empty_for_its_command_to_finish_the_bundle_there(

@@ -17,7 +17,7 @@ from utils.bundle import METRICS, WEIGHTS, handed_back
 from utils.checkpoint import load_checkpoint
 from utils.cli import UserError
 from utils.report import write_json, write_results
-from utils.runs import RunFiles, config_changes, continue_pipeline_command, continued_by, write_atomically
+from utils.runs import RunFiles, built_for, config_changes, continue_pipeline_command, continued_by, write_atomically
 from utils.timebox import pipeline_share, weighted_minutes
 
 
@@ -121,7 +121,8 @@ def run_pipeline(args, name, plan, common, shares, finish, fingerprint, out, sta
     inference_main, publish_main = finish
     staged = unfinished(out)
     shutil.rmtree(staged, ignore_errors=True)  # a stopped run's: built again from the checkpoints
-    with continued_by(continue_pipeline_command(args.command)):  # what a stop in them advises: this pipeline again
+    # a stop in them advises this pipeline again; what they print and record names out, not staged
+    with continued_by(continue_pipeline_command(args.command)), built_for(staged, out):
         start = time.time()
         inference_main([*common, "--out", str(staged)])
         wall["inference"] = time.time() - start

@@ -105,6 +105,34 @@ def continue_command(command, saved=True):
     return outer_command() or (resume_command(command) if saved else command)
 
 
+_BUILT_FOR = contextvars.ContextVar("built_for", default=None)
+
+
+@contextlib.contextmanager
+def built_for(staged, out):
+    """Within it, a path in ``staged``, where a bundle is built to take the place of ``out`` once complete, is printed
+    and recorded as the path it will have in ``out`` (``final_path``, ``final_command``)."""
+    token = _BUILT_FOR.set((Path(staged), Path(out)))
+    try:
+        yield
+    finally:
+        _BUILT_FOR.reset(token)
+
+
+def final_path(path):
+    """``path`` as a user will find it: in ``out`` where it is in the ``staged`` folder of ``built_for``."""
+    path, built = Path(path), _BUILT_FOR.get()
+    if built and (path == built[0] or built[0] in path.parents):
+        return built[1] / path.relative_to(built[0])
+    return path
+
+
+def final_command(command):
+    """``command`` with each path in a ``built_for`` folder as the path it will have (``final_path``)."""
+    words = shlex.split(command)
+    return shlex.join(w if final_path(w) == Path(w) else str(final_path(w)) for w in words)
+
+
 @dataclass(frozen=True)
 class RunFiles:
     best: Path
