@@ -667,8 +667,8 @@ def test_members_trained_together_need_the_free_space_of_all_their_checkpoints(t
         return int(re.fullmatch(r"error: only 0 MiB free in .*, and this run's checkpoints need about (\d+) MiB; .*",
                                 line).group(1))
 
-    alone = needed_mib("googlenet") + needed_mib("resnet18")
-    assert alone > 0 and abs(needed_mib("googlenet", "resnet18") - alone) <= 1  # one folder: the sum, to rounding
+    apart = needed_mib("googlenet") + needed_mib("resnet18")
+    assert apart > 0 and abs(needed_mib("googlenet", "resnet18") - apart) <= 1  # one folder: the sum, to rounding
 
 
 def test_a_save_failing_on_a_full_disk_keeps_the_previous_checkpoint(tree, tmp_path, monkeypatch, capsys):
