@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -16,12 +17,18 @@ from utils.published import published_paths
 SCRIPT = REPO / "tools" / "gpu-run.sh"
 
 
+def job_env(**variables):
+    """The environment of a job whose ``python`` is the interpreter running these tests, its virtual environment
+    activated or not."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **variables}
+
+
 @pytest.mark.slow
 def test_the_pipeline_hands_back_its_bundle_log_and_weights_within_the_limits(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OUT": str(out), "PRESET": "smoke", "MSKD_GIT_COMMIT": "dry-run",
-           "DATA": str(write_tree(tmp_path / "cifar", per_class=(25, 5)))}
+    env = job_env(OUT=str(out), PRESET="smoke", MSKD_GIT_COMMIT="dry-run",
+                  DATA=str(write_tree(tmp_path / "cifar", per_class=(25, 5))))
     done = subprocess.run([str(SCRIPT), "pipeline", "3", "--device", "cpu", "--partial-data"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -51,7 +58,7 @@ def test_the_pipeline_hands_back_its_bundle_log_and_weights_within_the_limits(tm
 def test_a_failed_preflight_hands_back_its_log_and_runs_nothing_longer(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OUT": str(out), "MSKD_GIT_COMMIT": "dry-run"}
+    env = job_env(OUT=str(out), MSKD_GIT_COMMIT="dry-run")
     done = subprocess.run([str(SCRIPT), "pipeline", "9", "--kd-loss", "none"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and sorted(p.name for p in out.iterdir()) == ["preflight.log"]
@@ -99,8 +106,9 @@ def test_a_bundles_epochs_replace_the_time_box_and_the_specialists_can_be_left_o
 
 
 def test_a_failed_pipeline_hands_back_its_log_and_unfinished_bundle_with_its_exit_code(tmp_path):
-    env = fake_reproduce(tmp_path, pipeline_exit=124,  # as timeout(1) ends one that overruns the job
-                         pipeline_does="mkdir results/gpu-run.unfinished && echo x > results/gpu-run.unfinished/a.md")
+    built = "mkdir -p results/gpu-run.unfinished/.weights.99.tmp && cd results/gpu-run.unfinished && echo x > a.md" \
+            " && echo w > .weights.99.tmp/student1.pt.gz && echo r > .results.md.99.tmp"  # and writes killed outright
+    env = fake_reproduce(tmp_path, pipeline_exit=124, pipeline_does=built)  # as timeout(1) ends one that overruns
     (tmp_path / "results").mkdir()
     done = subprocess.run([str(SCRIPT), "pipeline", "3"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=60)
@@ -108,6 +116,7 @@ def test_a_failed_pipeline_hands_back_its_log_and_unfinished_bundle_with_its_exi
     with tarfile.open(tmp_path / "out" / "bundle.tar") as tar:
         log = tar.extractfile("gpu-run/reproduce.log").read().decode().splitlines()
         assert tar.extractfile("gpu-run/a.md").read() == b"x\n"  # what the stopped pipeline had built
+        assert not [name for name in tar.getnames() if ".tmp" in name]
     assert log[1].startswith("reproduce ") and log[-1].startswith("exit code 124 after ")
     assert not list(own_tmpdir(tmp_path).glob("tmp.*"))
 
@@ -132,7 +141,7 @@ def test_publish_puts_the_handed_back_bundle_and_its_weights_together(tmp_path):
     with tarfile.open(files / "bundle.tar", "w") as tar:
         tar.add(work / "gpu-run", "gpu-run")
     dest = tmp_path / "results" / "published" / "h200-2026-12-10"
-    env = {**os.environ, "TMPDIR": str(own_tmpdir(tmp_path))}
+    env = job_env(TMPDIR=str(own_tmpdir(tmp_path)))
     done = subprocess.run([str(SCRIPT), "publish", str(files), str(dest)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not list(own_tmpdir(tmp_path).glob("tmp.*"))

@@ -105,7 +105,9 @@ pipeline)
       echo "exit code $status after $(( $(date +%s) - started )) s of the job"; } > "$bundle/reproduce.log"
     { echo "\$ ${preflight[*]}"; cat "$work/preflight.log"; } > "$bundle/preflight.log"
     versions > "$bundle/machine.txt"
-    tar -cf "$out/bundle.tar" --exclude=weights -C results gpu-run
+    # without the weights (handed back file by file) nor the hidden temporary files and folders that a write killed
+    # outright leaves (utils/runs.py): either could take bundle.tar past the 16 MiB a file can have to come back
+    tar -cf "$out/bundle.tar" --exclude=weights --exclude='.*.tmp' --exclude='.*.old' -C results gpu-run
     [ -d "$bundle/weights" ] && cp "$bundle"/weights/* "$out"/
     ls -l "$out"
     exit "$status"
