@@ -172,6 +172,25 @@ def test_a_folder_whose_replacement_cannot_take_its_place_is_put_back(tmp_path, 
         "weights"]
 
 
+def test_what_writes_killed_outright_left_beside_a_folder_goes_but_a_replaced_folder_with_no_successor(tmp_path):
+    ended = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                               text=True).stdout)
+    running = os.getppid()  # this test's parent process
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in [f".weights.{ended}.tmp", f".weights.{ended}.old", f".weights.{running}.tmp", f".results.{ended}.tmp"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "student1.pt.gz").write_bytes(b"a network")
+    write_folder_atomically(weights, lambda tmp: (tmp / "manifest.json").write_text("new\n"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # another folder's and a running process's are kept
+        f".results.{ended}.tmp", f".weights.{running}.tmp", "weights"]
+
+    weights.rename(tmp_path / f".weights.{ended}.old")  # a write killed between its two renames
+    write_folder_atomically(weights, lambda tmp: (tmp / "manifest.json").write_text("newer\n"))
+    assert (tmp_path / f".weights.{ended}.old" / "manifest.json").read_text() == "new\n"  # its only copy: kept
+    assert (weights / "manifest.json").read_text() == "newer\n"
+
+
 # ----------------------------------------------------------------------------- --force undoes itself when refused
 
 def test_force_with_a_missing_data_dir_keeps_the_complete_run(runs, tmp_path, capsys):

@@ -10,6 +10,7 @@ existing run unless ``--resume`` or ``--force`` says what to do.
 
 import contextlib
 import contextvars
+import glob
 import os
 import shlex
 import shutil
@@ -405,8 +406,13 @@ def write_files_atomically(folder, write):
 
 
 def _beside(folder, kind):
-    """A hidden folder beside ``folder`` for this process, emptied: the same file system, so a rename is atomic."""
+    """A hidden folder beside ``folder`` for this process, emptied: the same file system, so a rename is atomic.
+    Those that processes killed outright left there are removed, but for a replaced folder whose replacement never
+    took its place."""
     folder = folder.resolve()  # "." has no name to put beside
-    path = folder.with_name(f".{folder.name}.{os.getpid()}.{kind}")
-    shutil.rmtree(path, ignore_errors=True)
-    return path
+    for left in folder.parent.glob(f".{glob.escape(folder.name)}.*.{kind}"):
+        pid = left.name[len(folder.name) + 2:-len(kind) - 1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not lock.is_running(int(pid))):
+            if kind == "tmp" or folder.exists():
+                shutil.rmtree(left, ignore_errors=True)
+    return folder.with_name(f".{folder.name}.{os.getpid()}.{kind}")
