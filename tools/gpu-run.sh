@@ -58,6 +58,7 @@ pipeline)
         exit 2
     fi
     out=${OUT:?set OUT to the folder handed back}
+    mkdir -p "$out"  # a lent machine's exists; a dry run's need not
     : "${MSKD_GIT_COMMIT:?set MSKD_GIT_COMMIT: the machine may keep an older .git}"
     specialists=${SPECIALISTS-mcl}
     flags=() length=()  # the flags of both runs; the pipeline's length: a time box, or a bundle's epochs
@@ -114,6 +115,7 @@ pipeline)
     ;;
 checks)
     out=${OUT:?set OUT to the folder handed back}
+    mkdir -p "$out"
     { versions; (cd "$root" && python -m pytest -m "cuda and not slow" -q -p no:cacheprovider 2>&1) || true; } \
         | without_progress | tee "$out/checks.log"
     python "$root/bench.py" --data-dir "$data" --archs densenet121 googlenet --batch-size 1024 --baseline \
