@@ -392,6 +392,17 @@ def test_an_unresumable_partial_run_is_restarted_with_force_only(tmp_path):
     assert not checkpoint.exists()
 
 
+def test_a_start_removes_the_temporary_files_that_killed_writes_of_its_run_left(tmp_path):
+    checkpoint = tmp_path / "teacher.pt"
+    suffixes = ("pt", "last.pt", "metrics.jsonl", "curves.png", "config.json")
+    stale = [f".teacher.{suffix}.4242.tmp" for suffix in suffixes]
+    others = [".student.pt.4242.tmp", ".teacher.other.4242.tmp"]
+    for name in stale + others:
+        (tmp_path / name).write_bytes(b"half")
+    prepare_run(Namespace(checkpoint=str(checkpoint), resume=False, force=False))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(others)
+
+
 def test_a_kill_while_a_replaced_run_is_deleted_never_brings_part_of_it_back(tmp_path, monkeypatch):
     checkpoint = tmp_path / "teacher.pt"
     for name, content in (("teacher.pt", b"old best"), ("teacher.last.pt", b"old state")):

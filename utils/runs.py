@@ -282,7 +282,7 @@ def prepare_run(args, is_main=True, extra=(), part_of=None):
         for path in [*files, *map(Path, extra)]:
             if path.exists():
                 os.replace(path, aside / path.name)
-    for path in (files.best, files.last):  # temporary files that a killed save left behind
+    for path in files:  # temporary files that a killed write left behind (this process holds the run's lock)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
     _UNSAVED[files.best.absolute()] = _Unsaved(files, aside, created, part_of, fresh=not args.resume)
